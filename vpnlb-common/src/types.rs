@@ -1,0 +1,318 @@
+//! Map keys and values shared by the XDP program and userspace, with compile-time size checks.
+//!
+//! Conventions: addresses are `[u32; 4]` holding the address bytes exactly as on the wire (network
+//! order in memory); an IPv4 address occupies word 0 and words 1-3 are zero. Fields suffixed `_be` are
+//! in network byte order. No bool/Option/enum in map types: u8/u32 plus constants.
+
+/// Address family tag used in keys and values.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Highest number of VIPs (VIP ids and ring ids are `0..MAX_VIPS`).
+pub const MAX_VIPS: u32 = 128;
+/// Highest number of backends; backend id 0 means "none", so ids are `1..MAX_BACKENDS`.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Ring row stride: every ring occupies `RING_SIZE_MAX` slots of the `RINGS` array.
+pub const RING_SIZE_MAX: u32 = 65537;
+/// Default Maglev table size (prime).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default capacity of the session LRU (overridable at load time).
+pub const DEFAULT_MAX_SESSIONS: u32 = 1 << 20;
+/// Default GUE destination port.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// A session's `last_seen_ns` is refreshed at most this often (keeps hits read-mostly).
+pub const SESSION_TOUCH_NS: u64 = 1_000_000_000;
+
+/// Forwarding modes (`VipMeta::fwd_mode`).
+pub const FWD_MODE_L2DSR: u32 = 0;
+pub const FWD_MODE_IPIP: u32 = 1;
+pub const FWD_MODE_GUE: u32 = 2;
+
+/// `VipMeta::flags`: pick by source address only (IKE 500/4500 + ESP of one peer land together).
+pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+
+/// Backend states (`Backend::state`). 0 = unused slot.
+pub const BACKEND_UNUSED: u32 = 0;
+pub const BACKEND_UP: u32 = 1;
+/// Admin drain: existing sessions keep forwarding, the agent removes it from rings.
+pub const BACKEND_DRAINING: u32 = 2;
+/// Dead or disabled: sessions pointing at it are re-picked on their next packet.
+pub const BACKEND_DOWN: u32 = 3;
+
+/// Protocols as they appear in `VipKey::proto` / `FlowKey::proto`.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ESP: u8 = 50;
+
+/// Lookup key of the `VIPS` hash: destination address, port (0 for ESP) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Value of the `VIPS` hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into `VIP_STATS` (and the agent's VIP table).
+    pub vip_id: u32,
+    /// Row of `RINGS` holding this VIP's Maglev table.
+    pub ring_id: u32,
+    /// Maglev table size M (prime, `<= RING_SIZE_MAX`); 0 = no table yet (new flows dropped, counted).
+    pub ring_size: u32,
+    /// `VIP_F_*`.
+    pub flags: u32,
+    /// `FWD_MODE_*`.
+    pub fwd_mode: u32,
+    /// Largest outer L3 packet (IP header included) allowed after encapsulation; 0 = no limit.
+    pub mtu: u32,
+    /// Sessions idle for longer are re-picked; 0 = never expire (LRU eviction only).
+    pub idle_timeout_ns: u64,
+    /// GUE destination port (host order) when `fwd_mode == FWD_MODE_GUE`.
+    pub gue_port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<VipMeta>() == 40);
+
+/// Value of the `BACKENDS` array, indexed by backend id (0 = none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Gateway address (outer destination for encapsulation; informational for L2 DSR).
+    pub addr: [u32; 4],
+    /// Next-hop MAC: the gateway's (L2 DSR) or the router's towards it.
+    pub mac: [u8; 6],
+    /// Source MAC to write: the egress interface's own MAC.
+    pub src_mac: [u8; 6],
+    /// Egress interface; 0 or the ingress ifindex = XDP_TX, otherwise redirect via `TX_PORTS`.
+    pub ifindex: u32,
+    /// Configured weight (the ring already encodes it; kept for the CLI).
+    pub weight: u32,
+    /// `BACKEND_*` state.
+    pub state: u32,
+    /// `FAMILY_V4` / `FAMILY_V6` of `addr`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 48);
+
+/// Key of the `SESSIONS` LRU: the packet's five-tuple. For ESP, `ports` holds the SPI.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// The first 4 bytes of the L4 header as on the wire: source port then destination port
+    /// (UDP/TCP), or the SPI (ESP).
+    pub ports: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of the `SESSIONS` LRU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Session {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) of the last refresh, at most `SESSION_TOUCH_NS` stale.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Session>() == 16);
+
+/// Global settings, the single entry of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Outer IPv4 source for encapsulation (wire order).
+    pub encap_src_v4: u32,
+    /// Bits of the outer IPv4 source taken from the flow hash (wire-order mask), for RSS spread.
+    pub encap_src_v4_hash_mask: u32,
+    /// Outer IPv6 source for encapsulation.
+    pub encap_src_v6: [u32; 4],
+    /// Bits of word 3 of the outer IPv6 source taken from the flow hash.
+    pub encap_src_v6_hash_mask: u32,
+    /// Session inserts allowed per CPU per second before the flood guard stops inserting; 0 = off.
+    pub flood_max_inserts_per_sec: u32,
+    /// GUE destination port the decap program accepts (host order); 0 = GUE decap off.
+    pub decap_gue_port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+
+/// Per-CPU packet/byte pair of `VIP_STATS` and `BACKEND_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PktBytes {
+    pub packets: u64,
+    /// Frame bytes as received (before encapsulation).
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<PktBytes>() == 16);
+
+/// Per-CPU state of the session-insert flood guard (`FLOOD` array, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodState {
+    pub window_start_ns: u64,
+    pub inserts: u64,
+}
+const _: () = assert!(core::mem::size_of::<FloodState>() == 16);
+
+/// Index of a ring slot in the flat `RINGS` array.
+#[inline(always)]
+pub fn ring_slot_index(ring_id: u32, slot: u32) -> u32 {
+    ring_id * RING_SIZE_MAX + slot
+}
+
+/// Names of the maps in the object (also the pin file names).
+pub mod map_names {
+    pub const VIPS: &str = "VIPS";
+    pub const RINGS: &str = "RINGS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const SESSIONS: &str = "SESSIONS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const STATS: &str = "STATS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const FLOOD: &str = "FLOOD";
+    /// Every map the agent pins, in make-before-break creation order.
+    pub const ALL: [&str; 10] = [
+        CONFIG,
+        STATS,
+        VIP_STATS,
+        BACKEND_STATS,
+        FLOOD,
+        TX_PORTS,
+        BACKENDS,
+        RINGS,
+        SESSIONS,
+        VIPS,
+    ];
+}
+
+/// Names of the XDP programs in the object.
+pub mod prog_names {
+    pub const INGRESS: &str = "vpnlb_ingress";
+    pub const DECAP: &str = "vpnlb_decap";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have explicit
+    // padding fields, so every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Session {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for PktBytes {}
+    unsafe impl aya::Pod for FloodState {}
+}
+
+#[cfg(feature = "user")]
+mod addr {
+    use super::*;
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    /// Wire-order words and family of an IP address.
+    pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+        match ip {
+            IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], FAMILY_V4),
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                let mut w = [0u32; 4];
+                for (i, word) in w.iter_mut().enumerate() {
+                    *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+                }
+                (w, FAMILY_V6)
+            }
+        }
+    }
+
+    /// The IP address held in wire-order words.
+    pub fn words_addr(w: [u32; 4], family: u8) -> IpAddr {
+        if family == FAMILY_V4 {
+            IpAddr::V4(Ipv4Addr::from(w[0].to_ne_bytes()))
+        } else {
+            let mut o = [0u8; 16];
+            for i in 0..4 {
+                o[4 * i..4 * i + 4].copy_from_slice(&w[i].to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(o))
+        }
+    }
+
+    impl VipKey {
+        pub fn new(ip: IpAddr, port: u16, proto: u8) -> Self {
+            let (addr, family) = addr_words(ip);
+            VipKey { addr, port_be: port.to_be(), proto, family }
+        }
+        pub fn ip(&self) -> IpAddr {
+            words_addr(self.addr, self.family)
+        }
+        pub fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl FlowKey {
+        /// A UDP/TCP flow key from host-order ports.
+        pub fn new(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> Self {
+            let (s, family) = addr_words(src);
+            let (d, _) = addr_words(dst);
+            let mut p = [0u8; 4];
+            p[..2].copy_from_slice(&sport.to_be_bytes());
+            p[2..].copy_from_slice(&dport.to_be_bytes());
+            FlowKey { src: s, dst: d, ports: u32::from_ne_bytes(p), proto, family, _pad: [0; 2] }
+        }
+        /// An ESP flow key: the SPI takes the place of the ports.
+        pub fn esp(src: IpAddr, dst: IpAddr, spi: u32) -> Self {
+            let (s, family) = addr_words(src);
+            let (d, _) = addr_words(dst);
+            FlowKey {
+                src: s,
+                dst: d,
+                ports: u32::from_ne_bytes(spi.to_be_bytes()),
+                proto: PROTO_ESP,
+                family,
+                _pad: [0; 2],
+            }
+        }
+        pub fn src_ip(&self) -> IpAddr {
+            words_addr(self.src, self.family)
+        }
+        pub fn dst_ip(&self) -> IpAddr {
+            words_addr(self.dst, self.family)
+        }
+        /// (source port, destination port) in host order; for ESP the SPI split in two.
+        pub fn ports_host(&self) -> (u16, u16) {
+            let b = self.ports.to_ne_bytes();
+            (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]))
+        }
+        /// The destination port (0 for ESP), which is what the VIP lookup uses.
+        pub fn vip_key(&self) -> VipKey {
+            let port_be = if self.proto == PROTO_ESP { 0 } else { self.ports_host().1.to_be() };
+            VipKey { addr: self.dst, port_be, proto: self.proto, family: self.family }
+        }
+    }
+
+    impl Backend {
+        pub fn ip(&self) -> IpAddr {
+            words_addr(self.addr, self.family)
+        }
+    }
+}
+#[cfg(feature = "user")]
+pub use addr::{addr_words, words_addr};

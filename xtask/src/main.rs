@@ -1,0 +1,167 @@
+//! `cargo xtask`: builds the eBPF object, runs every test, the benchmarks and the demo. Each command
+//! first installs what a fresh Debian 12 machine lacks (see toolchain.rs).
+
+mod toolchain;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "vpnlb build, test, bench and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF object (installs the toolchain first when missing).
+    BuildEbpf {
+        /// Print only the object's path on stdout.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Build the `vpnlb` binary in release mode with the eBPF object embedded.
+    Build,
+    /// Run every test: unit tests, then the root-only data-plane tests.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks (ns/packet via BPF_PROG_TEST_RUN, ratios to a trivial program measured in the same run).
+    Bench {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Extra arguments for the bench binary.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Bring up a testbed in network namespaces, send flows through the load balancer, fail a gateway.
+    Demo {
+        /// Leave the testbed running.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Path of the production eBPF object.
+fn ebpf_object() -> PathBuf {
+    root_dir().join("vpnlb-ebpf/target/bpfel-unknown-none/release/vpnlb")
+}
+
+fn bench_object() -> PathBuf {
+    root_dir().join("vpnlb-ebpf/target/bpfel-unknown-none/release/vpnlb-bench-progs")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds vpnlb-ebpf with Debian's rustc (prebuilt bpfel core) and rustup's cargo, as TOOLCHAIN.md says.
+fn build_ebpf(quiet: bool) -> Result<PathBuf> {
+    toolchain::ensure_build_prereqs()?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root_dir().join("vpnlb-ebpf"))
+        .args(["build", "--release"])
+        .env("RUSTC", "/usr/bin/rustc")
+        // aya-ebpf uses #![feature]s; Debian's rustc is a stable build.
+        .env("RUSTC_BOOTSTRAP", "1");
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO_TARGET_DIR"] {
+        cmd.env_remove(var);
+    }
+    if quiet {
+        cmd.arg("--quiet");
+    }
+    run(&mut cmd).context("building the eBPF object")?;
+    let obj = ebpf_object();
+    if !obj.exists() {
+        bail!("eBPF build succeeded but {} is missing", obj.display());
+    }
+    if !quiet {
+        eprintln!("xtask: eBPF object at {}", obj.display());
+    }
+    Ok(obj)
+}
+
+/// A `cargo` command run in the workspace root with the object path exported for tests and builds.
+fn cargo_with_object(obj: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root_dir())
+        .env("VPNLB_EBPF_OBJ", obj)
+        .env("VPNLB_BENCH_OBJ", bench_object());
+    cmd
+}
+
+fn test(args: &[String]) -> Result<()> {
+    toolchain::require_root("cargo xtask test")?;
+    toolchain::ensure_runtime_prereqs()?;
+    let obj = build_ebpf(false)?;
+    eprintln!("xtask: unit tests (no root needed)");
+    run(cargo_with_object(&obj).args(["test", "--workspace", "--"]).args(args))?;
+    eprintln!("xtask: root-only tests: real eBPF object, BPF_PROG_TEST_RUN, pinned maps, network namespaces");
+    // One at a time: these tests share the kernel (bpffs, netns names, per-CPU pinning).
+    run(cargo_with_object(&obj)
+        .args(["test", "--workspace", "--", "--ignored", "--test-threads=1"])
+        .args(args))?;
+    Ok(())
+}
+
+fn bench(json: bool, args: &[String]) -> Result<()> {
+    toolchain::require_root("cargo xtask bench")?;
+    toolchain::ensure_runtime_prereqs()?;
+    let obj = build_ebpf(true)?;
+    let mut cmd = cargo_with_object(&obj);
+    cmd.args(["run", "--quiet", "--release", "-p", "vpnlb-tests", "--bin", "vpnlb-bench", "--"]);
+    if json {
+        cmd.arg("--json");
+    }
+    run(cmd.args(args))
+}
+
+fn demo(keep: bool) -> Result<()> {
+    toolchain::require_root("cargo xtask demo")?;
+    toolchain::ensure_runtime_prereqs()?;
+    let obj = build_ebpf(true)?;
+    let mut cmd = cargo_with_object(&obj);
+    cmd.args(["run", "--quiet", "--release", "-p", "vpnlb-tests", "--bin", "vpnlb-demo", "--"]);
+    if keep {
+        cmd.arg("--keep");
+    }
+    run(&mut cmd)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::BuildEbpf { quiet } => {
+            let obj = build_ebpf(quiet)?;
+            if quiet {
+                println!("{}", obj.display());
+            }
+            Ok(())
+        }
+        Cmd::Build => {
+            let obj = build_ebpf(false)?;
+            run(cargo_with_object(&obj)
+                .env("VPNLB_EMBED_EBPF", &obj)
+                .args(["build", "--release", "-p", "vpnlb-userspace"]))?;
+            eprintln!("xtask: {}", root_dir().join("target/release/vpnlb").display());
+            Ok(())
+        }
+        Cmd::Test { args } => test(&args),
+        Cmd::Bench { json, args } => bench(json, &args),
+        Cmd::Demo { keep } => demo(keep),
+    }
+}

@@ -1,0 +1,121 @@
+//! Makes a fresh Debian 12 machine able to build and test vpnlb: installs the missing Debian packages
+//! and bpf-linker, saying what it installs and why (the route verified in shared/TOOLCHAIN.md).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages, each with the reason it is needed.
+const BUILD_PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "rustc 1.96 with LLVM 22: compiles the eBPF crate (rustup has no rust-src here)"),
+    ("cargo-web", "companion of rustc-web (the verified toolchain route)"),
+    ("libstd-rust-web-dev-bpf", "prebuilt core/alloc for bpfel-unknown-none (no -Z build-std needed)"),
+    ("llvm-22-dev", "libLLVM 22 that bpf-linker links against"),
+    ("clang-22", "LLVM 22 tools used by bpf-linker's build"),
+];
+
+/// Packages the root-only tests and the demo use at run time.
+const RUNTIME_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip netns / ip link for the test namespaces"),
+    ("ethtool", "turns off veth tx checksum offload in datapath tests"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Installs whichever of `pkgs` are missing, with one apt transaction.
+pub fn ensure_packages(pkgs: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&(&str, &str)> = pkgs.iter().filter(|(p, _)| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing missing Debian packages:");
+    for (p, why) in &missing {
+        eprintln!("  {p}: {why}");
+    }
+    if !is_root() {
+        bail!(
+            "installing packages needs root: run as root, or `apt-get install -y {}`",
+            missing.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" ")
+        );
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq"])
+        .args(missing.iter().map(|(p, _)| *p)))?;
+    Ok(())
+}
+
+fn cargo_home_bin() -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+    home.join("bin")
+}
+
+fn bpf_linker_ok(path: &Path) -> bool {
+    Command::new(path)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false)
+}
+
+/// Installs bpf-linker 0.13.0 built against Debian's LLVM 22 unless it is already there.
+pub fn ensure_bpf_linker() -> Result<()> {
+    let bin = cargo_home_bin().join("bpf-linker");
+    if bpf_linker_ok(&bin) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (links the eBPF object; takes about a minute)"
+    );
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", "llvm-22"]))?;
+    if !bpf_linker_ok(&bin) {
+        bail!("bpf-linker installed but {} --version does not report {BPF_LINKER_VERSION}", bin.display());
+    }
+    Ok(())
+}
+
+/// Everything `build-ebpf` needs.
+pub fn ensure_build_prereqs() -> Result<()> {
+    ensure_packages(BUILD_PACKAGES)?;
+    ensure_bpf_linker()
+}
+
+/// Everything the root-only tests and the demo need besides the build.
+pub fn ensure_runtime_prereqs() -> Result<()> {
+    ensure_packages(RUNTIME_PACKAGES)
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} needs root (XDP programs, BPF maps and network namespaces)");
+    }
+    Ok(())
+}
