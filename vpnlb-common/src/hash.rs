@@ -127,7 +127,10 @@ mod tests {
         // Empty input returns initval + 0xdeadbeef, as the kernel's jhash2 does.
         assert_eq!(jhash2(&[0u32; 0], 0), 0xdeadbeef);
         assert_eq!(jhash2(&[1u32], 0), jhash_ref(&[1], 0));
-        assert_eq!(jhash2(&[1u32, 2, 3, 4, 5, 6, 7], 9), jhash_ref(&[1, 2, 3, 4, 5, 6, 7], 9));
+        assert_eq!(
+            jhash2(&[1u32, 2, 3, 4, 5, 6, 7], 9),
+            jhash_ref(&[1, 2, 3, 4, 5, 6, 7], 9)
+        );
     }
 
     /// Straightforward transcription of lib/jhash.h's jhash2 over a slice, as a reference.
@@ -167,7 +170,12 @@ mod tests {
 
     #[test]
     fn src_only_ignores_ports_and_dst() {
-        let mut a = FlowKey { src: [0x0100_000a, 0, 0, 0], family: 4, proto: 17, ..Default::default() };
+        let mut a = FlowKey {
+            src: [0x0100_000a, 0, 0, 0],
+            family: 4,
+            proto: 17,
+            ..Default::default()
+        };
         let mut b = a;
         a.ports = 0x1234_5678;
         b.ports = 0x0102_0304;
@@ -182,11 +190,21 @@ mod tests {
         // 10k flows that differ only in the source port spread over 16 buckets within 15%.
         let mut buckets = [0u32; 16];
         for p in 0..10_000u32 {
-            let k = FlowKey { src: [0x0100_000a, 0, 0, 0], dst: [0x0a00_000a, 0, 0, 0], ports: p.to_be() | 0x1b00, proto: 17, family: 4, _pad: [0; 2] };
+            let k = FlowKey {
+                src: [0x0100_000a, 0, 0, 0],
+                dst: [0x0a00_000a, 0, 0, 0],
+                ports: p.to_be() | 0x1b00,
+                proto: 17,
+                family: 4,
+                _pad: [0; 2],
+            };
             buckets[(hash_flow(&k) % 16) as usize] += 1;
         }
         for b in buckets {
-            assert!((540..=720).contains(&b), "bucket {b} outside 625±15%: {buckets:?}");
+            assert!(
+                (540..=720).contains(&b),
+                "bucket {b} outside 625±15%: {buckets:?}"
+            );
         }
     }
 }

@@ -43,7 +43,11 @@ pub enum MaglevError {
 impl core::fmt::Display for MaglevError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            MaglevError::BadSize(m) => write!(f, "maglev table size {m} is not a prime <= {}", crate::RING_SIZE_MAX),
+            MaglevError::BadSize(m) => write!(
+                f,
+                "maglev table size {m} is not a prime <= {}",
+                crate::RING_SIZE_MAX
+            ),
             MaglevError::ZeroId => write!(f, "backend id 0 is reserved"),
             MaglevError::Duplicate(id) => write!(f, "backend id {id} or its key appears twice"),
         }
@@ -58,7 +62,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while (d as u64) * (d as u64) <= n as u64 {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -82,7 +86,7 @@ fn key_hash(key: &[u8], seed: u32) -> u32 {
 
 /// Builds the table of size `m`: `m` backend ids (all 0 when no backend has weight).
 pub fn build(backends: &[MaglevBackend<'_>], m: u32) -> Result<Vec<u32>, MaglevError> {
-    if m < 3 || m > crate::RING_SIZE_MAX || !is_prime(m) {
+    if !(3..=crate::RING_SIZE_MAX).contains(&m) || !is_prime(m) {
         return Err(MaglevError::BadSize(m));
     }
     for (i, b) in backends.iter().enumerate() {
@@ -100,8 +104,14 @@ pub fn build(backends: &[MaglevBackend<'_>], m: u32) -> Result<Vec<u32>, MaglevE
     if live.is_empty() {
         return Ok(table);
     }
-    let offsets: Vec<u64> = live.iter().map(|b| (key_hash(b.key, MAGLEV_OFFSET_SEED) % m) as u64).collect();
-    let skips: Vec<u64> = live.iter().map(|b| (key_hash(b.key, MAGLEV_SKIP_SEED) % (m - 1) + 1) as u64).collect();
+    let offsets: Vec<u64> = live
+        .iter()
+        .map(|b| (key_hash(b.key, MAGLEV_OFFSET_SEED) % m) as u64)
+        .collect();
+    let skips: Vec<u64> = live
+        .iter()
+        .map(|b| (key_hash(b.key, MAGLEV_SKIP_SEED) % (m - 1) + 1) as u64)
+        .collect();
     let max_weight = live.iter().map(|b| b.weight as u64).max().unwrap_or(1);
     let mut next = vec![0u64; live.len()];
     let mut acc = vec![0u64; live.len()];
@@ -136,13 +146,23 @@ pub fn build(backends: &[MaglevBackend<'_>], m: u32) -> Result<Vec<u32>, MaglevE
 /// slots changed).
 pub fn delta(old: &[u32], new: &[u32]) -> Vec<SlotChange> {
     if old.len() != new.len() {
-        return new.iter().enumerate().map(|(i, b)| SlotChange { slot: i as u32, backend_id: *b }).collect();
+        return new
+            .iter()
+            .enumerate()
+            .map(|(i, b)| SlotChange {
+                slot: i as u32,
+                backend_id: *b,
+            })
+            .collect();
     }
     old.iter()
         .zip(new)
         .enumerate()
         .filter(|(_, (o, n))| o != n)
-        .map(|(i, (_, n))| SlotChange { slot: i as u32, backend_id: *n })
+        .map(|(i, (_, n))| SlotChange {
+            slot: i as u32,
+            backend_id: *n,
+        })
         .collect()
 }
 
@@ -173,14 +193,20 @@ mod tests {
     use alloc::string::String;
 
     fn keys(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.0.{}.{}", i / 250, i % 250 + 1)).collect()
+        (0..n)
+            .map(|i| format!("10.0.{}.{}", i / 250, i % 250 + 1))
+            .collect()
     }
 
     fn backends(keys: &[String], weights: &[u32]) -> Vec<MaglevBackend<'static>> {
         keys.iter()
             .zip(weights)
             .enumerate()
-            .map(|(i, (k, w))| MaglevBackend { id: i as u32 + 1, key: String::leak(k.clone()).as_bytes(), weight: *w })
+            .map(|(i, (k, w))| MaglevBackend {
+                id: i as u32 + 1,
+                key: String::leak(k.clone()).as_bytes(),
+                weight: *w,
+            })
             .collect()
     }
 
@@ -217,7 +243,11 @@ mod tests {
             let ideal = 65537.0 / n as f64;
             for (id, cnt) in &c {
                 let dev = (*cnt as f64 - ideal).abs() / ideal;
-                assert!(dev < 0.03, "n={n} backend {id}: {cnt} slots, {:.2}% off ideal", dev * 100.0);
+                assert!(
+                    dev < 0.03,
+                    "n={n} backend {id}: {cnt} slots, {:.2}% off ideal",
+                    dev * 100.0
+                );
             }
         }
     }
@@ -231,7 +261,10 @@ mod tests {
         for (i, wt) in w.iter().enumerate() {
             let share = c[&(i as u32 + 1)] as f64 / 65537.0;
             let want = *wt as f64 / 10.0;
-            assert!((share - want).abs() / want < 0.03, "weight {wt}: share {share:.4} want {want:.4}");
+            assert!(
+                (share - want).abs() / want < 0.03,
+                "weight {wt}: share {share:.4} want {want:.4}"
+            );
         }
     }
 
@@ -254,12 +287,23 @@ mod tests {
         let rest: Vec<_> = all.iter().copied().filter(|b| b.id != removed).collect();
         let (after, d) = build_with_delta(&rest, 65537, &before).unwrap();
         let own = before.iter().filter(|b| **b == removed).count();
-        let others_moved = before.iter().zip(&after).filter(|(o, n)| **o != removed && o != n).count();
+        let others_moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(o, n)| **o != removed && o != n)
+            .count();
         // Every slot of the removed backend changes owner.
         assert!(after.iter().all(|b| *b != removed));
         let frac = others_moved as f64 / (65537 - own) as f64;
-        std::println!("removed 1 of {n}: its {own} slots moved, plus {others_moved} others ({:.2}%)", frac * 100.0);
-        assert!(frac < 0.02, "too much disruption: {:.2}% of other slots moved", frac * 100.0);
+        std::println!(
+            "removed 1 of {n}: its {own} slots moved, plus {others_moved} others ({:.2}%)",
+            frac * 100.0
+        );
+        assert!(
+            frac < 0.02,
+            "too much disruption: {:.2}% of other slots moved",
+            frac * 100.0
+        );
         // The delta is exactly the set of changed slots.
         assert_eq!(d.len(), own + others_moved);
         let mut applied = before.clone();

@@ -234,7 +234,8 @@ mod addr {
                 let o = a.octets();
                 let mut w = [0u32; 4];
                 for (i, word) in w.iter_mut().enumerate() {
-                    *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+                    *word =
+                        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
                 }
                 (w, FAMILY_V6)
             }
@@ -257,7 +258,12 @@ mod addr {
     impl VipKey {
         pub fn new(ip: IpAddr, port: u16, proto: u8) -> Self {
             let (addr, family) = addr_words(ip);
-            VipKey { addr, port_be: port.to_be(), proto, family }
+            VipKey {
+                addr,
+                port_be: port.to_be(),
+                proto,
+                family,
+            }
         }
         pub fn ip(&self) -> IpAddr {
             words_addr(self.addr, self.family)
@@ -275,7 +281,14 @@ mod addr {
             let mut p = [0u8; 4];
             p[..2].copy_from_slice(&sport.to_be_bytes());
             p[2..].copy_from_slice(&dport.to_be_bytes());
-            FlowKey { src: s, dst: d, ports: u32::from_ne_bytes(p), proto, family, _pad: [0; 2] }
+            FlowKey {
+                src: s,
+                dst: d,
+                ports: u32::from_ne_bytes(p),
+                proto,
+                family,
+                _pad: [0; 2],
+            }
         }
         /// An ESP flow key: the SPI takes the place of the ports.
         pub fn esp(src: IpAddr, dst: IpAddr, spi: u32) -> Self {
@@ -299,12 +312,24 @@ mod addr {
         /// (source port, destination port) in host order; for ESP the SPI split in two.
         pub fn ports_host(&self) -> (u16, u16) {
             let b = self.ports.to_ne_bytes();
-            (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]))
+            (
+                u16::from_be_bytes([b[0], b[1]]),
+                u16::from_be_bytes([b[2], b[3]]),
+            )
         }
         /// The destination port (0 for ESP), which is what the VIP lookup uses.
         pub fn vip_key(&self) -> VipKey {
-            let port_be = if self.proto == PROTO_ESP { 0 } else { self.ports_host().1.to_be() };
-            VipKey { addr: self.dst, port_be, proto: self.proto, family: self.family }
+            let port_be = if self.proto == PROTO_ESP {
+                0
+            } else {
+                self.ports_host().1.to_be()
+            };
+            VipKey {
+                addr: self.dst,
+                port_be,
+                proto: self.proto,
+                family: self.family,
+            }
         }
     }
 

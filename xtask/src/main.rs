@@ -10,7 +10,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "vpnlb build, test, bench and demo tasks")]
+#[command(
+    name = "cargo xtask",
+    about = "vpnlb build, test, bench and demo tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -41,6 +44,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// rustfmt check and clippy -D warnings for the workspace and the eBPF crate.
+    Clippy,
     /// Bring up a testbed in network namespaces, send flows through the load balancer, fail a gateway.
     Demo {
         /// Leave the testbed running.
@@ -50,7 +55,10 @@ enum Cmd {
 }
 
 fn root_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// Path of the production eBPF object.
@@ -79,7 +87,13 @@ fn build_ebpf(quiet: bool) -> Result<PathBuf> {
         .env("RUSTC", "/usr/bin/rustc")
         // aya-ebpf uses #![feature]s; Debian's rustc is a stable build.
         .env("RUSTC_BOOTSTRAP", "1");
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO_TARGET_DIR"] {
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
         cmd.env_remove(var);
     }
     if quiet {
@@ -105,13 +119,57 @@ fn cargo_with_object(obj: &Path) -> Command {
     cmd
 }
 
+/// Lints both workspaces. The eBPF crate is linted with Debian's clippy, which matches the rustc
+/// that has the prebuilt bpfel core (rustup's clippy cannot check a bpfel-unknown-none crate here).
+fn clippy() -> Result<()> {
+    toolchain::ensure_build_prereqs()?;
+    toolchain::ensure_packages(&[(
+        "rust-web-clippy",
+        "clippy for Debian's rustc: lints the eBPF crate",
+    )])?;
+    run(Command::new("cargo")
+        .current_dir(root_dir())
+        .args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(root_dir().join("vpnlb-ebpf"))
+        .args(["fmt", "--", "--check"]))?;
+    run(Command::new("cargo").current_dir(root_dir()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut cmd = Command::new("/usr/bin/cargo-clippy");
+    cmd.current_dir(root_dir().join("vpnlb-ebpf"))
+        .args(["clippy", "--release", "--", "-D", "warnings"])
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_WORKSPACE_WRAPPER", "/usr/bin/clippy-driver")
+        .env("RUSTC_BOOTSTRAP", "1");
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd)
+}
+
 fn test(args: &[String]) -> Result<()> {
     toolchain::require_root("cargo xtask test")?;
     toolchain::ensure_runtime_prereqs()?;
     let obj = build_ebpf(false)?;
     eprintln!("xtask: unit tests (no root needed)");
-    run(cargo_with_object(&obj).args(["test", "--workspace", "--"]).args(args))?;
-    eprintln!("xtask: root-only tests: real eBPF object, BPF_PROG_TEST_RUN, pinned maps, network namespaces");
+    run(cargo_with_object(&obj)
+        .args(["test", "--workspace", "--"])
+        .args(args))?;
+    eprintln!(
+        "xtask: root-only tests: real eBPF object, BPF_PROG_TEST_RUN, pinned maps, network namespaces"
+    );
     // One at a time: these tests share the kernel (bpffs, netns names, per-CPU pinning).
     run(cargo_with_object(&obj)
         .args(["test", "--workspace", "--", "--ignored", "--test-threads=1"])
@@ -124,7 +182,16 @@ fn bench(json: bool, args: &[String]) -> Result<()> {
     toolchain::ensure_runtime_prereqs()?;
     let obj = build_ebpf(true)?;
     let mut cmd = cargo_with_object(&obj);
-    cmd.args(["run", "--quiet", "--release", "-p", "vpnlb-tests", "--bin", "vpnlb-bench", "--"]);
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "vpnlb-tests",
+        "--bin",
+        "vpnlb-bench",
+        "--",
+    ]);
     if json {
         cmd.arg("--json");
     }
@@ -136,7 +203,16 @@ fn demo(keep: bool) -> Result<()> {
     toolchain::ensure_runtime_prereqs()?;
     let obj = build_ebpf(true)?;
     let mut cmd = cargo_with_object(&obj);
-    cmd.args(["run", "--quiet", "--release", "-p", "vpnlb-tests", "--bin", "vpnlb-demo", "--"]);
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "vpnlb-tests",
+        "--bin",
+        "vpnlb-demo",
+        "--",
+    ]);
     if keep {
         cmd.arg("--keep");
     }
@@ -154,13 +230,20 @@ fn main() -> Result<()> {
         }
         Cmd::Build => {
             let obj = build_ebpf(false)?;
-            run(cargo_with_object(&obj)
-                .env("VPNLB_EMBED_EBPF", &obj)
-                .args(["build", "--release", "-p", "vpnlb-userspace"]))?;
-            eprintln!("xtask: {}", root_dir().join("target/release/vpnlb").display());
+            run(cargo_with_object(&obj).env("VPNLB_EMBED_EBPF", &obj).args([
+                "build",
+                "--release",
+                "-p",
+                "vpnlb-userspace",
+            ]))?;
+            eprintln!(
+                "xtask: {}",
+                root_dir().join("target/release/vpnlb").display()
+            );
             Ok(())
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Clippy => clippy(),
         Cmd::Bench { json, args } => bench(json, &args),
         Cmd::Demo { keep } => demo(keep),
     }

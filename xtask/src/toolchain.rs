@@ -8,9 +8,18 @@ use anyhow::{Context, Result, bail};
 
 /// Debian packages, each with the reason it is needed.
 const BUILD_PACKAGES: &[(&str, &str)] = &[
-    ("rustc-web", "rustc 1.96 with LLVM 22: compiles the eBPF crate (rustup has no rust-src here)"),
-    ("cargo-web", "companion of rustc-web (the verified toolchain route)"),
-    ("libstd-rust-web-dev-bpf", "prebuilt core/alloc for bpfel-unknown-none (no -Z build-std needed)"),
+    (
+        "rustc-web",
+        "rustc 1.96 with LLVM 22: compiles the eBPF crate (rustup has no rust-src here)",
+    ),
+    (
+        "cargo-web",
+        "companion of rustc-web (the verified toolchain route)",
+    ),
+    (
+        "libstd-rust-web-dev-bpf",
+        "prebuilt core/alloc for bpfel-unknown-none (no -Z build-std needed)",
+    ),
     ("llvm-22-dev", "libLLVM 22 that bpf-linker links against"),
     ("clang-22", "LLVM 22 tools used by bpf-linker's build"),
 ];
@@ -18,7 +27,10 @@ const BUILD_PACKAGES: &[(&str, &str)] = &[
 /// Packages the root-only tests and the demo use at run time.
 const RUNTIME_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip netns / ip link for the test namespaces"),
-    ("ethtool", "turns off veth tx checksum offload in datapath tests"),
+    (
+        "ethtool",
+        "turns off veth tx checksum offload in datapath tests",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -57,7 +69,11 @@ pub fn ensure_packages(pkgs: &[(&str, &str)]) -> Result<()> {
     if !is_root() {
         bail!(
             "installing packages needs root: run as root, or `apt-get install -y {}`",
-            missing.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" ")
+            missing
+                .iter()
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -71,7 +87,9 @@ pub fn ensure_packages(pkgs: &[(&str, &str)]) -> Result<()> {
 fn cargo_home_bin() -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        });
     home.join("bin")
 }
 
@@ -94,10 +112,19 @@ pub fn ensure_bpf_linker() -> Result<()> {
     );
     run(Command::new("cargo")
         .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-        .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args([
+            "install",
+            "--locked",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features", "llvm-22"]))?;
     if !bpf_linker_ok(&bin) {
-        bail!("bpf-linker installed but {} --version does not report {BPF_LINKER_VERSION}", bin.display());
+        bail!(
+            "bpf-linker installed but {} --version does not report {BPF_LINKER_VERSION}",
+            bin.display()
+        );
     }
     Ok(())
 }

@@ -1,0 +1,309 @@
+//! An L2 testbed in network namespaces: one switch (bridge), a client namespace with many source
+//! addresses, the load-balancer namespace running the real `vpnlb_ingress` in native XDP mode, and N
+//! gateway namespaces with the VIP on `lo` (DSR) running UDP echo sinks that answer with their name.
+//! Used by the demo and by the real-packet data-plane test.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use aya::programs::{Xdp, XdpMode};
+use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
+use vpnlb::loader::{LoadOptions, load, object_bytes};
+use vpnlb::maps::AyaMaps;
+use vpnlb_common::{BACKEND_UP, FWD_MODE_L2DSR, GlobalConfig, PROTO_UDP, VipKey};
+
+use crate::netns::{Netns, cable, switch};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+pub const VIP_PORT: u16 = 51820;
+pub const LB_ADDR: &str = "10.77.0.1";
+/// Maglev table size for the testbed VIP (prime; small keeps ring writes quick).
+pub const RING_SIZE: u32 = 65537;
+
+/// The object with the trivial programs (`vpnlb_floor_tx`, `vpnlb_floor_redirect`, `vpnlb_pass`):
+/// `$VPNLB_BENCH_OBJ` (set by xtask), else the release build next to the production object.
+pub fn helper_object() -> Vec<u8> {
+    let path = std::env::var("VPNLB_BENCH_OBJ").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../vpnlb-ebpf/target/bpfel-unknown-none/release/vpnlb-bench-progs"
+        )
+        .to_string()
+    });
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run cargo xtask build-ebpf)"))
+}
+
+/// A UDP echo sink in a gateway namespace: counts datagrams per client and answers with its name.
+pub struct Sink {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Datagrams received per client address.
+    pub seen: Arc<Mutex<HashMap<SocketAddr, u64>>>,
+}
+
+impl Sink {
+    pub fn start(ns: &Netns, name: &str, bind: SocketAddr) -> Sink {
+        let sock = ns.run(|| {
+            UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind {bind} in {}: {e}", ns.name()))
+        });
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let (stop2, seen2, name) = (stop.clone(), seen.clone(), name.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    *seen2.lock().unwrap().entry(from).or_insert(0) += 1;
+                    let mut reply = name.as_bytes().to_vec();
+                    reply.push(b' ');
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = sock.send_to(&reply, from);
+                }
+            }
+        });
+        Sink {
+            stop,
+            thread: Some(thread),
+            seen,
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Client flows: one UDP socket per (source address, port), all sending to the VIP.
+pub struct Flows {
+    pub sockets: Vec<UdpSocket>,
+}
+
+impl Flows {
+    /// Sends one datagram per flow and returns, per flow, the name of the gateway that answered
+    /// (None if no answer within `wait`). Replies come straight from the gateway (DSR), from the VIP.
+    pub fn probe(&self, round: u32, wait: Duration) -> Vec<Option<String>> {
+        for (i, s) in self.sockets.iter().enumerate() {
+            s.send_to(
+                format!("flow {i} round {round}").as_bytes(),
+                (VIP, VIP_PORT),
+            )
+            .expect("send");
+        }
+        let deadline = Instant::now() + wait;
+        self.sockets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut buf = [0u8; 2048];
+                loop {
+                    // Past the deadline, still collect replies that are already queued.
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1));
+                    s.set_read_timeout(Some(left)).ok()?;
+                    match s.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            assert_eq!(
+                                from,
+                                SocketAddr::from((VIP, VIP_PORT)),
+                                "reply not from the VIP"
+                            );
+                            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                            // Skip stale answers of earlier rounds.
+                            if text.ends_with(&format!("flow {i} round {round}")) {
+                                return text.split(' ').next().map(str::to_string);
+                            }
+                        }
+                        Err(_) => return None,
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// The whole testbed; everything is torn down on drop (namespaces deleted, XDP detached).
+pub struct Testbed {
+    // Field order is drop order: sinks and the program go before the namespaces.
+    pub sinks: Vec<Sink>,
+    pub dp: Dataplane<AyaMaps>,
+    pub ebpf: aya::Ebpf,
+    /// `vpnlb_pass` on the switch side of the LB's veth (native XDP_TX needs a program on the peer).
+    pub peer_ebpf: aya::Ebpf,
+    pub client: Netns,
+    pub lb: Netns,
+    pub gws: Vec<Netns>,
+    pub sw: Netns,
+    pub client_addrs: Vec<Ipv4Addr>,
+    pub vip: VipSpec,
+    /// Backend ids of the gateways (gateway i has id i + 1).
+    pub backend_ids: Vec<u32>,
+}
+
+impl Testbed {
+    /// Brings up `n_gw` gateways and `n_clients` client addresses under namespace prefix `prefix`
+    /// (must start with `vpnlb`), loads and attaches `vpnlb_ingress` natively to the LB's `eth0`, and
+    /// programs one UDP VIP in L2 DSR mode over all gateways.
+    pub fn up(prefix: &str, n_gw: usize, n_clients: usize) -> Testbed {
+        let sw = switch(&format!("{prefix}-sw"));
+        let lb = Netns::new(&format!("{prefix}-lb"));
+        cable(&sw, "lb", &lb, &format!("{LB_ADDR}/24"));
+        let client = Netns::new(&format!("{prefix}-cl"));
+        cable(&sw, "cl", &client, "10.77.0.2/24");
+        let client_addrs: Vec<Ipv4Addr> = (0..n_clients)
+            .map(|i| Ipv4Addr::new(10, 77, 0, 20 + i as u8))
+            .collect();
+        for a in &client_addrs {
+            client.sh(&format!("ip addr add {a}/24 dev eth0"));
+        }
+        // The VIP is routed to the LB: here a static neighbour entry on the client.
+        let lb_mac = lb.mac("eth0");
+        client.sh(&format!(
+            "ip neigh replace {VIP} lladdr {} dev eth0 nud permanent",
+            crate::netns::fmt_mac(&lb_mac)
+        ));
+        let mut gws = Vec::new();
+        for i in 0..n_gw {
+            let gw = Netns::new(&format!("{prefix}-gw{}", i + 1));
+            cable(
+                &sw,
+                &format!("gw{}", i + 1),
+                &gw,
+                &format!("10.77.0.{}/24", 11 + i),
+            );
+            // DSR: the VIP on lo, never answered for by ARP.
+            gw.sh(&format!(
+                "ip addr add {VIP}/32 dev lo && sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0"
+            ));
+            gws.push(gw);
+        }
+        let sinks = gws
+            .iter()
+            .enumerate()
+            .map(|(i, gw)| {
+                Sink::start(
+                    gw,
+                    &format!("gw{}", i + 1),
+                    SocketAddr::from((VIP, VIP_PORT)),
+                )
+            })
+            .collect();
+
+        let obj = object_bytes().expect("eBPF object (run cargo xtask build-ebpf)");
+        let mut ebpf = load(
+            &obj,
+            &LoadOptions {
+                pin_dir: None,
+                max_sessions: Some(65536),
+                ring_rows: Some(2),
+            },
+        )
+        .expect("load");
+        let maps = AyaMaps::from_ebpf(&mut ebpf).expect("maps");
+        let mut dp = Dataplane::new(maps);
+        dp.set_config(GlobalConfig::default()).expect("config");
+        let mut backend_ids = Vec::new();
+        for (i, gw) in gws.iter().enumerate() {
+            let id = i as u32 + 1;
+            dp.upsert_backend(BackendSpec {
+                id,
+                addr: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 11 + i as u8)),
+                mac: gw.mac("eth0"),
+                src_mac: lb_mac,
+                ifindex: 0,
+                weight: 1,
+                state: BACKEND_UP,
+            })
+            .expect("backend");
+            backend_ids.push(id);
+        }
+        let vip = VipSpec {
+            key: VipKey::new(IpAddr::V4(VIP), VIP_PORT, PROTO_UDP),
+            vip_id: 0,
+            ring_id: 0,
+            ring_size: RING_SIZE,
+            flags: 0,
+            fwd_mode: FWD_MODE_L2DSR,
+            mtu: 0,
+            idle_timeout_ns: 0,
+            gue_port: 0,
+            backends: backend_ids.clone(),
+        };
+        dp.upsert_vip(vip.clone()).expect("vip");
+        let prog: &mut Xdp = ebpf
+            .program_mut(vpnlb_common::prog_names::INGRESS)
+            .expect("vpnlb_ingress in object")
+            .try_into()
+            .expect("an XDP program");
+        prog.load().expect("verifier accepts vpnlb_ingress");
+        lb.run(|| {
+            prog.attach("eth0", XdpMode::Driver)
+                .expect("native XDP attach on veth")
+        });
+        let mut peer_ebpf = aya::Ebpf::load(&helper_object()).expect("load helper programs");
+        let pass: &mut Xdp = peer_ebpf
+            .program_mut("vpnlb_pass")
+            .expect("vpnlb_pass")
+            .try_into()
+            .expect("XDP");
+        pass.load().expect("load vpnlb_pass");
+        sw.run(|| {
+            pass.attach("lb", XdpMode::Driver)
+                .expect("native XDP attach on the LB's peer")
+        });
+        Testbed {
+            sinks,
+            dp,
+            ebpf,
+            peer_ebpf,
+            client,
+            lb,
+            gws,
+            sw,
+            client_addrs,
+            vip,
+            backend_ids,
+        }
+    }
+
+    /// `ports` flows from every client address (source ports 40000..), bound in the client namespace.
+    pub fn flows(&self, ports: u16) -> Flows {
+        self.flows_on_ports(0, ports)
+    }
+
+    /// Like [`Testbed::flows`] with source ports starting at `40000 + offset`.
+    pub fn flows_on_ports(&self, offset: u16, ports: u16) -> Flows {
+        let addrs = self.client_addrs.clone();
+        let sockets = self.client.run(move || {
+            let mut v = Vec::new();
+            for a in &addrs {
+                for p in 0..ports {
+                    v.push(UdpSocket::bind((*a, 40000 + offset + p)).expect("bind client flow"));
+                }
+            }
+            v
+        });
+        Flows { sockets }
+    }
+
+    /// Cuts gateway `i`'s cable at the switch: its packets vanish (a dead gateway).
+    pub fn cut(&self, i: usize) {
+        self.sw.sh(&format!("ip link set gw{} down", i + 1));
+    }
+
+    /// Restores gateway `i`'s cable.
+    pub fn mend(&self, i: usize) {
+        self.sw.sh(&format!("ip link set gw{} up", i + 1));
+    }
+}

@@ -1,0 +1,133 @@
+//! Real packets through the real `vpnlb_ingress` attached in native XDP mode to a veth in a network
+//! namespace: UDP flows from a client namespace reach DSR gateways that answer from the VIP. Asserts
+//! which gateway got each flow (against the userspace prediction from the same hash and Maglev table),
+//! stickiness, drain and failover, and the counters. Root only.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use vpnlb::maps::MapReader;
+use vpnlb_common::hash::pick_hash;
+use vpnlb_common::{
+    BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, FWD_L2DSR_TX, FlowKey, PROTO_UDP, SESSION_INSERT,
+};
+use vpnlb_tests::testbed::{Flows, RING_SIZE, Testbed, VIP, VIP_PORT};
+
+const WAIT: Duration = Duration::from_secs(2);
+
+/// The gateway name the data plane must choose for a new flow from `local`, by the shared hash and
+/// the installed Maglev table.
+fn predicted(tb: &Testbed, local: SocketAddr) -> String {
+    let key = FlowKey::new(local.ip(), VIP.into(), local.port(), VIP_PORT, PROTO_UDP);
+    let ring = tb
+        .dp
+        .installed_ring(tb.vip.ring_id)
+        .expect("ring installed");
+    let id = ring[(pick_hash(&key, tb.vip.flags) % RING_SIZE) as usize];
+    format!("gw{id}")
+}
+
+fn locals(f: &Flows) -> Vec<SocketAddr> {
+    f.sockets.iter().map(|s| s.local_addr().unwrap()).collect()
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn flows_follow_maglev_stick_drain_and_fail_over() {
+    let mut tb = Testbed::up("vpnlb-t-l2", 3, 8);
+    let flows = tb.flows(3);
+    let n = flows.sockets.len();
+    let mut sent = 0u64;
+
+    // Every flow is answered by the gateway the userspace prediction names.
+    let first = flows.probe(1, WAIT);
+    sent += n as u64;
+    let want: Vec<String> = locals(&flows)
+        .into_iter()
+        .map(|l| predicted(&tb, l))
+        .collect();
+    for (i, (got, want)) in first.iter().zip(&want).enumerate() {
+        assert_eq!(
+            got.as_deref(),
+            Some(want.as_str()),
+            "flow {i} ({:?})",
+            flows.sockets[i].local_addr()
+        );
+    }
+    for g in ["gw1", "gw2", "gw3"] {
+        assert!(
+            first.iter().any(|o| o.as_deref() == Some(g)),
+            "{g} got no flow of {n}: {first:?}"
+        );
+    }
+    // Each gateway's sink saw exactly the clients assigned to it.
+    for (gi, sink) in tb.sinks.iter().enumerate() {
+        let seen = sink.seen.lock().unwrap();
+        let expect: Vec<SocketAddr> = locals(&flows)
+            .into_iter()
+            .zip(&want)
+            .filter(|(_, w)| **w == format!("gw{}", gi + 1))
+            .map(|(l, _)| l)
+            .collect();
+        assert_eq!(
+            seen.len(),
+            expect.len(),
+            "gw{} saw {:?}",
+            gi + 1,
+            seen.keys()
+        );
+        for l in expect {
+            assert_eq!(seen.get(&l), Some(&1), "gw{} missed {l}", gi + 1);
+        }
+    }
+    let c = tb.dp.writer().counters().unwrap();
+    assert_eq!(c[SESSION_INSERT as usize], n as u64, "one session per flow");
+
+    // Sticky over rounds.
+    for round in 2..=3 {
+        assert_eq!(flows.probe(round, WAIT), first, "round {round} moved flows");
+        sent += n as u64;
+    }
+
+    // Drain gw3: its existing flows stay, brand-new flows avoid it.
+    tb.dp.set_backend_state(3, BACKEND_DRAINING).unwrap();
+    assert_eq!(flows.probe(4, WAIT), first, "drain moved existing sessions");
+    sent += n as u64;
+    let fresh = tb.flows_on_ports(100, 3);
+    let fresh_owners = fresh.probe(5, WAIT);
+    sent += fresh.sockets.len() as u64;
+    assert!(
+        fresh_owners
+            .iter()
+            .all(|o| o.is_some() && o.as_deref() != Some("gw3")),
+        "new flows during drain: {fresh_owners:?}"
+    );
+    tb.dp.set_backend_state(3, BACKEND_UP).unwrap();
+
+    // gw2 dies: once marked down, its flows move to healthy gateways and no other flow moves.
+    tb.cut(1);
+    tb.dp.set_backend_state(2, BACKEND_DOWN).unwrap();
+    let after = flows.probe(6, WAIT);
+    sent += n as u64;
+    for (i, (before, now)) in first.iter().zip(&after).enumerate() {
+        if before.as_deref() == Some("gw2") {
+            assert!(
+                matches!(now.as_deref(), Some("gw1") | Some("gw3")),
+                "flow {i} of dead gw2 went to {now:?}"
+            );
+        } else {
+            assert_eq!(now, before, "flow {i} on a healthy gateway moved");
+        }
+    }
+    let c = tb.dp.writer().counters().unwrap();
+    assert_eq!(
+        c[FWD_L2DSR_TX as usize], sent,
+        "every datagram to the VIP forwarded by XDP_TX exactly once"
+    );
+    let moved = first.iter().filter(|o| o.as_deref() == Some("gw2")).count() as u64;
+    assert_eq!(
+        c[vpnlb_common::SESSION_REPICK_DOWN as usize],
+        moved,
+        "one re-pick per flow of the dead gateway"
+    );
+}

@@ -1,0 +1,48 @@
+//! vpnlb's XDP programs: `vpnlb_ingress` (the load balancer, stages parse → flow → vip → session →
+//! maglev → forward/encap, docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
+#![no_std]
+#![no_main]
+
+mod decap;
+mod encap;
+mod flow;
+mod forward;
+mod maglev;
+mod maps;
+mod parse;
+mod session;
+mod stats;
+mod vip;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+
+use crate::stats::Stop;
+
+/// Load balancer entry: every packet ends in exactly one outcome counter.
+#[xdp]
+pub fn vpnlb_ingress(ctx: XdpContext) -> u32 {
+    try_ingress(&ctx).unwrap_or_else(Stop::finish)
+}
+
+/// Gateway entry: strips vpnlb's IPIP/GUE encapsulation.
+#[xdp]
+pub fn vpnlb_decap(ctx: XdpContext) -> u32 {
+    decap::try_decap(&ctx).unwrap_or_else(Stop::finish)
+}
+
+/// The ingress pipeline. `Ok` is the verdict of a forwarded packet (its outcome already counted);
+/// `Err` is a pass/drop outcome, counted by the caller.
+#[inline(always)]
+fn try_ingress(ctx: &XdpContext) -> Result<u32, Stop> {
+    let pkt = parse::parse(ctx)?;
+    let key = flow::flow_key(&pkt);
+    let vip = vip::lookup(&key)?;
+    let target = session::resolve(ctx, &key, vip)?;
+    forward::forward(ctx, &pkt, vip, &target)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

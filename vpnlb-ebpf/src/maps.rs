@@ -1,0 +1,62 @@
+//! Every map of the vpnlb object, declared as BTF maps (typed keys and values in `bpftool map dump`);
+//! names match `vpnlb_common::map_names` because they are also the pin file names.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use vpnlb_common::{
+    Backend, DEFAULT_MAX_SESSIONS, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS, MAX_VIPS,
+    NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
+};
+
+/// Capacity of `TX_PORTS` (egress interfaces other than the ingress one).
+const TX_PORTS_MAX: usize = 64;
+
+/// VIP (address, port, protocol) → its metadata.
+#[btf_map]
+pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIPS as usize }> = HashMap::new();
+
+/// All Maglev tables, one row of `RING_SIZE_MAX` backend ids per ring id. Userspace may shrink it at
+/// load time; a slot past the end reads as backend 0 (none).
+#[btf_map]
+pub static RINGS: Array<u32, { (MAX_VIPS * RING_SIZE_MAX) as usize }> = Array::new();
+
+/// Backend id → backend (id 0 is never a valid backend).
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Five-tuple → chosen backend. Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`, as Katran): no shared
+/// LRU lock on the insert path; the table itself is shared, so a flow seen on two CPUs still hits.
+#[btf_map]
+pub static SESSIONS: LruHashMap<
+    FlowKey,
+    Session,
+    { DEFAULT_MAX_SESSIONS as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// Egress ifindex → device, for backends reached through another interface.
+#[btf_map]
+pub static TX_PORTS: DevMapHash<TX_PORTS_MAX> = DevMapHash::new();
+
+/// The global settings (single entry).
+#[btf_map]
+pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
+
+/// Per-CPU counters indexed by `vpnlb_common::counters` ids.
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { NUM_COUNTERS as usize }> = PerCpuArray::new();
+
+/// Per-CPU forwarded packets/bytes per VIP id.
+#[btf_map]
+pub static VIP_STATS: PerCpuArray<PktBytes, { MAX_VIPS as usize }> = PerCpuArray::new();
+
+/// Per-CPU forwarded packets/bytes per backend id.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<PktBytes, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+/// Per-CPU session-insert flood guard window.
+#[btf_map]
+pub static FLOOD: PerCpuArray<FloodState, 1> = PerCpuArray::new();

@@ -1,0 +1,285 @@
+//! Stage 1: validate Ethernet (one 802.1Q tag at most), IPv4/IPv6 and the UDP/TCP/ESP header exactly
+//! as docs/datapath.md says, and record where the headers are; plus the bounds-checked packet access
+//! helpers every stage uses.
+
+use core::ptr;
+
+use aya_ebpf::programs::XdpContext;
+use vpnlb_common::{
+    FAMILY_V4, FAMILY_V6, PASS_ESP_BAD_SPI, PASS_FRAGMENT, PASS_IPV4_BAD_IHL, PASS_IPV4_BAD_TOTLEN,
+    PASS_IPV4_BAD_VERSION, PASS_IPV4_TRUNCATED, PASS_IPV6_BAD_PAYLOAD_LEN, PASS_IPV6_BAD_VERSION,
+    PASS_IPV6_EXT_HDR, PASS_IPV6_TRUNCATED, PASS_L2_TRUNCATED, PASS_L4_TRUNCATED, PASS_NOT_IP,
+    PASS_OTHER_PROTO, PASS_TCP_BAD_DOFF, PASS_UDP_BAD_LEN, PASS_VLAN_STACKED, PROTO_ESP, PROTO_TCP,
+    PROTO_UDP,
+};
+
+use crate::stats::Stop;
+
+/// EtherTypes as read from the wire into a native u16 (network order in memory).
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
+const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
+const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
+
+pub const ETH_LEN: usize = 14;
+pub const VLAN_ETH_LEN: usize = 18;
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+const UDP_LEN: u32 = 8;
+const TCP_LEN: u32 = 20;
+const ESP_LEN: u32 = 8;
+
+/// A pointer to `len` bytes of the packet starting `off` bytes into it, or `None` if the frame is
+/// shorter.
+#[inline(always)]
+pub fn bytes_at(ctx: &XdpContext, off: usize, len: usize) -> Option<*mut u8> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // verifier: every packet access must sit below a `ptr + len <= data_end` test on that pointer.
+    if start + off + len > end {
+        return None;
+    }
+    Some((start + off) as *mut u8)
+}
+
+/// Reads a u16 as stored on the wire (the value stays in network byte order).
+///
+/// # Safety
+/// `p..p+2` must be inside the packet (checked against `data_end`).
+#[inline(always)]
+pub unsafe fn load16(p: *const u8) -> u16 {
+    // SAFETY: the caller guarantees the bytes are in the packet; unaligned reads are allowed.
+    unsafe { ptr::read_unaligned(p.cast::<u16>()) }
+}
+
+/// Reads a u32 as stored on the wire (the value stays in network byte order).
+///
+/// # Safety
+/// `p..p+4` must be inside the packet (checked against `data_end`).
+#[inline(always)]
+pub unsafe fn load32(p: *const u8) -> u32 {
+    // SAFETY: the caller guarantees the bytes are in the packet; unaligned reads are allowed.
+    unsafe { ptr::read_unaligned(p.cast::<u32>()) }
+}
+
+/// Writes a u16 that is already in network byte order.
+///
+/// # Safety
+/// `p..p+2` must be inside the packet (checked against `data_end`).
+#[inline(always)]
+pub unsafe fn store16(p: *mut u8, v: u16) {
+    // SAFETY: the caller guarantees the bytes are in the packet; unaligned writes are allowed.
+    unsafe { ptr::write_unaligned(p.cast::<u16>(), v) }
+}
+
+/// Writes a u32 that is already in network byte order.
+///
+/// # Safety
+/// `p..p+4` must be inside the packet (checked against `data_end`).
+#[inline(always)]
+pub unsafe fn store32(p: *mut u8, v: u32) {
+    // SAFETY: the caller guarantees the bytes are in the packet; unaligned writes are allowed.
+    unsafe { ptr::write_unaligned(p.cast::<u32>(), v) }
+}
+
+/// Length of the received frame.
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> u32 {
+    (ctx.data_end() - ctx.data()) as u32
+}
+
+/// The Ethernet header: its length (14, or 18 with one 802.1Q tag) and the (inner) EtherType in
+/// network order. Errors are `PASS_*` counter ids.
+#[inline(always)]
+pub fn ethernet(ctx: &XdpContext) -> Result<(usize, u16), u32> {
+    let eth = bytes_at(ctx, 0, ETH_LEN).ok_or(PASS_L2_TRUNCATED)?;
+    // SAFETY: 14 bytes at `eth` are in the packet.
+    let proto = unsafe { load16(eth.add(12)) };
+    if proto == ETH_P_8021AD_BE {
+        return Err(PASS_VLAN_STACKED);
+    }
+    if proto != ETH_P_8021Q_BE {
+        return Ok((ETH_LEN, proto));
+    }
+    let eth = bytes_at(ctx, 0, VLAN_ETH_LEN).ok_or(PASS_L2_TRUNCATED)?;
+    // SAFETY: 18 bytes at `eth` are in the packet.
+    let proto = unsafe { load16(eth.add(16)) };
+    if proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE {
+        return Err(PASS_VLAN_STACKED);
+    }
+    Ok((VLAN_ETH_LEN, proto))
+}
+
+/// A packet that passed stage 1.
+pub struct Packet {
+    /// Bytes in the frame as received.
+    pub frame_len: u32,
+    /// 14, or 18 with an 802.1Q tag.
+    pub l2_len: u32,
+    /// The IP header: at least 20 (IPv4) or 40 (IPv6) bytes are known to be present.
+    pub l3: *const u8,
+    /// The L4 header: at least 8 (UDP, ESP) or 20 (TCP) bytes are known to be present.
+    pub l4: *const u8,
+    /// `FAMILY_V4` / `FAMILY_V6`.
+    pub family: u8,
+    /// `PROTO_UDP`, `PROTO_TCP` or `PROTO_ESP`.
+    pub proto: u8,
+    /// The DSCP/ECN byte (IPv4 TOS, IPv6 traffic class).
+    pub tos: u8,
+}
+
+/// Runs stage 1 on the frame.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Stop> {
+    let frame_len = frame_len(ctx);
+    let (l2_len, ethertype) = ethernet(ctx).map_err(Stop)?;
+    let ip_room = frame_len - l2_len as u32;
+    let ip = if ethertype == ETH_P_IP_BE {
+        ipv4(ctx, l2_len, ip_room)?
+    } else if ethertype == ETH_P_IPV6_BE {
+        ipv6(ctx, l2_len, ip_room)?
+    } else {
+        return Err(Stop(PASS_NOT_IP));
+    };
+    let l4 = l4(ctx, &ip)?;
+    Ok(Packet {
+        frame_len,
+        l2_len: l2_len as u32,
+        l3: ip.l3,
+        l4,
+        family: ip.family,
+        proto: ip.proto,
+        tos: ip.tos,
+    })
+}
+
+/// What the IP stage hands to the L4 stage.
+struct Ip {
+    l3: *const u8,
+    /// Offset of the L4 header from the start of the frame.
+    l4_off: usize,
+    /// The L4 length `L` (never more than the frame holds after `l4_off`).
+    l4_len: u32,
+    family: u8,
+    proto: u8,
+    tos: u8,
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
+    let h = bytes_at(ctx, l3_off, IPV4_LEN).ok_or(Stop(PASS_IPV4_TRUNCATED))?;
+    // SAFETY: 20 bytes at `h` are in the packet.
+    let (vihl, tos, tot_len, frag, proto) = unsafe {
+        (
+            *h,
+            *h.add(1),
+            u16::from_be(load16(h.add(2))),
+            u16::from_be(load16(h.add(6))),
+            *h.add(9),
+        )
+    };
+    if vihl >> 4 != 4 {
+        return Err(Stop(PASS_IPV4_BAD_VERSION));
+    }
+    let hlen = u32::from(vihl & 0x0f) * 4;
+    if hlen < IPV4_LEN as u32 {
+        return Err(Stop(PASS_IPV4_BAD_IHL));
+    }
+    if hlen > ip_room {
+        return Err(Stop(PASS_IPV4_TRUNCATED));
+    }
+    let tot_len = u32::from(tot_len);
+    if tot_len < hlen || tot_len > ip_room {
+        return Err(Stop(PASS_IPV4_BAD_TOTLEN));
+    }
+    // More-fragments flag (0x2000) or a fragment offset (0x1fff).
+    if frag & 0x3fff != 0 {
+        return Err(Stop(PASS_FRAGMENT));
+    }
+    if proto != PROTO_UDP && proto != PROTO_TCP && proto != PROTO_ESP {
+        return Err(Stop(PASS_OTHER_PROTO));
+    }
+    Ok(Ip {
+        l3: h,
+        l4_off: l3_off + hlen as usize,
+        l4_len: tot_len - hlen,
+        family: FAMILY_V4,
+        proto,
+        tos,
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
+    let h = bytes_at(ctx, l3_off, IPV6_LEN).ok_or(Stop(PASS_IPV6_TRUNCATED))?;
+    // SAFETY: 40 bytes at `h` are in the packet.
+    let (b0, b1, payload_len, next) =
+        unsafe { (*h, *h.add(1), u16::from_be(load16(h.add(4))), *h.add(6)) };
+    if b0 >> 4 != 6 {
+        return Err(Stop(PASS_IPV6_BAD_VERSION));
+    }
+    let payload_len = u32::from(payload_len);
+    if payload_len == 0 || IPV6_LEN as u32 + payload_len > ip_room {
+        return Err(Stop(PASS_IPV6_BAD_PAYLOAD_LEN));
+    }
+    match next {
+        44 => return Err(Stop(PASS_FRAGMENT)),
+        0 | 43 | 60 | 135 | 139 | 140 | 253 | 254 => return Err(Stop(PASS_IPV6_EXT_HDR)),
+        PROTO_UDP | PROTO_TCP | PROTO_ESP => {}
+        _ => return Err(Stop(PASS_OTHER_PROTO)),
+    }
+    Ok(Ip {
+        l3: h,
+        l4_off: l3_off + IPV6_LEN,
+        l4_len: payload_len,
+        family: FAMILY_V6,
+        proto: next,
+        tos: (b0 << 4) | (b1 >> 4),
+    })
+}
+
+/// Checks the L4 header against `L` and returns a pointer to it.
+#[inline(always)]
+fn l4(ctx: &XdpContext, ip: &Ip) -> Result<*const u8, Stop> {
+    let len = ip.l4_len;
+    match ip.proto {
+        PROTO_UDP => {
+            if len < UDP_LEN {
+                return Err(Stop(PASS_L4_TRUNCATED));
+            }
+            // verifier: `L >= 8` already implies the bytes exist, but the verifier needs the test.
+            let u = bytes_at(ctx, ip.l4_off, UDP_LEN as usize).ok_or(Stop(PASS_L4_TRUNCATED))?;
+            // SAFETY: 8 bytes at `u` are in the packet.
+            let udp_len = u32::from(u16::from_be(unsafe { load16(u.add(4)) }));
+            if udp_len < UDP_LEN || udp_len > len {
+                return Err(Stop(PASS_UDP_BAD_LEN));
+            }
+            Ok(u)
+        }
+        PROTO_TCP => {
+            if len < TCP_LEN {
+                return Err(Stop(PASS_L4_TRUNCATED));
+            }
+            // verifier: `L >= 20` already implies the bytes exist, but the verifier needs the test.
+            let t = bytes_at(ctx, ip.l4_off, TCP_LEN as usize).ok_or(Stop(PASS_L4_TRUNCATED))?;
+            // SAFETY: 20 bytes at `t` are in the packet.
+            let doff = u32::from(unsafe { *t.add(12) } >> 4);
+            if doff < 5 || doff * 4 > len {
+                return Err(Stop(PASS_TCP_BAD_DOFF));
+            }
+            Ok(t)
+        }
+        _ => {
+            if len < ESP_LEN {
+                return Err(Stop(PASS_L4_TRUNCATED));
+            }
+            // verifier: `L >= 8` already implies the bytes exist, but the verifier needs the test.
+            let e = bytes_at(ctx, ip.l4_off, ESP_LEN as usize).ok_or(Stop(PASS_L4_TRUNCATED))?;
+            // SAFETY: 8 bytes at `e` are in the packet.
+            if unsafe { load32(e) } == 0 {
+                return Err(Stop(PASS_ESP_BAD_SPI));
+            }
+            Ok(e)
+        }
+    }
+}

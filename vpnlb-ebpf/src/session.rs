@@ -1,0 +1,155 @@
+//! Stage 4: the session table (`SESSIONS`): keep a flow on its backend, re-pick it when the backend
+//! died or the session idled out, and record new picks behind the per-CPU insert flood guard.
+
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_log_ebpf::warn;
+use vpnlb_common::{
+    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FWD_MODE_L2DSR, FlowKey,
+    SESSION_FLOOD_SKIP, SESSION_HIT, SESSION_INSERT, SESSION_INSERT_FAILED, SESSION_MISS,
+    SESSION_REPICK_DOWN, SESSION_REPICK_IDLE, SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash,
+};
+
+use crate::{
+    maglev,
+    maps::{BACKENDS, CONFIG, FLOOD, SESSIONS},
+    stats::{Stop, count},
+};
+
+/// Length of the flood guard's window.
+const FLOOD_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Where a flow goes.
+pub struct Target {
+    /// Backend id (index of `BACKENDS` and `BACKEND_STATS`).
+    pub id: u32,
+    pub backend: &'static Backend,
+    /// The flow hash (`pick_hash`); 0 on an L2 DSR session hit, which needs none.
+    pub hash: u32,
+}
+
+/// The backend `id` if its entry exists and it is up or draining.
+#[inline(always)]
+fn usable(id: u32) -> Option<&'static Backend> {
+    BACKENDS
+        .get(id)
+        .filter(|b| b.state == BACKEND_UP || b.state == BACKEND_DRAINING)
+}
+
+/// Runs stage 4: session lookup, else Maglev pick and session insert.
+#[inline(always)]
+pub fn resolve(ctx: &XdpContext, key: &FlowKey, vip: &VipMeta) -> Result<Target, Stop> {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let hit = lookup(key, vip, now);
+    // One hash site for both users (the pick, and the encapsulation's RSS fields): an L2 DSR
+    // session hit, the hot path, never computes it.
+    let hash = if hit.backend.is_none() || vip.fwd_mode != FWD_MODE_L2DSR {
+        pick_hash(key, vip.flags)
+    } else {
+        0
+    };
+    if let Some(backend) = hit.backend {
+        return Ok(Target {
+            id: hit.id,
+            backend,
+            hash,
+        });
+    }
+    let id = maglev::pick(vip, hash)?;
+    let backend = usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?;
+    record(ctx, key, id, now);
+    Ok(Target { id, backend, hash })
+}
+
+/// A session lookup's result: `backend` is `Some` for a usable, fresh session.
+struct Hit {
+    /// Always initialised (0 on a miss): an undefined field would be spilled from an undefined
+    /// register, which the verifier rejects (`R2 !read_ok`).
+    id: u32,
+    backend: Option<&'static Backend>,
+}
+
+/// Step 1: a usable, fresh session of `key` (counted `SESSION_HIT`, and touched when its
+/// `last_seen_ns` is a second old), or the reason to re-pick (`SESSION_*` counted).
+#[inline(always)]
+fn lookup(key: &FlowKey, vip: &VipMeta, now: u64) -> Hit {
+    let Some(s) = SESSIONS.get_ptr_mut(key) else {
+        count(SESSION_MISS);
+        return Hit {
+            id: 0,
+            backend: None,
+        };
+    };
+    // SAFETY: `s` is a valid pointer into the LRU's preallocated element memory for the whole run
+    // (RCU). Nothing in this run inserts before these accesses; another CPU may touch
+    // `last_seen_ns` (an aligned u64 store: we read one value or the other) or, rarely, evict and
+    // recycle the element, in which case this one packet sees another flow's session: the usual,
+    // accepted race of every BPF LRU reader (Katran's too).
+    let (id, last_seen) = unsafe { ((*s).backend_id, (*s).last_seen_ns) };
+    let Some(backend) = usable(id) else {
+        count(SESSION_REPICK_DOWN);
+        return Hit {
+            id: 0,
+            backend: None,
+        };
+    };
+    let idle = now.wrapping_sub(last_seen);
+    if vip.idle_timeout_ns != 0 && idle > vip.idle_timeout_ns {
+        count(SESSION_REPICK_IDLE);
+        return Hit {
+            id: 0,
+            backend: None,
+        };
+    }
+    count(SESSION_HIT);
+    if idle >= SESSION_TOUCH_NS {
+        // SAFETY: as above; an aligned u64 store into element memory.
+        unsafe { (*s).last_seen_ns = now };
+    }
+    Hit {
+        id,
+        backend: Some(backend),
+    }
+}
+
+/// Inserts `key → id`, unless this CPU already inserted `flood_max_inserts_per_sec` sessions in
+/// the current one-second window (then the packet is forwarded by hash alone).
+#[inline(always)]
+fn record(ctx: &XdpContext, key: &FlowKey, id: u32, now: u64) {
+    let limit = CONFIG
+        .get(0)
+        .map_or(0, |c| u64::from(c.flood_max_inserts_per_sec));
+    if limit != 0
+        && let Some(f) = FLOOD.get_ptr_mut(0)
+    {
+        // SAFETY: this CPU's slot of a per-CPU array entry: valid and touched by no one else
+        // during this run.
+        let f = unsafe { &mut *f };
+        if now.wrapping_sub(f.window_start_ns) >= FLOOD_WINDOW_NS {
+            f.window_start_ns = now;
+            f.inserts = 0;
+        }
+        if f.inserts >= limit {
+            count(SESSION_FLOOD_SKIP);
+            if f.inserts == limit {
+                // First skip of this window: `inserts` moves to limit + 1 so we log only once.
+                f.inserts += 1;
+                warn!(
+                    ctx,
+                    "session flood guard engaged: {} inserts this second on this CPU", limit
+                );
+            }
+            return;
+        }
+        f.inserts += 1;
+    }
+    let session = Session {
+        backend_id: id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    match SESSIONS.insert(key, session, u64::from(BPF_ANY)) {
+        Ok(()) => count(SESSION_INSERT),
+        Err(_) => count(SESSION_INSERT_FAILED),
+    }
+}

@@ -1,0 +1,743 @@
+//! The typed programming API over any [`MapWriter`]: backends, VIPs and their Maglev rings,
+//! validated in full before anything is written and applied make-before-break.
+//!
+//! Every call plans first (validation, new Maglev tables and their deltas against the installed
+//! ones) and only then writes, in this order: TX ports and backends, ring slots, VIP entries; then
+//! the breaking half: VIP removals, rings zeroed or trimmed, backends cleared, TX ports removed.
+//! A ring's members are the VIP's listed backends in state `BACKEND_UP`; a backend's Maglev key is
+//! its address octets, so hosts with the same configuration build the same tables.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use vpnlb_common::maglev::{self, MaglevBackend, MaglevError, SlotChange};
+use vpnlb_common::{
+    BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, FAMILY_V4, FAMILY_V6, FWD_MODE_GUE,
+    FWD_MODE_IPIP, FWD_MODE_L2DSR, GlobalConfig, MAX_BACKENDS, MAX_VIPS, PROTO_ESP, PROTO_TCP,
+    PROTO_UDP, RING_SIZE_MAX, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta, addr_words, words_addr,
+};
+
+use crate::maps::{MapError, MapWriter};
+
+/// A VIP key for messages: `udp 192.0.2.1:4500`, `esp [2001:db8::1]`.
+pub fn vip_label(key: &VipKey) -> String {
+    let proto = match key.proto {
+        PROTO_UDP => "udp".to_string(),
+        PROTO_TCP => "tcp".to_string(),
+        PROTO_ESP => "esp".to_string(),
+        p => format!("proto{p}"),
+    };
+    let ip = if key.family == FAMILY_V4 || key.family == FAMILY_V6 {
+        words_addr(key.addr, key.family).to_string()
+    } else {
+        format!("family{}:{:08x?}", key.family, key.addr)
+    };
+    let ip = if key.family == FAMILY_V6 {
+        format!("[{ip}]")
+    } else {
+        ip
+    };
+    if key.proto == PROTO_ESP && key.port_be == 0 {
+        format!("{proto} {ip}")
+    } else {
+        format!("{proto} {ip}:{}", u16::from_be(key.port_be))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("backend id {id} out of range 1..{}", MAX_BACKENDS)]
+    BadBackendId { id: u32 },
+    #[error("unknown backend {id}")]
+    UnknownBackend { id: u32 },
+    #[error("backend {id}: bad state {state} (want up 1, draining 2 or down 3)")]
+    BadState { id: u32, state: u32 },
+    #[error("backend {id} is still listed by vip {vip}")]
+    BackendInUse { id: u32, vip: String },
+    #[error("vip {vip}: {reason}")]
+    BadVipKey { vip: String, reason: &'static str },
+    #[error("vip {vip}: vip_id {vip_id} out of range 0..{}", MAX_VIPS)]
+    BadVipId { vip: String, vip_id: u32 },
+    #[error("vip {vip}: ring_id {ring_id} out of range 0..{rows}")]
+    BadRingId {
+        vip: String,
+        ring_id: u32,
+        rows: u32,
+    },
+    #[error("vip {vip}: ring size {size} is not a prime in 3..={}", RING_SIZE_MAX)]
+    BadRingSize { vip: String, size: u32 },
+    #[error("vip {vip}: unknown forwarding mode {mode}")]
+    BadFwdMode { vip: String, mode: u32 },
+    #[error("vip {vip}: unknown flags {flags:#x}")]
+    BadFlags { vip: String, flags: u32 },
+    #[error("vip {vip}: gue forwarding needs a gue_port")]
+    NoGuePort { vip: String },
+    #[error("vip {vip} lists unknown backend {id}")]
+    VipUnknownBackend { vip: String, id: u32 },
+    #[error("vip {vip} lists backend {id} twice")]
+    DuplicateBackend { vip: String, id: u32 },
+    #[error("vip {vip}: backends {a} and {b} share address {addr}")]
+    DuplicateAddress {
+        vip: String,
+        a: u32,
+        b: u32,
+        addr: IpAddr,
+    },
+    #[error("vip {vip} and vip {other} share ring {ring_id} with different backends or ring size")]
+    RingConflict {
+        vip: String,
+        other: String,
+        ring_id: u32,
+    },
+    #[error("unknown vip {vip}")]
+    UnknownVip { vip: String },
+    #[error("maglev table for ring {ring_id}")]
+    Maglev {
+        ring_id: u32,
+        #[source]
+        source: MaglevError,
+    },
+    #[error("map write failed")]
+    Map {
+        #[from]
+        source: MapError,
+    },
+}
+
+/// A backend as the agent describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// `1..MAX_BACKENDS`.
+    pub id: u32,
+    pub addr: IpAddr,
+    /// Next-hop MAC (the gateway's for L2 DSR, the router's towards it for encapsulation).
+    pub mac: [u8; 6],
+    /// The egress interface's own MAC.
+    pub src_mac: [u8; 6],
+    /// Egress interface; 0 = out of the ingress interface. Non-zero ones get a `TX_PORTS` entry.
+    pub ifindex: u32,
+    pub weight: u32,
+    /// `BACKEND_UP`, `BACKEND_DRAINING` or `BACKEND_DOWN`.
+    pub state: u32,
+}
+
+impl BackendSpec {
+    /// The `BACKENDS` value.
+    pub fn to_backend(&self) -> Backend {
+        let (addr, family) = addr_words(self.addr);
+        Backend {
+            addr,
+            mac: self.mac,
+            src_mac: self.src_mac,
+            ifindex: self.ifindex,
+            weight: self.weight,
+            state: self.state,
+            family,
+            _pad: [0; 3],
+            _reserved: 0,
+        }
+    }
+
+    /// Identity in the Maglev table: the address octets.
+    pub fn maglev_key(&self) -> Vec<u8> {
+        match self.addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        }
+    }
+}
+
+/// A VIP (one address/port/protocol) as the agent describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipSpec {
+    pub key: VipKey,
+    /// Index into `VIP_STATS`, `0..MAX_VIPS`.
+    pub vip_id: u32,
+    /// Row of `RINGS`; VIP keys may share a row when they list the same backends (e.g. IKE 500,
+    /// 4500 and ESP of one address).
+    pub ring_id: u32,
+    /// Maglev table size, a prime `<= RING_SIZE_MAX`.
+    pub ring_size: u32,
+    pub flags: u32,
+    pub fwd_mode: u32,
+    pub mtu: u32,
+    pub idle_timeout_ns: u64,
+    pub gue_port: u16,
+    /// Backend ids; the `BACKEND_UP` ones form the ring.
+    pub backends: Vec<u32>,
+}
+
+impl VipSpec {
+    /// The `VIPS` value.
+    pub fn meta(&self) -> VipMeta {
+        VipMeta {
+            vip_id: self.vip_id,
+            ring_id: self.ring_id,
+            ring_size: self.ring_size,
+            flags: self.flags,
+            fwd_mode: self.fwd_mode,
+            mtu: self.mtu,
+            idle_timeout_ns: self.idle_timeout_ns,
+            gue_port: self.gue_port,
+            _pad: [0; 6],
+        }
+    }
+
+    fn member_set(&self) -> BTreeSet<u32> {
+        self.backends.iter().copied().collect()
+    }
+}
+
+/// What one call wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Ring slots written (delta slots, zeroing and trimming included).
+    pub ring_slots_written: usize,
+    /// Other map entries written or deleted (backends, VIPs, TX ports).
+    pub maps_written: usize,
+}
+
+/// Everything one call will write, in make-before-break order.
+#[derive(Default)]
+struct Plan {
+    tx_add: Vec<u32>,
+    backend_set: Vec<(u32, Backend)>,
+    /// ring_id -> (new table, delta against the installed one).
+    ring_set: BTreeMap<u32, (Vec<u32>, Vec<SlotChange>)>,
+    vip_set: Vec<(VipKey, VipMeta)>,
+    vip_remove: Vec<VipKey>,
+    /// ring_id -> slots to zero; `true` when the ring is dropped entirely.
+    ring_clear: BTreeMap<u32, (Vec<SlotChange>, bool)>,
+    backend_clear: Vec<u32>,
+    tx_remove: Vec<u32>,
+}
+
+/// The programmed state of the data plane, written through `W`.
+pub struct Dataplane<W: MapWriter> {
+    writer: W,
+    ring_rows: u32,
+    backends: BTreeMap<u32, BackendSpec>,
+    vips: HashMap<VipKey, VipSpec>,
+    /// Installed Maglev tables (length = the ring size they were built for). Always what the
+    /// map holds: updated per successful ring write, dropped when a ring write fails.
+    rings: HashMap<u32, Vec<u32>>,
+    /// A write failed part-way: the next call rewrites every backend, VIP and TX port.
+    dirty: bool,
+}
+
+impl<W: MapWriter> Dataplane<W> {
+    /// A data plane with nothing installed yet, `MAX_VIPS` ring rows.
+    pub fn new(writer: W) -> Self {
+        Self::with_ring_rows(writer, MAX_VIPS)
+    }
+
+    /// As [`Dataplane::new`] for maps loaded with `LoadOptions::ring_rows = Some(rows)`.
+    pub fn with_ring_rows(writer: W, rows: u32) -> Self {
+        Dataplane {
+            writer,
+            ring_rows: rows.min(MAX_VIPS),
+            backends: BTreeMap::new(),
+            vips: HashMap::new(),
+            rings: HashMap::new(),
+            dirty: false,
+        }
+    }
+
+    pub fn writer(&self) -> &W {
+        &self.writer
+    }
+    pub fn writer_mut(&mut self) -> &mut W {
+        &mut self.writer
+    }
+    pub fn into_writer(self) -> W {
+        self.writer
+    }
+
+    pub fn backend(&self, id: u32) -> Option<&BackendSpec> {
+        self.backends.get(&id)
+    }
+    pub fn backends(&self) -> impl Iterator<Item = &BackendSpec> {
+        self.backends.values()
+    }
+    pub fn vip(&self, key: &VipKey) -> Option<&VipSpec> {
+        self.vips.get(key)
+    }
+    pub fn vips(&self) -> impl Iterator<Item = &VipSpec> {
+        self.vips.values()
+    }
+
+    /// The table last written to ring `ring_id`, if any.
+    pub fn installed_ring(&self, ring_id: u32) -> Option<&[u32]> {
+        self.rings.get(&ring_id).map(Vec::as_slice)
+    }
+
+    /// Rewrites everything this data plane holds (backends, TX ports, VIPs; rings as deltas
+    /// against the installed tables). Runs by itself on the call after a failed write.
+    pub fn resync(&mut self) -> Result<ApplyReport, DataplaneError> {
+        self.dirty = true;
+        self.apply(Plan::default(), self.backends.clone(), self.vips.clone())
+    }
+
+    pub fn set_config(&mut self, cfg: GlobalConfig) -> Result<(), DataplaneError> {
+        self.writer.set_config(&cfg)?;
+        Ok(())
+    }
+
+    /// Adds or changes a backend. If its address, weight or state changed, the rings of every VIP
+    /// listing it are rebuilt in the same call (after the backend entry is written).
+    pub fn upsert_backend(&mut self, spec: BackendSpec) -> Result<ApplyReport, DataplaneError> {
+        check_backend_id(spec.id)?;
+        check_state(spec.id, spec.state)?;
+        let old = self.backends.get(&spec.id).cloned();
+        let mut backends = self.backends.clone();
+        backends.insert(spec.id, spec.clone());
+        // Address collisions inside any VIP that lists this backend.
+        for v in self.vips.values().filter(|v| v.backends.contains(&spec.id)) {
+            check_addresses(v, &backends)?;
+        }
+        let mut plan = Plan::default();
+        let b = spec.to_backend();
+        if old.as_ref().map(BackendSpec::to_backend) != Some(b) {
+            plan.backend_set.push((spec.id, b));
+        }
+        let ring_relevant = match &old {
+            Some(o) => o.addr != spec.addr || o.weight != spec.weight || o.state != spec.state,
+            None => true,
+        };
+        if ring_relevant {
+            self.plan_rings_of(&mut plan, &backends, &self.vips, |v| {
+                v.backends.contains(&spec.id)
+            })?;
+        }
+        self.plan_tx_ports(&mut plan, &backends);
+        self.apply(plan, backends, self.vips.clone())
+    }
+
+    /// Changes a backend's state (up, draining, down) and rewrites the rings listing it.
+    pub fn set_backend_state(
+        &mut self,
+        id: u32,
+        state: u32,
+    ) -> Result<ApplyReport, DataplaneError> {
+        check_backend_id(id)?;
+        let mut spec = self
+            .backends
+            .get(&id)
+            .cloned()
+            .ok_or(DataplaneError::UnknownBackend { id })?;
+        check_state(id, state)?;
+        spec.state = state;
+        self.upsert_backend(spec)
+    }
+
+    /// Removes a backend no VIP lists any more (its entry is cleared, its TX port released).
+    pub fn remove_backend(&mut self, id: u32) -> Result<ApplyReport, DataplaneError> {
+        check_backend_id(id)?;
+        if !self.backends.contains_key(&id) {
+            return Err(DataplaneError::UnknownBackend { id });
+        }
+        if let Some(v) = self.vips.values().find(|v| v.backends.contains(&id)) {
+            return Err(DataplaneError::BackendInUse {
+                id,
+                vip: vip_label(&v.key),
+            });
+        }
+        let mut backends = self.backends.clone();
+        backends.remove(&id);
+        let mut plan = Plan::default();
+        plan.backend_clear.push(id);
+        self.plan_tx_ports(&mut plan, &backends);
+        self.apply(plan, backends, self.vips.clone())
+    }
+
+    /// Adds or changes a VIP: its ring is written (delta only) before the VIP entry; a ring it
+    /// no longer uses is zeroed afterwards, a shrunk ring trimmed.
+    pub fn upsert_vip(&mut self, spec: VipSpec) -> Result<ApplyReport, DataplaneError> {
+        self.upsert_vips(vec![spec])
+    }
+
+    /// Adds or changes several VIPs at once, validated together: the way to change the backends
+    /// of a ring that several VIP keys share (one at a time would conflict with the others).
+    pub fn upsert_vips(&mut self, specs: Vec<VipSpec>) -> Result<ApplyReport, DataplaneError> {
+        for (i, spec) in specs.iter().enumerate() {
+            self.check_vip(spec)?;
+            if specs[..i].iter().any(|o| o.key == spec.key) {
+                return Err(DataplaneError::BadVipKey {
+                    vip: vip_label(&spec.key),
+                    reason: "listed twice",
+                });
+            }
+        }
+        let mut vips = self.vips.clone();
+        let mut olds = Vec::new();
+        for spec in &specs {
+            olds.push(vips.insert(spec.key, spec.clone()));
+        }
+        check_ring_sharing(&vips)?;
+        let mut plan = Plan::default();
+        let touched: BTreeSet<u32> = specs.iter().map(|s| s.ring_id).collect();
+        self.plan_rings_of(&mut plan, &self.backends, &vips, |v| {
+            touched.contains(&v.ring_id)
+        })?;
+        for (spec, old) in specs.iter().zip(&olds) {
+            if old.as_ref().map(VipSpec::meta) != Some(spec.meta()) {
+                plan.vip_set.push((spec.key, spec.meta()));
+            }
+        }
+        let released: BTreeSet<u32> = olds.iter().flatten().map(|o| o.ring_id).collect();
+        for ring_id in released {
+            self.plan_ring_release(&mut plan, ring_id, &vips);
+        }
+        self.apply(plan, self.backends.clone(), vips)
+    }
+
+    /// Removes a VIP entry, then zeroes its ring unless another VIP key shares it.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<ApplyReport, DataplaneError> {
+        let mut vips = self.vips.clone();
+        let old = vips.remove(key).ok_or_else(|| DataplaneError::UnknownVip {
+            vip: vip_label(key),
+        })?;
+        let mut plan = Plan::default();
+        plan.vip_remove.push(*key);
+        self.plan_ring_release(&mut plan, old.ring_id, &vips);
+        self.apply(plan, self.backends.clone(), vips)
+    }
+
+    fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {
+        let vip = || vip_label(&spec.key);
+        let bad_key = |reason| Err(DataplaneError::BadVipKey { vip: vip(), reason });
+        let k = &spec.key;
+        match k.family {
+            FAMILY_V4 if k.addr[1..] != [0, 0, 0] => {
+                return bad_key("ipv4 key with non-zero words 1-3");
+            }
+            FAMILY_V4 | FAMILY_V6 => {}
+            _ => return bad_key("family must be 4 or 6"),
+        }
+        match k.proto {
+            PROTO_UDP | PROTO_TCP => {}
+            PROTO_ESP if k.port_be != 0 => return bad_key("esp vips have port 0"),
+            PROTO_ESP => {}
+            _ => return bad_key("protocol must be udp, tcp or esp"),
+        }
+        if spec.vip_id >= MAX_VIPS {
+            return Err(DataplaneError::BadVipId {
+                vip: vip(),
+                vip_id: spec.vip_id,
+            });
+        }
+        if spec.ring_id >= self.ring_rows {
+            return Err(DataplaneError::BadRingId {
+                vip: vip(),
+                ring_id: spec.ring_id,
+                rows: self.ring_rows,
+            });
+        }
+        if spec.ring_size < 3 || spec.ring_size > RING_SIZE_MAX || !maglev::is_prime(spec.ring_size)
+        {
+            return Err(DataplaneError::BadRingSize {
+                vip: vip(),
+                size: spec.ring_size,
+            });
+        }
+        if ![FWD_MODE_L2DSR, FWD_MODE_IPIP, FWD_MODE_GUE].contains(&spec.fwd_mode) {
+            return Err(DataplaneError::BadFwdMode {
+                vip: vip(),
+                mode: spec.fwd_mode,
+            });
+        }
+        if spec.fwd_mode == FWD_MODE_GUE && spec.gue_port == 0 {
+            return Err(DataplaneError::NoGuePort { vip: vip() });
+        }
+        if spec.flags & !VIP_F_HASH_SRC_ONLY != 0 {
+            return Err(DataplaneError::BadFlags {
+                vip: vip(),
+                flags: spec.flags,
+            });
+        }
+        for (i, id) in spec.backends.iter().enumerate() {
+            if !self.backends.contains_key(id) {
+                return Err(DataplaneError::VipUnknownBackend {
+                    vip: vip(),
+                    id: *id,
+                });
+            }
+            if spec.backends[..i].contains(id) {
+                return Err(DataplaneError::DuplicateBackend {
+                    vip: vip(),
+                    id: *id,
+                });
+            }
+        }
+        check_addresses(spec, &self.backends)?;
+        Ok(())
+    }
+
+    /// Plans new tables for the rings of the VIPs in `vips` matching `which` (each ring once).
+    fn plan_rings_of(
+        &self,
+        plan: &mut Plan,
+        backends: &BTreeMap<u32, BackendSpec>,
+        vips: &HashMap<VipKey, VipSpec>,
+        which: impl Fn(&VipSpec) -> bool,
+    ) -> Result<(), DataplaneError> {
+        let mut rings: BTreeMap<u32, (u32, Vec<u32>)> = BTreeMap::new();
+        for v in vips.values().filter(|v| which(v)) {
+            rings
+                .entry(v.ring_id)
+                .or_insert((v.ring_size, v.backends.clone()));
+        }
+        self.plan_rings(plan, backends, rings)
+    }
+
+    fn plan_rings(
+        &self,
+        plan: &mut Plan,
+        backends: &BTreeMap<u32, BackendSpec>,
+        rings: BTreeMap<u32, (u32, Vec<u32>)>,
+    ) -> Result<(), DataplaneError> {
+        for (ring_id, (size, members)) in rings {
+            let keys: Vec<(u32, Vec<u8>, u32)> = members
+                .iter()
+                .filter_map(|id| backends.get(id))
+                .filter(|b| b.state == BACKEND_UP)
+                .map(|b| (b.id, b.maglev_key(), b.weight))
+                .collect();
+            let mb: Vec<MaglevBackend<'_>> = keys
+                .iter()
+                .map(|(id, key, weight)| MaglevBackend {
+                    id: *id,
+                    key,
+                    weight: *weight,
+                })
+                .collect();
+            let installed = self.rings.get(&ring_id).map(Vec::as_slice).unwrap_or(&[]);
+            let (table, delta) = maglev::build_with_delta(&mb, size, installed)
+                .map_err(|source| DataplaneError::Maglev { ring_id, source })?;
+            plan.ring_set.insert(ring_id, (table, delta));
+        }
+        Ok(())
+    }
+
+    /// After `vips` replaces the VIP set: zero ring `ring_id` if no VIP uses it any more, or trim
+    /// the slots past its (new) size.
+    fn plan_ring_release(&self, plan: &mut Plan, ring_id: u32, vips: &HashMap<VipKey, VipSpec>) {
+        let Some(installed) = self.rings.get(&ring_id) else {
+            return;
+        };
+        let new_size = vips
+            .values()
+            .find(|v| v.ring_id == ring_id)
+            .map(|v| v.ring_size as usize);
+        let from = new_size.unwrap_or(0);
+        let zero: Vec<SlotChange> = installed
+            .iter()
+            .enumerate()
+            .skip(from)
+            .filter(|(_, id)| **id != 0)
+            .map(|(slot, _)| SlotChange {
+                slot: slot as u32,
+                backend_id: 0,
+            })
+            .collect();
+        if new_size.is_none() || !zero.is_empty() {
+            plan.ring_clear.insert(ring_id, (zero, new_size.is_none()));
+        }
+    }
+
+    /// TX ports to add before and remove after, so every backend's egress interface is present.
+    fn plan_tx_ports(&self, plan: &mut Plan, backends: &BTreeMap<u32, BackendSpec>) {
+        let before = tx_ports_of(&self.backends);
+        let after = tx_ports_of(backends);
+        plan.tx_add = after.difference(&before).copied().collect();
+        plan.tx_remove = before.difference(&after).copied().collect();
+    }
+
+    fn apply(
+        &mut self,
+        plan: Plan,
+        backends: BTreeMap<u32, BackendSpec>,
+        vips: HashMap<VipKey, VipSpec>,
+    ) -> Result<ApplyReport, DataplaneError> {
+        let mut plan = plan;
+        if self.dirty {
+            self.plan_everything(&mut plan, &backends, &vips)?;
+        }
+        match self.write(plan, &vips) {
+            Ok(r) => {
+                self.backends = backends;
+                self.vips = vips;
+                self.dirty = false;
+                Ok(r)
+            }
+            Err(e) => {
+                self.dirty = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds to `plan` a write of every backend, TX port, VIP and ring of the given state.
+    fn plan_everything(
+        &self,
+        plan: &mut Plan,
+        backends: &BTreeMap<u32, BackendSpec>,
+        vips: &HashMap<VipKey, VipSpec>,
+    ) -> Result<(), DataplaneError> {
+        let mut extra = Plan::default();
+        self.plan_rings_of(&mut extra, backends, vips, |_| true)?;
+        for (ring_id, v) in extra.ring_set {
+            plan.ring_set.entry(ring_id).or_insert(v);
+        }
+        let removed: BTreeSet<u32> = plan.tx_remove.iter().copied().collect();
+        plan.tx_add = tx_ports_of(backends)
+            .difference(&removed)
+            .copied()
+            .collect();
+        plan.backend_set = backends.values().map(|b| (b.id, b.to_backend())).collect();
+        plan.vip_set = vips.values().map(|v| (v.key, v.meta())).collect();
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        plan: Plan,
+        vips: &HashMap<VipKey, VipSpec>,
+    ) -> Result<ApplyReport, DataplaneError> {
+        let mut r = ApplyReport::default();
+        let w = &mut self.writer;
+        // Make: egress ports, backends, ring slots, VIP entries.
+        for ifindex in &plan.tx_add {
+            w.set_tx_port(*ifindex)?;
+            r.maps_written += 1;
+        }
+        for (id, b) in &plan.backend_set {
+            w.set_backend(*id, b)?;
+            r.maps_written += 1;
+        }
+        for (ring_id, (table, delta)) in plan.ring_set {
+            if delta.is_empty() {
+                continue;
+            }
+            if let Err(e) = w.write_ring(ring_id, &delta) {
+                // Part of the delta may be in: forget the table so the next write is a full one.
+                self.rings.remove(&ring_id);
+                return Err(e.into());
+            }
+            r.ring_slots_written += delta.len();
+            self.rings.insert(ring_id, table);
+        }
+        for (key, meta) in &plan.vip_set {
+            w.set_vip(key, meta)?;
+            r.maps_written += 1;
+        }
+        // Break: VIP entries, ring slots, backends, egress ports.
+        for key in &plan.vip_remove {
+            w.remove_vip(key)?;
+            r.maps_written += 1;
+        }
+        for (ring_id, (zero, drop)) in plan.ring_clear {
+            if zero.is_empty() {
+                if drop {
+                    self.rings.remove(&ring_id);
+                }
+                continue;
+            }
+            if let Err(e) = w.write_ring(ring_id, &zero) {
+                self.rings.remove(&ring_id);
+                return Err(e.into());
+            }
+            r.ring_slots_written += zero.len();
+            if drop {
+                self.rings.remove(&ring_id);
+            } else if let Some(t) = self.rings.get_mut(&ring_id) {
+                // The slots zeroed are past the new size; keep the table at that size.
+                let size = vips
+                    .values()
+                    .find(|v| v.ring_id == ring_id)
+                    .map_or(t.len(), |v| v.ring_size as usize);
+                t.truncate(size);
+            }
+        }
+        for id in &plan.backend_clear {
+            w.clear_backend(*id)?;
+            r.maps_written += 1;
+        }
+        for ifindex in &plan.tx_remove {
+            w.remove_tx_port(*ifindex)?;
+            r.maps_written += 1;
+        }
+        Ok(r)
+    }
+}
+
+fn check_backend_id(id: u32) -> Result<(), DataplaneError> {
+    if id == 0 || id >= MAX_BACKENDS {
+        return Err(DataplaneError::BadBackendId { id });
+    }
+    Ok(())
+}
+
+fn check_state(id: u32, state: u32) -> Result<(), DataplaneError> {
+    if ![BACKEND_UP, BACKEND_DRAINING, BACKEND_DOWN].contains(&state) {
+        return Err(DataplaneError::BadState { id, state });
+    }
+    Ok(())
+}
+
+/// Backends listed by one VIP must have distinct addresses (their Maglev keys).
+fn check_addresses(
+    v: &VipSpec,
+    backends: &BTreeMap<u32, BackendSpec>,
+) -> Result<(), DataplaneError> {
+    let mut seen: HashMap<IpAddr, u32> = HashMap::new();
+    for id in &v.backends {
+        if let Some(b) = backends.get(id)
+            && let Some(first) = seen.insert(b.addr, *id)
+        {
+            return Err(DataplaneError::DuplicateAddress {
+                vip: vip_label(&v.key),
+                a: first,
+                b: *id,
+                addr: b.addr,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// VIP keys sharing a ring must list the same backends (as a set) with the same ring size.
+fn check_ring_sharing(vips: &HashMap<VipKey, VipSpec>) -> Result<(), DataplaneError> {
+    let mut by_ring: BTreeMap<u32, &VipSpec> = BTreeMap::new();
+    for v in vips.values() {
+        match by_ring.get(&v.ring_id) {
+            Some(first)
+                if first.member_set() != v.member_set() || first.ring_size != v.ring_size =>
+            {
+                let (a, b) = (vip_label(&first.key), vip_label(&v.key));
+                let (vip, other) = if a <= b { (a, b) } else { (b, a) };
+                return Err(DataplaneError::RingConflict {
+                    vip,
+                    other,
+                    ring_id: v.ring_id,
+                });
+            }
+            Some(_) => {}
+            None => {
+                by_ring.insert(v.ring_id, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tx_ports_of(backends: &BTreeMap<u32, BackendSpec>) -> BTreeSet<u32> {
+    backends
+        .values()
+        .map(|b| b.ifindex)
+        .filter(|i| *i != 0)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

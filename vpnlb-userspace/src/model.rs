@@ -1,0 +1,586 @@
+//! Userspace reference model of the data plane, written from docs/datapath.md alone (not from the
+//! XDP code): the differential test runs both on the same packets and maps and compares verdict,
+//! output bytes and counters; `vpnlb simulate` uses it to explain where a packet would go.
+//!
+//! It runs on [`MemMaps`] as one CPU and applies the same side effects as `vpnlb_ingress` /
+//! `vpnlb_decap`: counters, VIP/backend stats, session inserts and refreshes, the flood window.
+//!
+//! Where the spec leaves room, this model reads it as follows (also in the crate report):
+//! - `now − last_seen_ns` and the flood window's `now − window_start_ns` are wrapping u64
+//!   subtractions, as plain unsigned arithmetic in the program.
+//! - A VIP `fwd_mode` other than IPIP or GUE forwards as L2 DSR.
+//! - On `DROP_REDIRECT_FAILED` the frame is returned as rewritten (MACs/encapsulation applied):
+//!   the redirect is the last step. Other drops and every PASS return the input unchanged.
+//! - The outer IPv4 total length / IPv6 payload length / GUE length are truncated to 16 bits.
+
+use vpnlb_common::hash::pick_hash;
+use vpnlb_common::*;
+
+use crate::maps::MemMaps;
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_HLEN: usize = 14;
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// IPv6 extension headers that make the packet `PASS_IPV6_EXT_HDR` (44, Fragment, is separate).
+const IPV6_EXT_HDRS: [u8; 7] = [0, 43, 60, 135, 139, 140, 253];
+
+/// What the program would see besides the frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelCtx {
+    pub ingress_ifindex: u32,
+    /// `bpf_ktime_get_ns()`.
+    pub now_ns: u64,
+}
+
+/// The verdict and everything the model learnt on the way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelResult {
+    /// `XDP_*` action (ABORTED 0, DROP 1, PASS 2, TX 3, REDIRECT 4).
+    pub action: u32,
+    /// Output frame; equals the input for PASS.
+    pub frame: Vec<u8>,
+    /// The one outcome counter id incremented.
+    pub outcome: u32,
+    /// `SESSION_*` counter ids incremented, in order.
+    pub events: Vec<u32>,
+    pub vip: Option<VipKey>,
+    /// The backend chosen (by session or ring), also when it then turned out unusable.
+    pub backend_id: Option<u32>,
+    pub flow: Option<FlowKey>,
+    pub hash: Option<u32>,
+}
+
+impl ModelResult {
+    fn new(frame: &[u8]) -> Self {
+        ModelResult {
+            action: XDP_PASS,
+            frame: frame.to_vec(),
+            outcome: 0,
+            events: Vec::new(),
+            vip: None,
+            backend_id: None,
+            flow: None,
+            hash: None,
+        }
+    }
+}
+
+/// The kernel's name of an XDP action.
+pub fn verdict_name(action: u32) -> &'static str {
+    match action {
+        XDP_ABORTED => "XDP_ABORTED",
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        XDP_TX => "XDP_TX",
+        XDP_REDIRECT => "XDP_REDIRECT",
+        _ => "XDP_UNKNOWN",
+    }
+}
+
+fn be16(f: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([f[off], f[off + 1]])
+}
+
+/// The four wire bytes at `off` as the u32 a little-endian load yields (wire order in memory).
+fn wire32(f: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes([f[off], f[off + 1], f[off + 2], f[off + 3]])
+}
+
+/// Ethernet stage shared by both programs: (l2_len, EtherType) or the PASS reason.
+fn parse_eth(f: &[u8]) -> Result<(usize, u16), u32> {
+    if f.len() < ETH_HLEN {
+        return Err(PASS_L2_TRUNCATED);
+    }
+    let mut et = be16(f, 12);
+    if et == ETH_P_8021AD {
+        return Err(PASS_VLAN_STACKED);
+    }
+    let mut l2 = ETH_HLEN;
+    if et == ETH_P_8021Q {
+        if f.len() < 18 {
+            return Err(PASS_L2_TRUNCATED);
+        }
+        et = be16(f, 16);
+        if et == ETH_P_8021Q || et == ETH_P_8021AD {
+            return Err(PASS_VLAN_STACKED);
+        }
+        l2 = 18;
+    }
+    Ok((l2, et))
+}
+
+/// A packet that passed stage 1.
+struct Parsed {
+    l2_len: usize,
+    /// The DSCP/ECN byte (IPv4 TOS or IPv6 traffic class).
+    tos: u8,
+    key: FlowKey,
+}
+
+/// Stage 1 (parse) and stage 2 (flow key).
+fn parse(f: &[u8]) -> Result<Parsed, u32> {
+    let (l2, et) = parse_eth(f)?;
+    let l3 = l2;
+    let avail = f.len() - l3;
+    let (family, proto, src, dst, tos, l4, l4_len);
+    match et {
+        ETH_P_IPV4 => {
+            if avail < 20 {
+                return Err(PASS_IPV4_TRUNCATED);
+            }
+            if f[l3] >> 4 != 4 {
+                return Err(PASS_IPV4_BAD_VERSION);
+            }
+            let ihl = (f[l3] & 0x0f) as usize * 4;
+            if ihl < 20 {
+                return Err(PASS_IPV4_BAD_IHL);
+            }
+            if avail < ihl {
+                return Err(PASS_IPV4_TRUNCATED);
+            }
+            let tot = be16(f, l3 + 2) as usize;
+            if tot < ihl || tot > avail {
+                return Err(PASS_IPV4_BAD_TOTLEN);
+            }
+            let frag = be16(f, l3 + 6);
+            if frag & 0x2000 != 0 || frag & 0x1fff != 0 {
+                return Err(PASS_FRAGMENT);
+            }
+            proto = f[l3 + 9];
+            if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&proto) {
+                return Err(PASS_OTHER_PROTO);
+            }
+            family = FAMILY_V4;
+            tos = f[l3 + 1];
+            src = [wire32(f, l3 + 12), 0, 0, 0];
+            dst = [wire32(f, l3 + 16), 0, 0, 0];
+            l4 = l3 + ihl;
+            l4_len = tot - ihl;
+        }
+        ETH_P_IPV6 => {
+            if avail < 40 {
+                return Err(PASS_IPV6_TRUNCATED);
+            }
+            if f[l3] >> 4 != 6 {
+                return Err(PASS_IPV6_BAD_VERSION);
+            }
+            let plen = be16(f, l3 + 4) as usize;
+            if plen == 0 || 40 + plen > avail {
+                return Err(PASS_IPV6_BAD_PAYLOAD_LEN);
+            }
+            let nh = f[l3 + 6];
+            if nh == 44 {
+                return Err(PASS_FRAGMENT);
+            }
+            if IPV6_EXT_HDRS.contains(&nh) || nh == 254 {
+                return Err(PASS_IPV6_EXT_HDR);
+            }
+            if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&nh) {
+                return Err(PASS_OTHER_PROTO);
+            }
+            proto = nh;
+            family = FAMILY_V6;
+            tos = ((f[l3] & 0x0f) << 4) | (f[l3 + 1] >> 4);
+            let w = |i: usize| wire32(f, l3 + 8 + 4 * i);
+            src = [w(0), w(1), w(2), w(3)];
+            dst = [w(4), w(5), w(6), w(7)];
+            l4 = l3 + 40;
+            l4_len = plen;
+        }
+        _ => return Err(PASS_NOT_IP),
+    }
+    // L4, against l4_len (which never exceeds what the frame holds).
+    match proto {
+        PROTO_UDP => {
+            if l4_len < 8 {
+                return Err(PASS_L4_TRUNCATED);
+            }
+            let ulen = be16(f, l4 + 4) as usize;
+            if ulen < 8 || ulen > l4_len {
+                return Err(PASS_UDP_BAD_LEN);
+            }
+        }
+        PROTO_TCP => {
+            if l4_len < 20 {
+                return Err(PASS_L4_TRUNCATED);
+            }
+            let doff = (f[l4 + 12] >> 4) as usize;
+            if doff < 5 || doff * 4 > l4_len {
+                return Err(PASS_TCP_BAD_DOFF);
+            }
+        }
+        _ => {
+            if l4_len < 8 {
+                return Err(PASS_L4_TRUNCATED);
+            }
+            if wire32(f, l4) == 0 {
+                return Err(PASS_ESP_BAD_SPI);
+            }
+        }
+    }
+    let key = FlowKey {
+        src,
+        dst,
+        ports: wire32(f, l4),
+        proto,
+        family,
+        _pad: [0; 2],
+    };
+    Ok(Parsed {
+        l2_len: l2,
+        tos,
+        key,
+    })
+}
+
+fn vip_key_of(k: &FlowKey) -> VipKey {
+    let port_be = if k.proto == PROTO_ESP {
+        0
+    } else {
+        (k.ports >> 16) as u16
+    };
+    VipKey {
+        addr: k.dst,
+        port_be,
+        proto: k.proto,
+        family: k.family,
+    }
+}
+
+fn usable(maps: &MemMaps, id: u32) -> bool {
+    maps.backends
+        .get(id as usize)
+        .is_some_and(|b| b.state == BACKEND_UP || b.state == BACKEND_DRAINING)
+}
+
+fn count(maps: &mut MemMaps, id: u32) {
+    if let Some(c) = maps.counters.get_mut(id as usize) {
+        *c = c.wrapping_add(1);
+    }
+}
+
+/// Internet checksum of an IPv4 header (checksum field zero on input).
+pub fn ipv4_checksum(hdr: &[u8]) -> u16 {
+    let mut sum: u32 = hdr
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Runs `vpnlb_ingress` on `frame` against `maps` (mutated like the program mutates its maps).
+pub fn run_ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx) -> ModelResult {
+    let mut r = ModelResult::new(frame);
+    let (action, outcome) = ingress(maps, frame, ctx, &mut r);
+    r.action = action;
+    r.outcome = outcome;
+    count(maps, outcome);
+    for e in r.events.clone() {
+        count(maps, e);
+    }
+    if counters::is_forward(outcome) {
+        let len = frame.len() as u64;
+        let add = |s: &mut PktBytes| {
+            s.packets = s.packets.wrapping_add(1);
+            s.bytes = s.bytes.wrapping_add(len);
+        };
+        if let Some(vip) = r.vip.and_then(|k| maps.vips.get(&k).copied())
+            && vip.vip_id < MAX_VIPS
+        {
+            add(maps.vip_stats.entry(vip.vip_id).or_default());
+        }
+        if let Some(id) = r.backend_id.filter(|id| *id < MAX_BACKENDS) {
+            add(maps.backend_stats.entry(id).or_default());
+        }
+    }
+    if action == XDP_PASS {
+        debug_assert_eq!(r.frame, frame, "PASS must leave the packet untouched");
+    }
+    r
+}
+
+/// Stages 1-5; returns (action, outcome) and fills `r`.
+fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult) -> (u32, u32) {
+    let p = match parse(frame) {
+        Ok(p) => p,
+        Err(reason) => return (XDP_PASS, reason),
+    };
+    r.flow = Some(p.key);
+    let vkey = vip_key_of(&p.key);
+    let Some(vip) = maps.vips.get(&vkey).copied() else {
+        return (XDP_PASS, PASS_NOT_VIP);
+    };
+    r.vip = Some(vkey);
+    let now = ctx.now_ns;
+    let hash = pick_hash(&p.key, vip.flags);
+    r.hash = Some(hash);
+
+    // Stage 4.1: session.
+    let mut chosen = None;
+    match maps.sessions.get(&p.key).copied() {
+        Some(s) => {
+            let idle = now.wrapping_sub(s.last_seen_ns);
+            if !usable(maps, s.backend_id) {
+                r.events.push(SESSION_REPICK_DOWN);
+            } else if vip.idle_timeout_ns != 0 && idle > vip.idle_timeout_ns {
+                r.events.push(SESSION_REPICK_IDLE);
+            } else {
+                r.events.push(SESSION_HIT);
+                if idle >= SESSION_TOUCH_NS
+                    && let Some(s) = maps.sessions.get_mut(&p.key)
+                {
+                    s.last_seen_ns = now;
+                }
+                chosen = Some(s.backend_id);
+            }
+        }
+        None => r.events.push(SESSION_MISS),
+    }
+
+    let id = match chosen {
+        Some(id) => id,
+        None => {
+            // Stage 4.2: Maglev pick.
+            if vip.ring_size == 0 {
+                return (XDP_DROP, DROP_NO_BACKEND);
+            }
+            let id = maps.ring_lookup(vip.ring_id, hash % vip.ring_size);
+            if id == 0 {
+                return (XDP_DROP, DROP_NO_BACKEND);
+            }
+            r.backend_id = Some(id);
+            if !usable(maps, id) {
+                return (XDP_DROP, DROP_BACKEND_DOWN);
+            }
+            // Stage 4.3: record, guarded against insert floods.
+            let limit = u64::from(maps.config.flood_max_inserts_per_sec);
+            let mut insert = true;
+            if limit != 0 {
+                let fl = &mut maps.flood;
+                if now.wrapping_sub(fl.window_start_ns) >= NS_PER_SEC {
+                    fl.window_start_ns = now;
+                    fl.inserts = 0;
+                }
+                if fl.inserts >= limit {
+                    r.events.push(SESSION_FLOOD_SKIP);
+                    insert = false;
+                } else {
+                    fl.inserts += 1;
+                }
+            }
+            if insert {
+                let ok = maps.lru_insert(
+                    p.key,
+                    Session {
+                        backend_id: id,
+                        _pad: 0,
+                        last_seen_ns: now,
+                    },
+                );
+                r.events.push(if ok {
+                    SESSION_INSERT
+                } else {
+                    SESSION_INSERT_FAILED
+                });
+            }
+            id
+        }
+    };
+    r.backend_id = Some(id);
+    forward(maps, frame, ctx, &p, &vip, id, hash, r)
+}
+
+/// Stage 5: rewrite or encapsulate, then TX or redirect.
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    maps: &MemMaps,
+    frame: &[u8],
+    ctx: &ModelCtx,
+    p: &Parsed,
+    vip: &VipMeta,
+    id: u32,
+    hash: u32,
+    r: &mut ModelResult,
+) -> (u32, u32) {
+    let b = maps.backends[id as usize];
+    let l2 = p.l2_len;
+    let outcome = match vip.fwd_mode {
+        FWD_MODE_IPIP | FWD_MODE_GUE => {
+            let gue = vip.fwd_mode == FWD_MODE_GUE;
+            if b.family != FAMILY_V4 && b.family != FAMILY_V6 {
+                return (XDP_DROP, DROP_BACKEND_BAD);
+            }
+            let inner = &frame[l2..];
+            let inner_len = inner.len();
+            let ip_hdr = if b.family == FAMILY_V4 { 20 } else { 40 };
+            let overhead = ip_hdr + if gue { 8 } else { 0 };
+            let outer_len = inner_len + overhead;
+            if vip.mtu != 0 && outer_len > vip.mtu as usize {
+                return (XDP_DROP, DROP_ENCAP_TOO_BIG);
+            }
+            if overhead > maps.env.headroom as usize {
+                return (XDP_DROP, DROP_ADJUST_FAILED);
+            }
+            let inner_proto: u8 = if p.key.family == FAMILY_V4 { 4 } else { 41 };
+            let next = if gue { PROTO_UDP } else { inner_proto };
+            let mut out = Vec::with_capacity(frame.len() + overhead);
+            out.extend_from_slice(&frame[..l2]);
+            out[0..6].copy_from_slice(&b.mac);
+            out[6..12].copy_from_slice(&b.src_mac);
+            let et = if b.family == FAMILY_V4 {
+                ETH_P_IPV4
+            } else {
+                ETH_P_IPV6
+            };
+            out[l2 - 2..l2].copy_from_slice(&et.to_be_bytes());
+            let cfg = &maps.config;
+            if b.family == FAMILY_V4 {
+                let m = cfg.encap_src_v4_hash_mask;
+                let src = (cfg.encap_src_v4 & !m) | (hash & m);
+                let mut h = [0u8; 20];
+                h[0] = 0x45;
+                h[1] = p.tos;
+                h[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
+                h[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
+                h[8] = 64;
+                h[9] = next;
+                h[12..16].copy_from_slice(&src.to_ne_bytes());
+                h[16..20].copy_from_slice(&b.addr[0].to_ne_bytes());
+                let c = ipv4_checksum(&h);
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+                out.extend_from_slice(&h);
+            } else {
+                let m = cfg.encap_src_v6_hash_mask;
+                let mut src = cfg.encap_src_v6;
+                src[3] = (src[3] & !m) | (hash & m);
+                let mut h = [0u8; 40];
+                let w0 = (6u32 << 28) | (u32::from(p.tos) << 20) | (hash & 0xF_FFFF);
+                h[0..4].copy_from_slice(&w0.to_be_bytes());
+                h[4..6].copy_from_slice(&((outer_len - 40) as u16).to_be_bytes());
+                h[6] = next;
+                h[7] = 64;
+                for i in 0..4 {
+                    h[8 + 4 * i..12 + 4 * i].copy_from_slice(&src[i].to_ne_bytes());
+                    h[24 + 4 * i..28 + 4 * i].copy_from_slice(&b.addr[i].to_ne_bytes());
+                }
+                out.extend_from_slice(&h);
+            }
+            if gue {
+                let mut u = [0u8; 8];
+                u[0..2].copy_from_slice(&(0xC000u16 | (hash & 0x3FFF) as u16).to_be_bytes());
+                u[2..4].copy_from_slice(&vip.gue_port.to_be_bytes());
+                u[4..6].copy_from_slice(&((8 + inner_len) as u16).to_be_bytes());
+                out.extend_from_slice(&u);
+            }
+            out.extend_from_slice(inner);
+            r.frame = out;
+            if gue { FWD_GUE } else { FWD_IPIP }
+        }
+        _ => {
+            r.frame[0..6].copy_from_slice(&b.mac);
+            r.frame[6..12].copy_from_slice(&b.src_mac);
+            FWD_L2DSR_TX
+        }
+    };
+    // Egress.
+    if b.ifindex == 0 || b.ifindex == ctx.ingress_ifindex {
+        return (XDP_TX, outcome);
+    }
+    if !maps.tx_ports.contains(&b.ifindex) {
+        return (XDP_DROP, DROP_REDIRECT_FAILED);
+    }
+    let outcome = if outcome == FWD_L2DSR_TX {
+        FWD_L2DSR_REDIRECT
+    } else {
+        outcome
+    };
+    (XDP_REDIRECT, outcome)
+}
+
+/// Runs `vpnlb_decap` on `frame`: strips an outer IPIP / IPv6-in-IP / GUE header addressed to us.
+pub fn run_decap(maps: &mut MemMaps, frame: &[u8]) -> ModelResult {
+    let mut r = ModelResult::new(frame);
+    let (action, outcome) = decap(maps, frame, &mut r);
+    r.action = action;
+    r.outcome = outcome;
+    count(maps, outcome);
+    r
+}
+
+fn decap(maps: &MemMaps, f: &[u8], r: &mut ModelResult) -> (u32, u32) {
+    let pass = (XDP_PASS, DECAP_PASS);
+    let Ok((l2, et)) = parse_eth(f) else {
+        return pass;
+    };
+    let l3 = l2;
+    let avail = f.len() - l3;
+    let (ip_hdr, proto) = match et {
+        ETH_P_IPV4 => {
+            if avail < 20 || f[l3] != 0x45 {
+                return pass;
+            }
+            let frag = be16(f, l3 + 6);
+            if frag & 0x3fff != 0 {
+                return pass;
+            }
+            (20, f[l3 + 9])
+        }
+        ETH_P_IPV6 => {
+            if avail < 40 || f[l3] >> 4 != 6 {
+                return pass;
+            }
+            (40, f[l3 + 6])
+        }
+        _ => return pass,
+    };
+    let (overhead, want, outcome) = match proto {
+        4 => (ip_hdr, Some(4u8), DECAP_IPIP),
+        41 => (ip_hdr, Some(6u8), DECAP_IPIP),
+        17 => {
+            let port = maps.config.decap_gue_port;
+            if avail < ip_hdr + 8 || port == 0 || be16(f, l3 + ip_hdr + 2) != port {
+                return pass;
+            }
+            (ip_hdr + 8, None, DECAP_GUE)
+        }
+        _ => return pass,
+    };
+    let inner = l3 + overhead;
+    let Some(first) = f.get(inner) else {
+        return (XDP_PASS, DECAP_BAD_INNER);
+    };
+    let version = first >> 4;
+    let ok = match want {
+        Some(v) => version == v,
+        None => version == 4 || version == 6,
+    };
+    if !ok {
+        return (XDP_PASS, DECAP_BAD_INNER);
+    }
+    // bpf_xdp_adjust_head(+overhead) refuses to leave less than an Ethernet header.
+    if f.len() - overhead < ETH_HLEN {
+        return (XDP_DROP, DECAP_ADJUST_FAILED);
+    }
+    let mut out = Vec::with_capacity(f.len() - overhead);
+    out.extend_from_slice(&f[..l2]);
+    let et = if version == 4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
+    out[l2 - 2..l2].copy_from_slice(&et.to_be_bytes());
+    out.extend_from_slice(&f[inner..]);
+    r.frame = out;
+    (XDP_PASS, outcome)
+}
+
+#[cfg(test)]
+mod tests;
