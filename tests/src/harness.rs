@@ -595,14 +595,14 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// CLOCK_MONOTONIC now, in ns (the clock `bpf_ktime_get_ns` reads).
+/// CLOCK_MONOTONIC_COARSE now, in ns (the clock `bpf_ktime_get_coarse_ns` reads).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: ts is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -1,11 +1,12 @@
 //! Test support for vpnlb: packet builders and expected-output builders ([`packet`]), a tiny pcap
 //! reader/writer ([`pcap`]), network namespaces ([`netns`]), the `BPF_PROG_TEST_RUN` harness that drives the
 //! production XDP object ([`harness`]) and a bridged multi-namespace testbed with the program attached
-//! for real ([`testbed`]).
+//! for real ([`testbed`]), and the seeded packet mutator of the differential test ([`mutate`]).
 //!
 //! The harness needs root and the eBPF object; the builders and the pcap code are pure.
 
 pub mod harness;
+pub mod mutate;
 pub mod netns;
 pub mod packet;
 pub mod pcap;

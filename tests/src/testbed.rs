@@ -239,6 +239,7 @@ impl Testbed {
             idle_timeout_ns: 0,
             gue_port: 0,
             backends: backend_ids.clone(),
+            classes: Vec::new(),
         };
         dp.upsert_vip(vip.clone()).expect("vip");
         let prog: &mut Xdp = ebpf

@@ -106,6 +106,7 @@ fn vip_spec(
         idle_timeout_ns: 0,
         gue_port: GUE_PORT,
         backends: backends.to_vec(),
+        classes: Vec::new(),
     }
 }
 

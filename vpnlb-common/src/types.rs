@@ -30,6 +30,11 @@ pub const FWD_MODE_GUE: u32 = 2;
 
 /// `VipMeta::flags`: pick by source address only (IKE 500/4500 + ESP of one peer land together).
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+/// `VipMeta::flags`: the VIP has traffic classes: a new flow's ring is looked up in `CLASS_RINGS`
+/// by the packet's DSCP (set by the agent, never by hand).
+pub const VIP_F_CLASSES: u32 = 1 << 1;
+/// `CLASS_RINGS` entries per VIP: one per DSCP value.
+pub const DSCP_VALUES: u32 = 64;
 
 /// Backend states (`Backend::state`). 0 = unused slot.
 pub const BACKEND_UNUSED: u32 = 0;
@@ -123,7 +128,8 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 pub struct Session {
     pub backend_id: u32,
     pub _pad: u32,
-    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) of the last refresh, at most `SESSION_TOUCH_NS` stale.
+    /// CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns) of the last refresh, at most
+    /// `SESSION_TOUCH_NS` stale.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Session>() == 16);
@@ -167,6 +173,12 @@ pub struct FloodState {
 }
 const _: () = assert!(core::mem::size_of::<FloodState>() == 16);
 
+/// Index of a VIP's DSCP entry in `CLASS_RINGS` (value: class ring id + 1, 0 = the VIP's own ring).
+#[inline(always)]
+pub fn class_slot_index(vip_id: u32, dscp: u32) -> u32 {
+    vip_id * DSCP_VALUES + dscp
+}
+
 /// Index of a ring slot in the flat `RINGS` array.
 #[inline(always)]
 pub fn ring_slot_index(ring_id: u32, slot: u32) -> u32 {
@@ -185,8 +197,9 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const FLOOD: &str = "FLOOD";
+    pub const CLASS_RINGS: &str = "CLASS_RINGS";
     /// Every map the agent pins, in make-before-break creation order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONFIG,
         STATS,
         VIP_STATS,
@@ -195,6 +208,7 @@ pub mod map_names {
         TX_PORTS,
         BACKENDS,
         RINGS,
+        CLASS_RINGS,
         SESSIONS,
         VIPS,
     ];

@@ -37,7 +37,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, Stop> {
     let pkt = parse::parse(ctx)?;
     let key = flow::flow_key(&pkt);
     let vip = vip::lookup(&key)?;
-    let target = session::resolve(ctx, &key, vip)?;
+    let target = session::resolve(ctx, &key, vip, pkt.tos)?;
     forward::forward(ctx, &pkt, vip, &target)
 }
 

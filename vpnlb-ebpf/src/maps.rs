@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vpnlb_common::{
-    Backend, DEFAULT_MAX_SESSIONS, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS, MAX_VIPS,
+    Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS, MAX_VIPS,
     NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
 };
 
@@ -22,6 +22,11 @@ pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIPS as usize }> = HashMap::new(
 /// load time; a slot past the end reads as backend 0 (none).
 #[btf_map]
 pub static RINGS: Array<u32, { (MAX_VIPS * RING_SIZE_MAX) as usize }> = Array::new();
+
+/// (vip_id × 64 + DSCP) → class ring id + 1 (0 = the VIP's own ring); read only for VIPs with
+/// `VIP_F_CLASSES`.
+#[btf_map]
+pub static CLASS_RINGS: Array<u32, { (MAX_VIPS * DSCP_VALUES) as usize }> = Array::new();
 
 /// Backend id → backend (id 0 is never a valid backend).
 #[btf_map]

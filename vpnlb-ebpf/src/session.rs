@@ -1,7 +1,7 @@
 //! Stage 4: the session table (`SESSIONS`): keep a flow on its backend, re-pick it when the backend
 //! died or the session idled out, and record new picks behind the per-CPU insert flood guard.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use aya_log_ebpf::warn;
 use vpnlb_common::{
     BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FWD_MODE_L2DSR, FlowKey,
@@ -37,9 +37,11 @@ fn usable(id: u32) -> Option<&'static Backend> {
 
 /// Runs stage 4: session lookup, else Maglev pick and session insert.
 #[inline(always)]
-pub fn resolve(ctx: &XdpContext, key: &FlowKey, vip: &VipMeta) -> Result<Target, Stop> {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+pub fn resolve(ctx: &XdpContext, key: &FlowKey, vip: &VipMeta, tos: u8) -> Result<Target, Stop> {
+    // CLOCK_MONOTONIC_COARSE (jiffy resolution): enough for a 1 s touch and idle timeouts, and
+    // about half the cost of bpf_ktime_get_ns on hosts where reading the TSC traps (VMs).
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions (kernel >= 5.11).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let hit = lookup(key, vip, now);
     // One hash site for both users (the pick, and the encapsulation's RSS fields): an L2 DSR
     // session hit, the hot path, never computes it.
@@ -55,7 +57,7 @@ pub fn resolve(ctx: &XdpContext, key: &FlowKey, vip: &VipMeta) -> Result<Target,
             hash,
         });
     }
-    let id = maglev::pick(vip, hash)?;
+    let id = maglev::pick(vip, hash, tos)?;
     let backend = usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?;
     record(ctx, key, id, now);
     Ok(Target { id, backend, hash })

@@ -12,9 +12,9 @@ use std::net::IpAddr;
 
 use vpnlb_common::maglev::{self, MaglevBackend, MaglevError, SlotChange};
 use vpnlb_common::{
-    BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, FAMILY_V4, FAMILY_V6, FWD_MODE_GUE,
+    BACKEND_DOWN, DSCP_VALUES, BACKEND_DRAINING, BACKEND_UP, Backend, FAMILY_V4, FAMILY_V6, FWD_MODE_GUE,
     FWD_MODE_IPIP, FWD_MODE_L2DSR, GlobalConfig, MAX_BACKENDS, MAX_VIPS, PROTO_ESP, PROTO_TCP,
-    PROTO_UDP, RING_SIZE_MAX, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta, addr_words, words_addr,
+    PROTO_UDP, RING_SIZE_MAX, VIP_F_CLASSES, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta, addr_words, words_addr,
 };
 
 use crate::maps::{MapError, MapWriter};
@@ -91,6 +91,8 @@ pub enum DataplaneError {
     },
     #[error("unknown vip {vip}")]
     UnknownVip { vip: String },
+    #[error("vip {vip}: bad traffic class: {reason}")]
+    BadClass { vip: String, reason: String },
     #[error("maglev table for ring {ring_id}")]
     Maglev {
         ring_id: u32,
@@ -165,6 +167,20 @@ pub struct VipSpec {
     pub gue_port: u16,
     /// Backend ids; the `BACKEND_UP` ones form the ring.
     pub backends: Vec<u32>,
+    /// Traffic classes: packets of a new flow whose DSCP is listed use the class's own ring (same
+    /// `ring_size`). Non-empty sets `VIP_F_CLASSES` in the VIP entry.
+    pub classes: Vec<ClassSpec>,
+}
+
+/// A traffic class of a VIP: its DSCP values and its own ring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClassSpec {
+    /// DSCP values (0..64) this class matches.
+    pub dscp: Vec<u8>,
+    /// Row of `RINGS` of this class (distinct from the VIP's).
+    pub ring_id: u32,
+    /// Backend ids; the `BACKEND_UP` ones form the class's ring.
+    pub backends: Vec<u32>,
 }
 
 impl VipSpec {
@@ -174,7 +190,11 @@ impl VipSpec {
             vip_id: self.vip_id,
             ring_id: self.ring_id,
             ring_size: self.ring_size,
-            flags: self.flags,
+            flags: if self.classes.is_empty() {
+                self.flags
+            } else {
+                self.flags | VIP_F_CLASSES
+            },
             fwd_mode: self.fwd_mode,
             mtu: self.mtu,
             idle_timeout_ns: self.idle_timeout_ns,
@@ -183,8 +203,47 @@ impl VipSpec {
         }
     }
 
-    fn member_set(&self) -> BTreeSet<u32> {
-        self.backends.iter().copied().collect()
+    /// Every ring of this VIP: (ring id, size, members), its own first, then its classes'.
+    pub fn rings(&self) -> Vec<(u32, u32, &[u32])> {
+        std::iter::once((self.ring_id, self.ring_size, self.backends.as_slice()))
+            .chain(self.classes.iter().map(|c| (c.ring_id, self.ring_size, c.backends.as_slice())))
+            .collect()
+    }
+
+    /// Whether any ring of this VIP lists backend `id`.
+    pub fn lists(&self, id: u32) -> bool {
+        self.backends.contains(&id) || self.classes.iter().any(|c| c.backends.contains(&id))
+    }
+
+    /// DSCP -> class ring id + 1 (the `CLASS_RINGS` values of this VIP).
+    fn class_map(&self) -> BTreeMap<u8, u32> {
+        self.classes
+            .iter()
+            .flat_map(|c| c.dscp.iter().map(move |d| (*d, c.ring_id + 1)))
+            .collect()
+    }
+}
+
+/// `CLASS_RINGS` writes taking `old` to `new` (either may be absent): (vip_id, dscp, value) to set
+/// before the VIP entry, and (vip_id, dscp) to clear after it.
+fn plan_classes(plan: &mut Plan, old: Option<&VipSpec>, new: Option<&VipSpec>) {
+    let old_map = old.map(VipSpec::class_map).unwrap_or_default();
+    let new_map = new.map(VipSpec::class_map).unwrap_or_default();
+    let old_id = old.map(|o| o.vip_id);
+    let new_id = new.map(|n| n.vip_id);
+    if let Some(vid) = new_id {
+        for (dscp, val) in &new_map {
+            if old_id != Some(vid) || old_map.get(dscp) != Some(val) {
+                plan.class_set.push((vid, *dscp, *val));
+            }
+        }
+    }
+    if let Some(vid) = old_id {
+        for dscp in old_map.keys() {
+            if old_id != new_id || !new_map.contains_key(dscp) {
+                plan.class_clear.push((vid, *dscp));
+            }
+        }
     }
 }
 
@@ -204,8 +263,12 @@ struct Plan {
     backend_set: Vec<(u32, Backend)>,
     /// ring_id -> (new table, delta against the installed one).
     ring_set: BTreeMap<u32, (Vec<u32>, Vec<SlotChange>)>,
+    /// `CLASS_RINGS` entries to point at class rings (after the rings, before the VIP entries).
+    class_set: Vec<(u32, u8, u32)>,
     vip_set: Vec<(VipKey, VipMeta)>,
     vip_remove: Vec<VipKey>,
+    /// `CLASS_RINGS` entries to zero (after the VIP entries, before the rings are released).
+    class_clear: Vec<(u32, u8)>,
     /// ring_id -> slots to zero; `true` when the ring is dropped entirely.
     ring_clear: BTreeMap<u32, (Vec<SlotChange>, bool)>,
     backend_clear: Vec<u32>,
@@ -292,7 +355,7 @@ impl<W: MapWriter> Dataplane<W> {
         let mut backends = self.backends.clone();
         backends.insert(spec.id, spec.clone());
         // Address collisions inside any VIP that lists this backend.
-        for v in self.vips.values().filter(|v| v.backends.contains(&spec.id)) {
+        for v in self.vips.values().filter(|v| v.lists(spec.id)) {
             check_addresses(v, &backends)?;
         }
         let mut plan = Plan::default();
@@ -305,9 +368,7 @@ impl<W: MapWriter> Dataplane<W> {
             None => true,
         };
         if ring_relevant {
-            self.plan_rings_of(&mut plan, &backends, &self.vips, |v| {
-                v.backends.contains(&spec.id)
-            })?;
+            self.plan_rings_of(&mut plan, &backends, &self.vips, |v| v.lists(spec.id))?;
         }
         self.plan_tx_ports(&mut plan, &backends);
         self.apply(plan, backends, self.vips.clone())
@@ -336,7 +397,7 @@ impl<W: MapWriter> Dataplane<W> {
         if !self.backends.contains_key(&id) {
             return Err(DataplaneError::UnknownBackend { id });
         }
-        if let Some(v) = self.vips.values().find(|v| v.backends.contains(&id)) {
+        if let Some(v) = self.vips.values().find(|v| v.lists(id)) {
             return Err(DataplaneError::BackendInUse {
                 id,
                 vip: vip_label(&v.key),
@@ -375,16 +436,24 @@ impl<W: MapWriter> Dataplane<W> {
         }
         check_ring_sharing(&vips)?;
         let mut plan = Plan::default();
-        let touched: BTreeSet<u32> = specs.iter().map(|s| s.ring_id).collect();
+        let touched: BTreeSet<u32> = specs
+            .iter()
+            .flat_map(|s| s.rings().into_iter().map(|r| r.0))
+            .collect();
         self.plan_rings_of(&mut plan, &self.backends, &vips, |v| {
-            touched.contains(&v.ring_id)
+            v.rings().iter().any(|r| touched.contains(&r.0))
         })?;
         for (spec, old) in specs.iter().zip(&olds) {
+            plan_classes(&mut plan, old.as_ref(), Some(spec));
             if old.as_ref().map(VipSpec::meta) != Some(spec.meta()) {
                 plan.vip_set.push((spec.key, spec.meta()));
             }
         }
-        let released: BTreeSet<u32> = olds.iter().flatten().map(|o| o.ring_id).collect();
+        let released: BTreeSet<u32> = olds
+            .iter()
+            .flatten()
+            .flat_map(|o| o.rings().into_iter().map(|r| r.0))
+            .collect();
         for ring_id in released {
             self.plan_ring_release(&mut plan, ring_id, &vips);
         }
@@ -399,7 +468,10 @@ impl<W: MapWriter> Dataplane<W> {
         })?;
         let mut plan = Plan::default();
         plan.vip_remove.push(*key);
-        self.plan_ring_release(&mut plan, old.ring_id, &vips);
+        plan_classes(&mut plan, Some(&old), None);
+        for (ring_id, _, _) in old.rings() {
+            self.plan_ring_release(&mut plan, ring_id, &vips);
+        }
         self.apply(plan, self.backends.clone(), vips)
     }
 
@@ -469,6 +541,45 @@ impl<W: MapWriter> Dataplane<W> {
                 });
             }
         }
+        let mut seen_dscp = BTreeSet::new();
+        let mut seen_rings = BTreeSet::from([spec.ring_id]);
+        for c in &spec.classes {
+            if c.ring_id >= self.ring_rows {
+                return Err(DataplaneError::BadRingId {
+                    vip: vip(),
+                    ring_id: c.ring_id,
+                    rows: self.ring_rows,
+                });
+            }
+            if !seen_rings.insert(c.ring_id) {
+                return Err(DataplaneError::BadClass {
+                    vip: vip(),
+                    reason: format!("ring {} used twice", c.ring_id),
+                });
+            }
+            if c.dscp.is_empty() {
+                return Err(DataplaneError::BadClass {
+                    vip: vip(),
+                    reason: format!("class on ring {} matches no DSCP", c.ring_id),
+                });
+            }
+            for d in &c.dscp {
+                if u32::from(*d) >= DSCP_VALUES || !seen_dscp.insert(*d) {
+                    return Err(DataplaneError::BadClass {
+                        vip: vip(),
+                        reason: format!("dscp {d} out of range or in two classes"),
+                    });
+                }
+            }
+            for (i, id) in c.backends.iter().enumerate() {
+                if !self.backends.contains_key(id) {
+                    return Err(DataplaneError::VipUnknownBackend { vip: vip(), id: *id });
+                }
+                if c.backends[..i].contains(id) {
+                    return Err(DataplaneError::DuplicateBackend { vip: vip(), id: *id });
+                }
+            }
+        }
         check_addresses(spec, &self.backends)?;
         Ok(())
     }
@@ -483,9 +594,9 @@ impl<W: MapWriter> Dataplane<W> {
     ) -> Result<(), DataplaneError> {
         let mut rings: BTreeMap<u32, (u32, Vec<u32>)> = BTreeMap::new();
         for v in vips.values().filter(|v| which(v)) {
-            rings
-                .entry(v.ring_id)
-                .or_insert((v.ring_size, v.backends.clone()));
+            for (ring_id, size, members) in v.rings() {
+                rings.entry(ring_id).or_insert((size, members.to_vec()));
+            }
         }
         self.plan_rings(plan, backends, rings)
     }
@@ -527,7 +638,7 @@ impl<W: MapWriter> Dataplane<W> {
         };
         let new_size = vips
             .values()
-            .find(|v| v.ring_id == ring_id)
+            .find(|v| v.rings().iter().any(|r| r.0 == ring_id))
             .map(|v| v.ring_size as usize);
         let from = new_size.unwrap_or(0);
         let zero: Vec<SlotChange> = installed
@@ -596,6 +707,11 @@ impl<W: MapWriter> Dataplane<W> {
             .collect();
         plan.backend_set = backends.values().map(|b| (b.id, b.to_backend())).collect();
         plan.vip_set = vips.values().map(|v| (v.key, v.meta())).collect();
+        for v in vips.values() {
+            for (dscp, val) in v.class_map() {
+                plan.class_set.push((v.vip_id, dscp, val));
+            }
+        }
         Ok(())
     }
 
@@ -627,13 +743,21 @@ impl<W: MapWriter> Dataplane<W> {
             r.ring_slots_written += delta.len();
             self.rings.insert(ring_id, table);
         }
+        for (vip_id, dscp, val) in &plan.class_set {
+            w.set_class_ring(*vip_id, *dscp, *val)?;
+            r.maps_written += 1;
+        }
         for (key, meta) in &plan.vip_set {
             w.set_vip(key, meta)?;
             r.maps_written += 1;
         }
-        // Break: VIP entries, ring slots, backends, egress ports.
+        // Break: VIP entries, class entries, ring slots, backends, egress ports.
         for key in &plan.vip_remove {
             w.remove_vip(key)?;
+            r.maps_written += 1;
+        }
+        for (vip_id, dscp) in &plan.class_clear {
+            w.set_class_ring(*vip_id, *dscp, 0)?;
             r.maps_written += 1;
         }
         for (ring_id, (zero, drop)) in plan.ring_clear {
@@ -654,7 +778,7 @@ impl<W: MapWriter> Dataplane<W> {
                 // The slots zeroed are past the new size; keep the table at that size.
                 let size = vips
                     .values()
-                    .find(|v| v.ring_id == ring_id)
+                    .find(|v| v.rings().iter().any(|r| r.0 == ring_id))
                     .map_or(t.len(), |v| v.ring_size as usize);
                 t.truncate(size);
             }
@@ -690,8 +814,19 @@ fn check_addresses(
     v: &VipSpec,
     backends: &BTreeMap<u32, BackendSpec>,
 ) -> Result<(), DataplaneError> {
+    for (_, _, members) in v.rings() {
+        check_ring_addresses(v, members, backends)?;
+    }
+    Ok(())
+}
+
+fn check_ring_addresses(
+    v: &VipSpec,
+    members: &[u32],
+    backends: &BTreeMap<u32, BackendSpec>,
+) -> Result<(), DataplaneError> {
     let mut seen: HashMap<IpAddr, u32> = HashMap::new();
-    for id in &v.backends {
+    for id in members {
         if let Some(b) = backends.get(id)
             && let Some(first) = seen.insert(b.addr, *id)
         {
@@ -706,25 +841,27 @@ fn check_addresses(
     Ok(())
 }
 
-/// VIP keys sharing a ring must list the same backends (as a set) with the same ring size.
+/// Rings shared by several VIP keys (or their classes) must list the same backends (as a set) with
+/// the same ring size.
 fn check_ring_sharing(vips: &HashMap<VipKey, VipSpec>) -> Result<(), DataplaneError> {
-    let mut by_ring: BTreeMap<u32, &VipSpec> = BTreeMap::new();
+    let mut by_ring: BTreeMap<u32, (&VipSpec, u32, BTreeSet<u32>)> = BTreeMap::new();
     for v in vips.values() {
-        match by_ring.get(&v.ring_id) {
-            Some(first)
-                if first.member_set() != v.member_set() || first.ring_size != v.ring_size =>
-            {
-                let (a, b) = (vip_label(&first.key), vip_label(&v.key));
-                let (vip, other) = if a <= b { (a, b) } else { (b, a) };
-                return Err(DataplaneError::RingConflict {
-                    vip,
-                    other,
-                    ring_id: v.ring_id,
-                });
-            }
-            Some(_) => {}
-            None => {
-                by_ring.insert(v.ring_id, v);
+        for (ring_id, size, members) in v.rings() {
+            let set: BTreeSet<u32> = members.iter().copied().collect();
+            match by_ring.get(&ring_id) {
+                Some((first, fsize, fset)) if *fset != set || *fsize != size => {
+                    let (a, b) = (vip_label(&first.key), vip_label(&v.key));
+                    let (vip, other) = if a <= b { (a, b) } else { (b, a) };
+                    return Err(DataplaneError::RingConflict {
+                        vip,
+                        other,
+                        ring_id,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    by_ring.insert(ring_id, (v, size, set));
+                }
             }
         }
     }

@@ -11,7 +11,8 @@ use aya::{Ebpf, EbpfLoader};
 use aya_obj::generated::bpf_map_type;
 use vpnlb_common::{
     ABI_VERSION, Backend, DEFAULT_MAX_SESSIONS, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS,
-    MAX_VIPS, NUM_COUNTERS, PIN_ROOT, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta, map_names,
+    DSCP_VALUES, MAX_VIPS, NUM_COUNTERS, PIN_ROOT, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
+    map_names,
 };
 
 /// Environment variable naming the eBPF object file to load.
@@ -235,7 +236,7 @@ const fn abi<K, V>(name: &'static str, min_entries: u32) -> MapAbi {
 
 /// The layout of every map in `map_names::ALL` (per-CPU maps: the size of one CPU's value).
 /// `TX_PORTS` values are the kernel's `struct bpf_devmap_val` (ifindex + program fd/id).
-pub const MAP_ABI: [MapAbi; 10] = [
+pub const MAP_ABI: [MapAbi; 11] = [
     abi::<u32, GlobalConfig>(map_names::CONFIG, 1),
     abi::<u32, u64>(map_names::STATS, NUM_COUNTERS),
     abi::<u32, PktBytes>(map_names::VIP_STATS, MAX_VIPS),
@@ -244,6 +245,7 @@ pub const MAP_ABI: [MapAbi; 10] = [
     abi::<u32, [u32; 2]>(map_names::TX_PORTS, 1),
     abi::<u32, Backend>(map_names::BACKENDS, MAX_BACKENDS),
     abi::<u32, u32>(map_names::RINGS, RING_SIZE_MAX),
+    abi::<u32, u32>(map_names::CLASS_RINGS, MAX_VIPS * DSCP_VALUES),
     abi::<FlowKey, Session>(map_names::SESSIONS, 1),
     abi::<VipKey, VipMeta>(map_names::VIPS, 1),
 ];

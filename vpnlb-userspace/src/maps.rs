@@ -14,7 +14,8 @@ use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray};
 use vpnlb_common::maglev::SlotChange;
 use vpnlb_common::{
     BACKEND_UNUSED, Backend, DEFAULT_MAX_SESSIONS, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS,
-    MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta, map_names,
+    DSCP_VALUES, MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VIP_F_CLASSES, VipKey,
+    VipMeta, class_slot_index, map_names,
 };
 
 /// aya's own map error (the source of most of ours).
@@ -73,6 +74,8 @@ pub trait MapWriter {
     fn remove_tx_port(&mut self, ifindex: u32) -> Result<(), MapError>;
     fn set_session(&mut self, key: &FlowKey, s: &Session) -> Result<(), MapError>;
     fn remove_session(&mut self, key: &FlowKey) -> Result<(), MapError>;
+    /// `CLASS_RINGS[vip_id * 64 + dscp] = ring_plus1` (class ring id + 1; 0 = the VIP's ring).
+    fn set_class_ring(&mut self, vip_id: u32, dscp: u8, ring_plus1: u32) -> Result<(), MapError>;
 }
 
 /// Reads every map (the CLI, tests, and [`MemMaps::snapshot`]).
@@ -95,6 +98,8 @@ pub trait MapReader {
     fn vip_stats(&self, vip_id: u32) -> Result<PktBytes, MapError>;
     /// Summed over CPUs.
     fn backend_stats(&self, id: u32) -> Result<PktBytes, MapError>;
+    /// `CLASS_RINGS[vip_id * 64 + dscp]`: class ring id + 1, or 0.
+    fn class_ring(&self, vip_id: u32, dscp: u8) -> Result<u32, MapError>;
     /// How many ring rows `RINGS` holds (its max_entries / `RING_SIZE_MAX`).
     fn ring_rows(&self) -> Result<u32, MapError> {
         Ok(MAX_VIPS)
@@ -170,6 +175,7 @@ pub struct AyaMaps {
     vips: AyaHashMap<MapData, VipKey, VipMeta>,
     backends: Array<MapData, Backend>,
     rings: Array<MapData, u32>,
+    class_rings: Array<MapData, u32>,
     sessions: AyaHashMap<MapData, FlowKey, Session>,
     tx_ports: TxPorts,
     stats: PerCpuArray<MapData, u64>,
@@ -223,6 +229,7 @@ impl AyaMaps {
             vips: typed(VIPS, take(VIPS)?)?,
             backends: typed(BACKENDS, take(BACKENDS)?)?,
             rings: typed(RINGS, take(RINGS)?)?,
+            class_rings: typed(CLASS_RINGS, take(CLASS_RINGS)?)?,
             sessions: typed(SESSIONS, take(SESSIONS)?)?,
             tx_ports,
             stats: typed(STATS, take(STATS)?)?,
@@ -319,6 +326,17 @@ impl AyaMaps {
 }
 
 impl MapWriter for AyaMaps {
+    fn set_class_ring(&mut self, vip_id: u32, dscp: u8, ring_plus1: u32) -> Result<(), MapError> {
+        check_id("vip id", vip_id, MAX_VIPS)?;
+        check_id("dscp", dscp.into(), DSCP_VALUES)?;
+        let idx = class_slot_index(vip_id, dscp.into());
+        self.class_rings.set(idx, ring_plus1, 0).map_err(|source| MapError::Op {
+            map: map_names::CLASS_RINGS,
+            op: "update",
+            source,
+        })
+    }
+
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<(), MapError> {
         self.config.set(0, cfg, 0).map_err(|source| MapError::Op {
             map: map_names::CONFIG,
@@ -443,6 +461,18 @@ impl MapWriter for AyaMaps {
 }
 
 impl MapReader for AyaMaps {
+    fn class_ring(&self, vip_id: u32, dscp: u8) -> Result<u32, MapError> {
+        check_id("vip id", vip_id, MAX_VIPS)?;
+        check_id("dscp", dscp.into(), DSCP_VALUES)?;
+        self.class_rings
+            .get(&class_slot_index(vip_id, dscp.into()), 0)
+            .map_err(|source| MapError::Op {
+                map: map_names::CLASS_RINGS,
+                op: "lookup",
+                source,
+            })
+    }
+
     fn config(&self) -> Result<GlobalConfig, MapError> {
         self.config.get(&0, 0).map_err(|source| MapError::Op {
             map: map_names::CONFIG,
@@ -637,6 +667,8 @@ pub struct MemMaps {
     pub backends: Vec<Backend>,
     /// ring_id -> `RING_SIZE_MAX` slots; rows exist once written (absent rows read as 0).
     pub rings: HashMap<u32, Vec<u32>>,
+    /// `CLASS_RINGS` index (vip_id * 64 + dscp) -> class ring id + 1; absent = 0.
+    pub class_rings: HashMap<u32, u32>,
     pub sessions: HashMap<FlowKey, Session>,
     pub tx_ports: HashSet<u32>,
     /// `NUM_COUNTERS` entries (the model runs on one CPU).
@@ -660,6 +692,7 @@ impl MemMaps {
             vips: HashMap::new(),
             backends: vec![Backend::default(); MAX_BACKENDS as usize],
             rings: HashMap::new(),
+            class_rings: HashMap::new(),
             sessions: HashMap::new(),
             tx_ports: HashSet::new(),
             counters: vec![0; NUM_COUNTERS as usize],
@@ -679,16 +712,28 @@ impl MemMaps {
         m.config = reader.config()?;
         for (k, v) in reader.vips()? {
             m.vips.insert(k, v);
-            if v.ring_size == 0 || v.ring_id >= m.env.ring_rows || m.rings.contains_key(&v.ring_id)
-            {
-                continue;
-            }
-            let slots = reader.ring(v.ring_id, v.ring_size.min(RING_SIZE_MAX))?;
-            let mut row = vec![0u32; RING_SIZE_MAX as usize];
-            row[..slots.len()].copy_from_slice(&slots);
-            m.rings.insert(v.ring_id, row);
             if v.vip_id < MAX_VIPS {
                 m.vip_stats.insert(v.vip_id, reader.vip_stats(v.vip_id)?);
+            }
+            // The VIP's ring and, with classes, every class ring it points at.
+            let mut ring_ids = vec![v.ring_id];
+            if v.flags & VIP_F_CLASSES != 0 && v.vip_id < MAX_VIPS {
+                for dscp in 0..DSCP_VALUES as u8 {
+                    let r = reader.class_ring(v.vip_id, dscp)?;
+                    if r != 0 {
+                        m.class_rings.insert(class_slot_index(v.vip_id, dscp.into()), r);
+                        ring_ids.push(r - 1);
+                    }
+                }
+            }
+            for ring_id in ring_ids {
+                if v.ring_size == 0 || ring_id >= m.env.ring_rows || m.rings.contains_key(&ring_id) {
+                    continue;
+                }
+                let slots = reader.ring(ring_id, v.ring_size.min(RING_SIZE_MAX))?;
+                let mut row = vec![0u32; RING_SIZE_MAX as usize];
+                row[..slots.len()].copy_from_slice(&slots);
+                m.rings.insert(ring_id, row);
             }
         }
         for (id, b) in reader.backends()? {
@@ -739,6 +784,18 @@ impl MemMaps {
 }
 
 impl MapWriter for MemMaps {
+    fn set_class_ring(&mut self, vip_id: u32, dscp: u8, ring_plus1: u32) -> Result<(), MapError> {
+        check_id("vip id", vip_id, MAX_VIPS)?;
+        check_id("dscp", dscp.into(), DSCP_VALUES)?;
+        let idx = class_slot_index(vip_id, dscp.into());
+        if ring_plus1 == 0 {
+            self.class_rings.remove(&idx);
+        } else {
+            self.class_rings.insert(idx, ring_plus1);
+        }
+        Ok(())
+    }
+
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<(), MapError> {
         self.config = *cfg;
         Ok(())
@@ -803,6 +860,12 @@ impl MapWriter for MemMaps {
 }
 
 impl MapReader for MemMaps {
+    fn class_ring(&self, vip_id: u32, dscp: u8) -> Result<u32, MapError> {
+        check_id("vip id", vip_id, MAX_VIPS)?;
+        check_id("dscp", dscp.into(), DSCP_VALUES)?;
+        Ok(self.class_rings.get(&class_slot_index(vip_id, dscp.into())).copied().unwrap_or(0))
+    }
+
     fn config(&self) -> Result<GlobalConfig, MapError> {
         Ok(self.config)
     }

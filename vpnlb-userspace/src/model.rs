@@ -8,7 +8,10 @@
 //! Where the spec leaves room, this model reads it as follows (also in the crate report):
 //! - `now − last_seen_ns` and the flood window's `now − window_start_ns` are wrapping u64
 //!   subtractions, as plain unsigned arithmetic in the program.
-//! - A VIP `fwd_mode` other than IPIP or GUE forwards as L2 DSR.
+//! - A VIP `fwd_mode` other than L2 DSR, IPIP or GUE is `XDP_DROP` with `DROP_BACKEND_BAD`, decided
+//!   in stage 5, i.e. after the session stage (the session is looked up, picked and recorded first).
+//! - A session whose backend is both unusable and idle counts `SESSION_REPICK_DOWN` (usability is
+//!   checked first); a cleared backend slot (state `BACKEND_UNUSED`) is not usable.
 //! - On `DROP_REDIRECT_FAILED` the frame is returned as rewritten (MACs/encapsulation applied):
 //!   the redirect is the last step. Other drops and every PASS return the input unchanged.
 //! - The outer IPv4 total length / IPv6 payload length / GUE length are truncated to 16 bits.
@@ -37,7 +40,7 @@ const IPV6_EXT_HDRS: [u8; 7] = [0, 43, 60, 135, 139, 140, 253];
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ModelCtx {
     pub ingress_ifindex: u32,
-    /// `bpf_ktime_get_ns()`.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE).
     pub now_ns: u64,
 }
 
@@ -356,7 +359,19 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
             if vip.ring_size == 0 {
                 return (XDP_DROP, DROP_NO_BACKEND);
             }
-            let id = maps.ring_lookup(vip.ring_id, hash % vip.ring_size);
+            // A VIP with traffic classes picks from the ring its DSCP maps to (CLASS_RINGS holds
+            // ring id + 1; 0 or absent = the VIP's own ring).
+            let mut ring_id = vip.ring_id;
+            if vip.flags & VIP_F_CLASSES != 0 {
+                let idx = class_slot_index(vip.vip_id, u32::from(p.tos >> 2));
+                if let Some(r) = maps.class_rings.get(&idx).copied()
+                    && r != 0
+                    && vip.vip_id < MAX_VIPS
+                {
+                    ring_id = r - 1;
+                }
+            }
+            let id = maps.ring_lookup(ring_id, hash % vip.ring_size);
             if id == 0 {
                 return (XDP_DROP, DROP_NO_BACKEND);
             }
@@ -488,11 +503,13 @@ fn forward(
             r.frame = out;
             if gue { FWD_GUE } else { FWD_IPIP }
         }
-        _ => {
+        FWD_MODE_L2DSR => {
             r.frame[0..6].copy_from_slice(&b.mac);
             r.frame[6..12].copy_from_slice(&b.src_mac);
             FWD_L2DSR_TX
         }
+        // An unknown mode: the backend cannot be reached the way the VIP asks.
+        _ => return (XDP_DROP, DROP_BACKEND_BAD),
     };
     // Egress.
     if b.ifindex == 0 || b.ifindex == ctx.ingress_ifindex {

@@ -117,6 +117,7 @@ fn vip(port: u16, ring_id: u32, backends: Vec<u32>) -> VipSpec {
         idle_timeout_ns: 120_000_000_000,
         gue_port: DEFAULT_GUE_PORT,
         backends,
+        classes: Vec::new(),
     }
 }
 

@@ -76,6 +76,10 @@ impl MapWriter for Rec {
     fn remove_session(&mut self, key: &FlowKey) -> Result<(), MapError> {
         self.maps.remove_session(key)
     }
+    fn set_class_ring(&mut self, vip_id: u32, dscp: u8, ring_plus1: u32) -> Result<(), MapError> {
+        self.step(format!("class {vip_id}/{dscp}={ring_plus1}"))?;
+        self.maps.set_class_ring(vip_id, dscp, ring_plus1)
+    }
 }
 
 fn gw(id: u32, last: u8) -> BackendSpec {
@@ -102,6 +106,7 @@ fn vip(port: u16, ring_id: u32, backends: Vec<u32>) -> VipSpec {
         idle_timeout_ns: 0,
         gue_port: 0,
         backends,
+        classes: Vec::new(),
     }
 }
 

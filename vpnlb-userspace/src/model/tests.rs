@@ -146,6 +146,7 @@ fn vip4(port: u16, fwd_mode: u32, backends: Vec<u32>) -> VipSpec {
         idle_timeout_ns: 0,
         gue_port: DEFAULT_GUE_PORT,
         backends,
+        classes: Vec::new(),
     }
 }
 
@@ -515,6 +516,27 @@ fn every_drop_reason_is_reachable() {
         .for_each(|v| v.fwd_mode = FWD_MODE_L2DSR);
     assert_eq!(run(&mut m, &f).outcome, FWD_L2DSR_TX);
 
+    // An unknown forwarding mode drops after the session stage: the session is still recorded.
+    let mut m = setup(FWD_MODE_L2DSR, "10.1.0.1", 0);
+    m.vips.values_mut().for_each(|v| v.fwd_mode = 7);
+    let r = run(&mut m, &f);
+    assert_eq!(
+        (r.action, r.outcome, r.events.clone(), r.backend_id),
+        (
+            XDP_DROP,
+            DROP_BACKEND_BAD,
+            vec![SESSION_MISS, SESSION_INSERT],
+            Some(1)
+        )
+    );
+    assert_eq!(m.sessions.len(), 1, "recorded before stage 5 dropped it");
+    let r = run(&mut m, &f);
+    assert_eq!(
+        (r.outcome, r.events.clone()),
+        (DROP_BACKEND_BAD, vec![SESSION_HIT])
+    );
+    assert!(m.vip_stats.is_empty() && m.backend_stats.is_empty());
+
     // MTU: outer_len = inner + 20 (IPIP over IPv4).
     let mut m = setup(FWD_MODE_IPIP, "10.1.0.1", 0);
     let inner = (f.len() - 14) as u32;
@@ -833,6 +855,45 @@ fn session_idle_timeout_repicks() {
         run_ingress(&mut m, &f, &at(62 * NS_PER_SEC)).events[0],
         SESSION_REPICK_DOWN
     );
+}
+
+#[test]
+fn down_and_idle_counts_repick_down_and_cleared_backends_are_unusable() {
+    let mut m = setup(FWD_MODE_L2DSR, "10.1.0.1", 0);
+    m.vips
+        .values_mut()
+        .for_each(|v| v.idle_timeout_ns = 30 * NS_PER_SEC);
+    let f = v4_udp(1000, 51820);
+    let at = |t: u64| ModelCtx {
+        ingress_ifindex: 2,
+        now_ns: t,
+    };
+    run_ingress(&mut m, &f, &at(NS_PER_SEC));
+    // Both idle (100 s) and down: usability is checked first.
+    m.backends[1].state = BACKEND_DOWN;
+    let r = run_ingress(&mut m, &f, &at(101 * NS_PER_SEC));
+    assert_eq!(
+        (r.outcome, r.events.clone()),
+        (DROP_BACKEND_DOWN, vec![SESSION_REPICK_DOWN])
+    );
+    // A cleared slot (state BACKEND_UNUSED) that the ring still names: not usable.
+    m.backends[1] = Backend::default();
+    m.sessions.clear();
+    let r = run_ingress(&mut m, &f, &at(102 * NS_PER_SEC));
+    assert_eq!(
+        (r.action, r.outcome, r.events.clone()),
+        (XDP_DROP, DROP_BACKEND_DOWN, vec![SESSION_MISS])
+    );
+    // A last_seen in the future is idle for a wrapped, huge time.
+    m.backends[1].state = BACKEND_UP;
+    m.backends[1].family = FAMILY_V4;
+    let r = run_ingress(&mut m, &f, &at(103 * NS_PER_SEC));
+    assert_eq!(r.events, vec![SESSION_MISS, SESSION_INSERT]);
+    m.sessions
+        .values_mut()
+        .for_each(|s| s.last_seen_ns = u64::MAX);
+    let r = run_ingress(&mut m, &f, &at(104 * NS_PER_SEC));
+    assert_eq!(r.events, vec![SESSION_REPICK_IDLE, SESSION_INSERT]);
 }
 
 #[test]

@@ -1,0 +1,291 @@
+//! Prometheus metrics (text exposition, default http://127.0.0.1:9100/metrics). Data-plane numbers
+//! are read from the pinned per-CPU maps at scrape time (summed over CPUs); health, pools and hook
+//! outcomes come from the agent's [`View`]; map write latency is a histogram the event loop feeds.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use vpnlb_common::COUNTER_NAMES;
+
+use crate::hooks::HookStats;
+use crate::maps::MapReader;
+use crate::reconcile::PoolChoice;
+use crate::state::{BackendHealth, BackendState};
+
+/// What the agent knows that the maps do not; replaced by the event loop after each change.
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    pub backends: Vec<BackendHealth>,
+    /// (vip name, vip_id)
+    pub vips: Vec<(String, u32)>,
+    pub pools: Vec<PoolChoice>,
+}
+
+type Labels = Vec<(String, String)>;
+
+fn l(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Sessions are counted by walking the LRU, so at most this often.
+const SESSION_COUNT_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct DataplaneCollector<R: MapReader + std::fmt::Debug + Send + 'static> {
+    maps: Mutex<R>,
+    view: Arc<Mutex<View>>,
+    hooks: Arc<HookStats>,
+    sessions: Mutex<Option<(Instant, u64)>>,
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, u64)]) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Copy>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, N)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+const STATES: [BackendState; 5] =
+    [BackendState::Unknown, BackendState::Up, BackendState::Down, BackendState::Draining, BackendState::Disabled];
+
+impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCollector<R> {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let view = self.view.lock().map_err(|_| std::fmt::Error)?.clone();
+        let maps = self.maps.lock().map_err(|_| std::fmt::Error)?;
+        // A failed map read leaves the data-plane families out of this scrape (and is logged)
+        // rather than reporting zeros.
+        match maps.counters() {
+            Ok(c) => {
+                let rows: Vec<(Labels, u64)> =
+                    COUNTER_NAMES.iter().zip(&c).map(|(n, v)| (l(&[("counter", n)]), *v)).collect();
+                counter(&mut enc, "vpnlb_datapath", "XDP outcome and session counters (docs/datapath.md)", &rows)?;
+            }
+            Err(e) => tracing::warn!(error = %e, "metrics: reading STATS failed"),
+        }
+        let mut pk = Vec::new();
+        let mut by = Vec::new();
+        for (name, id) in &view.vips {
+            if let Ok(s) = maps.vip_stats(*id) {
+                pk.push((l(&[("vip", name)]), s.packets));
+                by.push((l(&[("vip", name)]), s.bytes));
+            }
+        }
+        counter(&mut enc, "vpnlb_vip_packets", "Packets forwarded per VIP", &pk)?;
+        counter(&mut enc, "vpnlb_vip_bytes", "Bytes forwarded per VIP (frames as received)", &by)?;
+        let (mut pk, mut by) = (Vec::new(), Vec::new());
+        for b in &view.backends {
+            if let Ok(s) = maps.backend_stats(b.id) {
+                pk.push((l(&[("backend", &b.name)]), s.packets));
+                by.push((l(&[("backend", &b.name)]), s.bytes));
+            }
+        }
+        counter(&mut enc, "vpnlb_backend_packets", "Packets forwarded per backend", &pk)?;
+        counter(&mut enc, "vpnlb_backend_bytes", "Bytes forwarded per backend", &by)?;
+        let mut cached = self.sessions.lock().map_err(|_| std::fmt::Error)?;
+        let fresh = cached.filter(|(at, _)| at.elapsed() < SESSION_COUNT_EVERY);
+        let sessions = match fresh {
+            Some((_, n)) => Some(n),
+            None => match maps.sessions() {
+                Ok(s) => {
+                    *cached = Some((Instant::now(), s.len() as u64));
+                    Some(s.len() as u64)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: reading SESSIONS failed");
+                    None
+                }
+            },
+        };
+        if let Some(n) = sessions {
+            let m = enc.encode_descriptor(
+                "vpnlb_sessions",
+                "Entries in the session table (refreshed every 10 s)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(n as i64).encode(m)?;
+        }
+        drop(maps);
+
+        let mut st = Vec::new();
+        let mut tr = Vec::new();
+        let mut lat = Vec::new();
+        let mut res = Vec::new();
+        for b in &view.backends {
+            for s in STATES {
+                st.push((l(&[("backend", &b.name), ("state", s.as_str())]), i64::from(b.state == s)));
+            }
+            tr.push((l(&[("backend", &b.name)]), b.transitions));
+            for c in &b.checks {
+                if let Some(ms) = c.last_latency_ms {
+                    lat.push((l(&[("backend", &b.name), ("check", &c.label)]), ms / 1e3));
+                }
+                res.push((l(&[("backend", &b.name), ("check", &c.label), ("result", "ok")]), c.results - c.failures));
+                res.push((l(&[("backend", &b.name), ("check", &c.label), ("result", "fail")]), c.failures));
+            }
+        }
+        gauge(&mut enc, "vpnlb_backend_state", "1 for the backend's current state", &st)?;
+        counter(&mut enc, "vpnlb_backend_transitions", "Backend state changes", &tr)?;
+        gauge(&mut enc, "vpnlb_check_latency_seconds", "Latency of the last successful probe", &lat)?;
+        counter(&mut enc, "vpnlb_check_results", "Health check results", &res)?;
+        let pools: Vec<(Labels, i64)> = view
+            .pools
+            .iter()
+            .map(|p| {
+                let class = p.class.clone().unwrap_or_default();
+                let pool = p.pool.clone().unwrap_or_else(|| "none".into());
+                (l(&[("vip", &p.vip), ("class", &class), ("pool", &pool)]), 1)
+            })
+            .collect();
+        gauge(&mut enc, "vpnlb_active_pool", "The pool serving each VIP (and class)", &pools)?;
+        let h = &self.hooks;
+        counter(
+            &mut enc,
+            "vpnlb_hooks",
+            "Hook runs by outcome",
+            &[
+                (l(&[("result", "ok")]), h.ok.load(Ordering::Relaxed)),
+                (l(&[("result", "failed")]), h.failed.load(Ordering::Relaxed)),
+                (l(&[("result", "timeout")]), h.timed_out.load(Ordering::Relaxed)),
+                (l(&[("result", "dropped")]), h.dropped.load(Ordering::Relaxed)),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// The registry plus the handles the event loop feeds.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    pub view: Arc<Mutex<View>>,
+    /// Seconds from an event (check result, admin command, reload) to its map writes completing.
+    pub map_write: Histogram,
+}
+
+impl Metrics {
+    pub fn new<R: MapReader + std::fmt::Debug + Send + 'static>(maps: R, hooks: Arc<HookStats>) -> Metrics {
+        let mut registry = Registry::default();
+        let view = Arc::new(Mutex::new(View::default()));
+        let map_write = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "vpnlb_map_write_seconds",
+            "Time from a health/admin/config event to its map writes completing",
+            map_write.clone(),
+        );
+        registry.register_collector(Box::new(DataplaneCollector {
+            maps: Mutex::new(maps),
+            view: view.clone(),
+            hooks,
+            sessions: Mutex::new(None),
+        }));
+        Metrics { registry: Arc::new(registry), view, map_write }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &self.registry) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        s
+    }
+
+    /// Serves `/metrics` on `addr` until the task is dropped.
+    pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "metrics listening");
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let me = me.clone();
+                    async move {
+                        let resp = if req.uri().path() == "/metrics" {
+                            hyper::Response::builder()
+                                .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                                .body(Full::new(Bytes::from(me.render())))
+                        } else {
+                            hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
+                        };
+                        Ok::<_, hyper::http::Error>(resp.expect("static response"))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+                    tracing::debug!(error = %e, "metrics connection");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::{MapWriter, MemMaps};
+    use std::time::Instant;
+    use vpnlb_common::{FWD_L2DSR_TX, PktBytes};
+
+    #[test]
+    fn renders_datapath_vip_backend_and_health_families() {
+        let mut maps = MemMaps::new();
+        maps.counters[FWD_L2DSR_TX as usize] = 42;
+        maps.vip_stats.insert(3, PktBytes { packets: 7, bytes: 700 });
+        maps.backend_stats.insert(2, PktBytes { packets: 5, bytes: 500 });
+        maps.set_session(&Default::default(), &Default::default()).unwrap();
+        let hooks = Arc::new(HookStats::default());
+        hooks.failed.store(1, Ordering::Relaxed);
+        let m = Metrics::new(maps, hooks);
+        {
+            let mut v = m.view.lock().unwrap();
+            v.vips.push(("wg".into(), 3));
+            let mut b = BackendHealth::new("gw2", 2, vec![("icmp".into(), 1, 1)], Instant::now());
+            b.state = BackendState::Draining;
+            v.backends.push(b);
+            v.pools.push(PoolChoice { vip: "wg".into(), class: None, pool: Some("primary".into()) });
+        }
+        m.map_write.observe(0.0002);
+        let text = m.render();
+        for want in [
+            "vpnlb_datapath_total{counter=\"fwd_l2dsr_tx\"} 42",
+            "vpnlb_vip_packets_total{vip=\"wg\"} 7",
+            "vpnlb_vip_bytes_total{vip=\"wg\"} 700",
+            "vpnlb_backend_packets_total{backend=\"gw2\"} 5",
+            "vpnlb_sessions 1",
+            "vpnlb_backend_state{backend=\"gw2\",state=\"draining\"} 1",
+            "vpnlb_backend_state{backend=\"gw2\",state=\"up\"} 0",
+            "vpnlb_active_pool{vip=\"wg\",class=\"\",pool=\"primary\"} 1",
+            "vpnlb_hooks_total{result=\"failed\"} 1",
+            "vpnlb_map_write_seconds_count 1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+}
