@@ -1,7 +1,8 @@
 //! An L2 testbed in network namespaces: one switch (bridge), a client namespace with many source
 //! addresses, the load-balancer namespace running the real `vpnlb_ingress` in native XDP mode, and N
 //! gateway namespaces with the VIP on `lo` (DSR) running UDP echo sinks that answer with their name.
-//! Used by the demo and by the real-packet data-plane test.
+//! Used by the demo, the real-packet data-plane test ([`Testbed`]: the test attaches the program) and
+//! the agent tests ([`Topology`] only: the `vpnlb` agent attaches it).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -133,12 +134,14 @@ impl Flows {
     }
 }
 
-/// The whole testbed; everything is torn down on drop (namespaces deleted, XDP detached).
-pub struct Testbed {
-    // Field order is drop order: sinks and the program go before the namespaces.
+/// The namespaces, cables and sinks of the testbed, without any program of ours on the LB: the
+/// switch, a client namespace with many source addresses, the LB namespace (`eth0`, `vpnlb_pass` on
+/// its switch-side peer so native XDP_TX works) and the gateways (VIP on `lo`, DSR sysctls, a UDP
+/// echo sink each). [`Testbed`] attaches `vpnlb_ingress` itself; the agent tests run `vpnlb run`.
+/// Everything is torn down on drop.
+pub struct Topology {
+    // Field order is drop order: sinks and the helper program go before the namespaces.
     pub sinks: Vec<Sink>,
-    pub dp: Dataplane<AyaMaps>,
-    pub ebpf: aya::Ebpf,
     /// `vpnlb_pass` on the switch side of the LB's veth (native XDP_TX needs a program on the peer).
     pub peer_ebpf: aya::Ebpf,
     pub client: Netns,
@@ -146,16 +149,19 @@ pub struct Testbed {
     pub gws: Vec<Netns>,
     pub sw: Netns,
     pub client_addrs: Vec<Ipv4Addr>,
-    pub vip: VipSpec,
-    /// Backend ids of the gateways (gateway i has id i + 1).
-    pub backend_ids: Vec<u32>,
+    /// MAC of the LB's `eth0`.
+    pub lb_mac: [u8; 6],
 }
 
-impl Testbed {
+/// Address of gateway `i` (0-based) on the switch.
+pub fn gw_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, 11 + i as u8)
+}
+
+impl Topology {
     /// Brings up `n_gw` gateways and `n_clients` client addresses under namespace prefix `prefix`
-    /// (must start with `vpnlb`), loads and attaches `vpnlb_ingress` natively to the LB's `eth0`, and
-    /// programs one UDP VIP in L2 DSR mode over all gateways.
-    pub fn up(prefix: &str, n_gw: usize, n_clients: usize) -> Testbed {
+    /// (must start with `vpnlb`). Nothing is attached to the LB's `eth0`.
+    pub fn up(prefix: &str, n_gw: usize, n_clients: usize) -> Topology {
         let sw = switch(&format!("{prefix}-sw"));
         let lb = Netns::new(&format!("{prefix}-lb"));
         cable(&sw, "lb", &lb, &format!("{LB_ADDR}/24"));
@@ -180,7 +186,7 @@ impl Testbed {
                 &sw,
                 &format!("gw{}", i + 1),
                 &gw,
-                &format!("10.77.0.{}/24", 11 + i),
+                &format!("{}/24", gw_addr(i)),
             );
             // DSR: the VIP on lo, never answered for by ARP.
             gw.sh(&format!(
@@ -199,7 +205,85 @@ impl Testbed {
                 )
             })
             .collect();
+        let mut peer_ebpf = aya::Ebpf::load(&helper_object()).expect("load helper programs");
+        let pass: &mut Xdp = peer_ebpf
+            .program_mut("vpnlb_pass")
+            .expect("vpnlb_pass")
+            .try_into()
+            .expect("XDP");
+        pass.load().expect("load vpnlb_pass");
+        sw.run(|| {
+            pass.attach("lb", XdpMode::Driver)
+                .expect("native XDP attach on the LB's peer")
+        });
+        Topology {
+            sinks,
+            peer_ebpf,
+            client,
+            lb,
+            gws,
+            sw,
+            client_addrs,
+            lb_mac,
+        }
+    }
 
+    /// `ports` flows from every client address (source ports 40000..), bound in the client namespace.
+    pub fn flows(&self, ports: u16) -> Flows {
+        self.flows_on_ports(0, ports)
+    }
+
+    /// Like [`Topology::flows`] with source ports starting at `40000 + offset`.
+    pub fn flows_on_ports(&self, offset: u16, ports: u16) -> Flows {
+        let addrs = self.client_addrs.clone();
+        let sockets = self.client.run(move || {
+            let mut v = Vec::new();
+            for a in &addrs {
+                for p in 0..ports {
+                    v.push(UdpSocket::bind((*a, 40000 + offset + p)).expect("bind client flow"));
+                }
+            }
+            v
+        });
+        Flows { sockets }
+    }
+
+    /// Cuts gateway `i`'s cable at the switch: its packets vanish (a dead gateway).
+    pub fn cut(&self, i: usize) {
+        self.sw.sh(&format!("ip link set gw{} down", i + 1));
+    }
+
+    /// Restores gateway `i`'s cable.
+    pub fn mend(&self, i: usize) {
+        self.sw.sh(&format!("ip link set gw{} up", i + 1));
+    }
+}
+
+/// The whole testbed: the [`Topology`] with `vpnlb_ingress` loaded and attached by the test itself
+/// (no agent); everything is torn down on drop (XDP detached, namespaces deleted). Derefs to the
+/// topology (`tb.sinks`, `tb.flows(..)`, `tb.cut(..)`).
+pub struct Testbed {
+    // Field order is drop order: the program goes before the namespaces.
+    pub dp: Dataplane<AyaMaps>,
+    pub ebpf: aya::Ebpf,
+    pub topo: Topology,
+    pub vip: VipSpec,
+    /// Backend ids of the gateways (gateway i has id i + 1).
+    pub backend_ids: Vec<u32>,
+}
+
+impl std::ops::Deref for Testbed {
+    type Target = Topology;
+    fn deref(&self) -> &Topology {
+        &self.topo
+    }
+}
+
+impl Testbed {
+    /// Brings up the [`Topology`], loads and attaches `vpnlb_ingress` natively to the LB's `eth0`,
+    /// and programs one UDP VIP in L2 DSR mode over all gateways.
+    pub fn up(prefix: &str, n_gw: usize, n_clients: usize) -> Testbed {
+        let topo = Topology::up(prefix, n_gw, n_clients);
         let obj = object_bytes().expect("eBPF object (run cargo xtask build-ebpf)");
         let mut ebpf = load(
             &obj,
@@ -214,13 +298,13 @@ impl Testbed {
         let mut dp = Dataplane::new(maps);
         dp.set_config(GlobalConfig::default()).expect("config");
         let mut backend_ids = Vec::new();
-        for (i, gw) in gws.iter().enumerate() {
+        for (i, gw) in topo.gws.iter().enumerate() {
             let id = i as u32 + 1;
             dp.upsert_backend(BackendSpec {
                 id,
-                addr: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 11 + i as u8)),
+                addr: IpAddr::V4(gw_addr(i)),
                 mac: gw.mac("eth0"),
-                src_mac: lb_mac,
+                src_mac: topo.lb_mac,
                 ifindex: 0,
                 weight: 1,
                 state: BACKEND_UP,
@@ -248,63 +332,16 @@ impl Testbed {
             .try_into()
             .expect("an XDP program");
         prog.load().expect("verifier accepts vpnlb_ingress");
-        lb.run(|| {
+        topo.lb.run(|| {
             prog.attach("eth0", XdpMode::Driver)
                 .expect("native XDP attach on veth")
         });
-        let mut peer_ebpf = aya::Ebpf::load(&helper_object()).expect("load helper programs");
-        let pass: &mut Xdp = peer_ebpf
-            .program_mut("vpnlb_pass")
-            .expect("vpnlb_pass")
-            .try_into()
-            .expect("XDP");
-        pass.load().expect("load vpnlb_pass");
-        sw.run(|| {
-            pass.attach("lb", XdpMode::Driver)
-                .expect("native XDP attach on the LB's peer")
-        });
         Testbed {
-            sinks,
             dp,
             ebpf,
-            peer_ebpf,
-            client,
-            lb,
-            gws,
-            sw,
-            client_addrs,
+            topo,
             vip,
             backend_ids,
         }
-    }
-
-    /// `ports` flows from every client address (source ports 40000..), bound in the client namespace.
-    pub fn flows(&self, ports: u16) -> Flows {
-        self.flows_on_ports(0, ports)
-    }
-
-    /// Like [`Testbed::flows`] with source ports starting at `40000 + offset`.
-    pub fn flows_on_ports(&self, offset: u16, ports: u16) -> Flows {
-        let addrs = self.client_addrs.clone();
-        let sockets = self.client.run(move || {
-            let mut v = Vec::new();
-            for a in &addrs {
-                for p in 0..ports {
-                    v.push(UdpSocket::bind((*a, 40000 + offset + p)).expect("bind client flow"));
-                }
-            }
-            v
-        });
-        Flows { sockets }
-    }
-
-    /// Cuts gateway `i`'s cable at the switch: its packets vanish (a dead gateway).
-    pub fn cut(&self, i: usize) {
-        self.sw.sh(&format!("ip link set gw{} down", i + 1));
-    }
-
-    /// Restores gateway `i`'s cable.
-    pub fn mend(&self, i: usize) {
-        self.sw.sh(&format!("ip link set gw{} up", i + 1));
     }
 }

@@ -5,15 +5,16 @@
 //! - Map state: a rich configuration programmed through the agent's own `Dataplane<AyaMaps>` (VIPs
 //!   on the capture gateway addresses 10.200.0.10 / fd00::10 and synthetic ones, all three
 //!   forwarding modes, backends of both families, small MTUs, an empty ring, draining, down and
-//!   cleared backends, a backend whose egress is missing from `TX_PORTS`), plus direct map writes
-//!   the agent would refuse (unknown forwarding modes, ring sizes 0 and beyond a row, ring ids past
-//!   the allocated rows, a backend without a family, ring slots naming dead or absent backends,
-//!   seeded sessions). The model starts from `MemMaps::snapshot` of the real maps and is never reset:
+//!   cleared backends, a backend whose egress is missing from `TX_PORTS`, a VIP with DSCP traffic
+//!   classes), plus direct map writes the agent would refuse (unknown forwarding modes, ring sizes
+//!   0 and beyond a row, ring ids past the allocated rows, u32-wrapping ring and class indexes, a
+//!   backend without a family, ring slots naming dead or absent backends, hand-written
+//!   `CLASS_RINGS` entries, seeded sessions). The model starts from `MemMaps::snapshot` of the real maps and is never reset:
 //!   sessions recorded by earlier packets steer later ones in both.
 //! - Packets: every frame of every `/work/shared/captures/*-c2g.pcap`, synthetic packets for every
 //!   VIP (IPv4/IPv6, VLAN, IPv4 options, padding, UDP/TCP/ESP, MTU boundaries, every PASS reason),
 //!   then seeded mutations of both (`vpnlb_tests::mutate`), in two phases around a control-plane
-//!   change (backends going down, draining and up); `vpnlb_decap` runs on every encapsulated output
+//!   change (backends going down, draining and up, a class changing its DSCP set); `vpnlb_decap` runs on every encapsulated output
 //!   (which must decapsulate back to the input), on mutations of them and on ingress inputs.
 //! - Per packet: verdict, output bytes (except for drops), every `STATS` counter delta (exactly one
 //!   outcome, the same `SESSION_*` events), and the VIP/backend stats rows of every configured id.
@@ -30,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
-use vpnlb::dataplane::VipSpec;
+use vpnlb::dataplane::{ClassSpec, VipSpec};
 use vpnlb::maps::{MapReader, MapWriter, MemMaps};
 use vpnlb::model::{self, ModelCtx, ModelResult};
 use vpnlb_common::maglev::SlotChange;
@@ -116,6 +117,8 @@ struct VipDef {
     gue_port: u16,
     /// Written straight into `VIPS` (the agent would refuse it), not through `Dataplane`.
     direct: bool,
+    /// Traffic classes: (DSCP values, class ring id); the ring's members come from [`RINGS`].
+    classes: Vec<(Vec<u8>, u32)>,
 }
 
 impl VipDef {
@@ -128,10 +131,14 @@ impl VipDef {
 const RINGS: [(u32, u32, &[u32]); 4] = [
     (0, 251, &[1, 2, 3, 4, 5, 6]),
     (1, 13, &[7, 8, 1]),
-    // Only a down backend: the ring is empty (new flows DROP_NO_BACKEND).
-    (2, 7, &[6]),
+    // Only a down backend: the ring is empty (new flows DROP_NO_BACKEND). Also the class ring of
+    // udp 10.200.0.20:51820 (hence the same size as ring 1).
+    (2, 13, &[6]),
     (3, 17, &[2, 5]),
 ];
+
+/// `CLASS_RINGS` entries written by hand for VIP 30: (DSCP, class ring id + 1).
+const CLASS_SLOTS: [(u8, u32); 3] = [(46, 1 + 1), (10, 9 + 1), (0, 3 + 1)];
 
 /// Ring-3 slots rewritten by hand so the ring names backends that are down, never written, without
 /// a family, cleared, outside `BACKENDS`, draining, or IPv6.
@@ -170,6 +177,7 @@ fn def(
         idle: 0,
         gue_port: GUE_PORT,
         direct: false,
+        classes: Vec::new(),
     }
 }
 
@@ -213,6 +221,8 @@ fn vip_defs() -> Vec<VipDef> {
     v[13].gue_port = OTHER_GUE_PORT;
     // The one VIP with an idle timeout (seeded sessions are far older, live ones far younger).
     v[16].idle = IDLE_TIMEOUT_NS;
+    // Traffic classes: EF and AF41 new flows pick from ring 2.
+    v[12].classes = vec![(vec![46, 34], 2)];
     // Written directly: things the agent refuses.
     let direct = |mut d: VipDef| {
         d.direct = true;
@@ -237,6 +247,25 @@ fn vip_defs() -> Vec<VipDef> {
     d.ring_size = 13;
     d.gue_port = 0;
     v.push(d);
+    // VIP_F_CLASSES with hand-written CLASS_RINGS entries (see `CLASS_SLOTS`): a class ring whose
+    // row is shorter than the VIP's ring size, one past the allocated rows, DSCP 0 mapped.
+    let mut d = direct(def(v4(50), 443, t, 30, 0, l2, VIP_F_CLASSES, 0));
+    d.ring_size = 251;
+    v.push(d);
+    // vip_id × 64 + DSCP wraps in u32: 2^26 + 30 reads VIP 30's class entries (and VIP_STATS has
+    // no row for it).
+    let mut d = direct(def(
+        v6(0x50),
+        4500,
+        u,
+        (1 << 26) + 30,
+        0,
+        ipip,
+        VIP_F_CLASSES,
+        0,
+    ));
+    d.ring_size = 251;
+    v.push(d);
     v
 }
 
@@ -257,7 +286,20 @@ fn vip_spec(d: &VipDef) -> VipSpec {
         idle_timeout_ns: d.idle,
         gue_port: d.gue_port,
         backends: members.to_vec(),
-        classes: Vec::new(),
+        classes: d
+            .classes
+            .iter()
+            .map(|(dscp, ring_id)| ClassSpec {
+                dscp: dscp.clone(),
+                ring_id: *ring_id,
+                backends: RINGS
+                    .iter()
+                    .find(|r| r.0 == *ring_id)
+                    .expect("managed class ring")
+                    .2
+                    .to_vec(),
+            })
+            .collect(),
     }
 }
 
@@ -340,6 +382,10 @@ fn program(h: &mut Harness) {
         },
     )
     .unwrap_or_else(|e| panic!("set_backend 10: {e}"));
+    for (dscp, ring_plus1) in CLASS_SLOTS {
+        m.set_class_ring(30, dscp, ring_plus1)
+            .unwrap_or_else(|e| panic!("set_class_ring: {e}"));
+    }
     m.remove_tx_port(LO)
         .unwrap_or_else(|e| panic!("remove_tx_port: {e}"));
     write_ring3_slots(h);
@@ -383,7 +429,7 @@ fn seed_sessions(h: &mut Harness, captures: &[(String, Vec<Vec<u8>>)]) {
         if let Some((id, old)) = p {
             let s = Session {
                 backend_id: *id,
-                _pad: 0,
+                hash: 0,
                 last_seen_ns: if *old { stale } else { now },
             };
             h.set_session(k, &s);
@@ -414,7 +460,7 @@ fn seed_sessions(h: &mut Harness, captures: &[(String, Vec<Vec<u8>>)]) {
             &key,
             &Session {
                 backend_id: id,
-                _pad: 0,
+                hash: 0,
                 last_seen_ns: t,
             },
         );
@@ -461,15 +507,19 @@ fn with_tcp_options(mut f: Frame, options: &[u8]) -> Frame {
 
 /// A frame of `d`'s protocol from client `k` with `payload` bytes of payload.
 fn vip_frame(d: &VipDef, k: u8, payload: usize, tcp_flags: u8) -> Frame {
+    vip_frame_from(d, k, 40000 + u16::from(k), payload, tcp_flags)
+}
+
+/// As [`vip_frame`] from source port `sport` (the SPI's low bits for ESP).
+fn vip_frame_from(d: &VipDef, k: u8, sport: u16, payload: usize, tcp_flags: u8) -> Frame {
     let c = client(d.addr.is_ipv6(), k);
     let body: Vec<u8> = (0..payload)
         .map(|i| (i * 13 + usize::from(k)) as u8)
         .collect();
-    let sport = 40000 + u16::from(k);
     match d.proto {
         PROTO_UDP => Frame::udp(c, sport, d.addr, d.port, &body),
         PROTO_TCP => Frame::tcp(c, sport, d.addr, d.port, tcp_flags, &body),
-        _ => Frame::esp(c, d.addr, 0x0100_0000 | u32::from(k), 1, &body),
+        _ => Frame::esp(c, d.addr, (u32::from(sport) << 8) | u32::from(k), 1, &body),
     }
 }
 
@@ -520,6 +570,14 @@ fn synthetic(defs: &[VipDef]) -> Vec<(String, Vec<u8>)> {
                     &[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2],
                 );
                 add(format!("{label} c{k} tcp options"), f.bytes());
+            }
+        }
+        // New flows with DSCP 0, AF11, AF41 and EF (traffic classes steer only new flows).
+        for k in 1..=2u8 {
+            for dscp in [0u8, 10, 34, 46] {
+                let mut f = vip_frame_from(d, k, 41000 + u16::from(dscp), 24, packet::TCP_SYN);
+                set_tos(&mut f, (dscp << 2) | 1);
+                add(format!("{label} c{k} dscp {dscp}"), f.bytes());
             }
         }
         if d.mtu != 0 {
@@ -668,6 +726,8 @@ struct Diff {
     /// Flow keys of unmutated packets: their sessions survive pruning.
     keep: HashSet<FlowKey>,
     pruned: usize,
+    /// New-flow picks (miss or re-pick) whose DSCP mapped to a class ring, per the model's maps.
+    class_picks: usize,
     /// The last packet run, for checkpoint failures: (program, index, what, frame).
     last: (String, usize, String, Vec<u8>),
 }
@@ -746,6 +806,7 @@ impl Diff {
             n_decap: 0,
             keep: HashSet::new(),
             pruned: 0,
+            class_picks: 0,
             last: (String::new(), 0, "nothing run yet".into(), Vec::new()),
         };
         d.real_counters = d.read_counters();
@@ -819,14 +880,17 @@ impl Diff {
         let m_counters = self.model.counters.clone();
         let m_vips: Vec<PktBytes> = self.model_vip_rows();
         let m_backends: Vec<PktBytes> = self.model_backend_rows();
-        let r = model::run_ingress(
-            &mut self.model,
-            frame,
-            &ModelCtx {
-                ingress_ifindex: ifindex,
-                now_ns: now,
-            },
-        );
+        let ctx = ModelCtx {
+            ingress_ifindex: ifindex,
+            now_ns: now,
+        };
+        let model = &mut self.model;
+        let r = no_model_panic("ingress", idx, what, frame, &out, || {
+            model::run_ingress(model, frame, &ctx)
+        });
+        if class_pick(&self.model, frame, &r) {
+            self.class_picks += 1;
+        }
         let counters = self.read_counters();
         let real = delta(&self.real_counters, &counters);
         self.real_counters = counters;
@@ -975,7 +1039,10 @@ impl Diff {
         self.last = ("decap".into(), idx, what.to_string(), frame.to_vec());
         let (action, out) = self.test_run(prog_names::DECAP, frame, ifindex);
         let m_counters = self.model.counters.clone();
-        let r = model::run_decap(&mut self.model, frame);
+        let model = &mut self.model;
+        let r = no_model_panic("decap", idx, what, frame, &out, || {
+            model::run_decap(model, frame)
+        });
         let counters = self.read_counters();
         let real = delta(&self.real_counters, &counters);
         self.real_counters = counters;
@@ -1060,13 +1127,13 @@ impl Diff {
             .h
             .sessions()
             .into_iter()
-            .map(|(k, s)| (k, (s.backend_id, s._pad)))
+            .map(|(k, s)| (k, (s.backend_id, s.hash)))
             .collect();
         let modeled: HashMap<FlowKey, (u32, u32)> = self
             .model
             .sessions
             .iter()
-            .map(|(k, s)| (*k, (s.backend_id, s._pad)))
+            .map(|(k, s)| (*k, (s.backend_id, s.hash)))
             .collect();
         if real != modeled {
             let mut diffs: Vec<String> = Vec::new();
@@ -1167,6 +1234,7 @@ impl Diff {
         self.model.backends = fresh.backends;
         self.model.rings = fresh.rings;
         self.model.tx_ports = fresh.tx_ports;
+        self.model.class_rings = fresh.class_rings;
     }
 
     /// Runs `vpnlb_decap` on an ingress output that was encapsulated (and on mutations of it).
@@ -1209,6 +1277,62 @@ impl Diff {
             self.decap(&m, ifindex, &format!("mutant {i} of the encap of {what}"));
         }
     }
+}
+
+/// Runs the model; if it panics (an overflow, a failed assertion), fails like a mismatch: a pcap
+/// (input, XDP output) and the packet's index and hex.
+fn no_model_panic<T>(
+    prog: &str,
+    idx: usize,
+    what: &str,
+    input: &[u8],
+    xdp_out: &[u8],
+    f: impl FnOnce() -> T,
+) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| e.downcast_ref::<&str>().copied())
+                .unwrap_or("?");
+            let path = pcap_dir().join(format!("differential-{prog}-{idx}.pcap"));
+            let saved = match pcap::write(&path, &[input, xdp_out]) {
+                Ok(()) => format!("pcap (input, XDP output): {}", path.display()),
+                Err(e) => format!("could not write {}: {e}", path.display()),
+            };
+            panic!(
+                "the model panicked on {prog} packet #{idx} ({what}): {msg}\n{saved}\n-- input ({} bytes)\n{}",
+                input.len(),
+                hexdump_diff(input, input)
+            );
+        }
+    }
+}
+
+/// True when the model's pick for this packet (a miss or re-pick) went through a class ring.
+fn class_pick(model: &MemMaps, frame: &[u8], r: &ModelResult) -> bool {
+    let picked = r
+        .events
+        .iter()
+        .any(|e| [SESSION_MISS, SESSION_REPICK_DOWN, SESSION_REPICK_IDLE].contains(e));
+    let Some(vip) = r.vip.and_then(|k| model.vips.get(&k)) else {
+        return false;
+    };
+    if !picked || vip.flags & VIP_F_CLASSES == 0 || vip.ring_size == 0 {
+        return false;
+    }
+    let l3 = mutate::layout(frame).l2;
+    let tos = match r.flow.map(|f| f.family) {
+        Some(FAMILY_V4) => frame[l3 + 1],
+        _ => (frame[l3] << 4) | (frame[l3 + 1] >> 4),
+    };
+    let idx = vip
+        .vip_id
+        .wrapping_mul(DSCP_VALUES)
+        .wrapping_add(u32::from(tos >> 2));
+    model.class_rings.get(&idx).is_some_and(|c| *c != 0)
 }
 
 fn first_diff(a: &[u8], b: &[u8]) -> usize {
@@ -1344,6 +1468,10 @@ fn xdp_and_model_agree() {
     d.h.set_backend_state(3, BACKEND_DOWN);
     d.h.set_backend_state(2, BACKEND_DRAINING);
     d.h.set_backend_state(6, BACKEND_UP);
+    // AF41 leaves the class, AF11 joins it (CLASS_RINGS set before / cleared after the VIP entry).
+    let mut spec = vip_spec(&defs[12]);
+    spec.classes[0].dscp = vec![46, 10];
+    d.h.upsert_vip(spec);
     write_ring3_slots(&mut d.h);
     d.sync_control_plane();
 
@@ -1366,10 +1494,12 @@ fn xdp_and_model_agree() {
         .map(|(i, n)| format!("{}={n}", counter_name(i as u32)))
         .collect();
     println!(
-        "differential: {} ingress + {} decap packets agree (XDP vs model), {} sessions pruned, {:.1} s; \
+        "differential: {} ingress + {} decap packets agree (XDP vs model), {} class-ring picks, \
+         {} sessions pruned, {:.1} s; \
          counters: {}",
         d.n_ingress,
         d.n_decap,
+        d.class_picks,
         d.pruned,
         t0.elapsed().as_secs_f64(),
         coverage.join(" ")
@@ -1402,6 +1532,10 @@ fn xdp_and_model_agree() {
         .map(|id| counter_name(*id))
         .collect();
     assert!(missing.is_empty(), "counters never reached: {missing:?}");
+    assert!(
+        d.class_picks > 0,
+        "no new flow was picked from a class ring"
+    );
     assert!(
         d.n_ingress >= 20_000,
         "only {} ingress packets",

@@ -11,7 +11,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use vpnlb::dataplane::{BackendSpec, VipSpec};
+use vpnlb::dataplane::{BackendSpec, ClassSpec, VipSpec};
 use vpnlb::maps::{MapReader, MapWriter};
 use vpnlb_common::hash::pick_hash;
 use vpnlb_common::*;
@@ -186,7 +186,8 @@ fn assert_session(h: &Harness, name: &str, key: &FlowKey, id: u32, t0: u64, t1: 
         .session(key)
         .unwrap_or_else(|| panic!("{name}: no session for {key:?}"));
     assert_eq!(s.backend_id, id, "{name}: session backend");
-    assert_eq!(s._pad, 0, "{name}: session padding");
+    let flags = h.dp.vip(&key.vip_key()).map_or(0, |v| v.flags);
+    assert_eq!(s.hash, pick_hash(key, flags), "{name}: session stores the flow hash");
     assert!(
         (t0..=t1).contains(&s.last_seen_ns),
         "{name}: session last_seen_ns {} outside the run window {t0}..={t1}",
@@ -1282,7 +1283,8 @@ fn session_hit_and_refresh() {
     let now = monotonic_ns();
     let seeded = Session {
         backend_id: other,
-        _pad: 0,
+        // What the data plane stores with a session it creates.
+        hash: pick_hash(&key, 0),
         last_seen_ns: now.saturating_sub(2 * SESSION_TOUCH_NS),
     };
     h.set_session(&key, &seeded);
@@ -1404,7 +1406,8 @@ fn idle_sessions_are_repicked() {
         &key,
         &Session {
             backend_id: other,
-            _pad: 0,
+            // What the data plane stores with a session it creates.
+            hash: pick_hash(&key, 0),
             last_seen_ns: now.saturating_sub(2 * timeout),
         },
     );
@@ -1426,7 +1429,8 @@ fn idle_sessions_are_repicked() {
         &key,
         &Session {
             backend_id: other,
-            _pad: 0,
+            // What the data plane stores with a session it creates.
+            hash: pick_hash(&key, 0),
             last_seen_ns: now.saturating_sub(3 * SESSION_TOUCH_NS),
         },
     );
@@ -2186,4 +2190,37 @@ fn harness_detects_mismatches() {
         assert_eq!(recs[2].data, run.output);
         std::fs::remove_file(&path).unwrap();
     }
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn dscp_classes_pick_their_ring_and_sessions_never_move() {
+    // VIP ring 0 over backends 1 and 2; class "EF" (DSCP 46) on ring 2 with backend 3 only.
+    let (mut h, vip) = lb_pool(&[1, 2], FWD_MODE_L2DSR, 0);
+    h.upsert_backend(backend(3, g4(3), 0, BACKEND_UP));
+    let mut s = h.dp.vip(&vip).unwrap().clone();
+    assert_ne!(s.ring_id, 2);
+    s.classes = vec![ClassSpec { dscp: vec![46], ring_id: 2, backends: vec![3] }];
+    h.upsert_vip(s);
+    for i in 0..20u16 {
+        // A new EF-marked flow is picked from the class ring: always backend 3.
+        let mut ef = flow(43000 + i);
+        ef.v4().tos = (46 << 2) | 1;
+        check_new_flow(&mut h, &format!("class_ef_flow_{i}"), &vip, &ef, 3, LO);
+        // An unmarked (or differently marked) new flow uses the VIP's ring.
+        let mut plain = flow(44000 + i);
+        plain.v4().tos = (i as u8 % 40) << 2;
+        let id = h.ring_pick(&vip, pick_hash(&plain.flow_key(), 0));
+        assert!(id == 1 || id == 2, "VIP ring holds backends 1 and 2, got {id}");
+        check_new_flow(&mut h, &format!("class_default_flow_{i}"), &vip, &plain, id, LO);
+        // Re-marking packets of an existing session does not move it.
+        let mut remarked = plain.clone();
+        remarked.v4().tos = 46 << 2;
+        let input = remarked.bytes();
+        let exp = forward(&h, &vip, &input, &remarked.flow_key(), id, LO, HIT);
+        h.check(&format!("class_default_flow_{i}_remarked_stays"), &input, LO, &exp);
+    }
+    // The class entry points at ring 2 (+1); other DSCP values at the VIP's own ring (0).
+    assert_eq!(h.dp.writer().class_ring(1, 46).unwrap(), 3);
+    assert_eq!(h.dp.writer().class_ring(1, 0).unwrap(), 0);
 }

@@ -127,7 +127,9 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Session {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// The flow hash (`pick_hash`) computed when the session was created: an encapsulating hit
+    /// takes its outer source and flow label from it instead of hashing again.
+    pub hash: u32,
     /// CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns) of the last refresh, at most
     /// `SESSION_TOUCH_NS` stale.
     pub last_seen_ns: u64,

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use aya_log_ebpf::warn;
 use vpnlb_common::{
-    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FWD_MODE_L2DSR, FlowKey,
+    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FlowKey,
     SESSION_FLOOD_SKIP, SESSION_HIT, SESSION_INSERT, SESSION_INSERT_FAILED, SESSION_MISS,
     SESSION_REPICK_DOWN, SESSION_REPICK_IDLE, SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash,
 };
@@ -43,23 +43,18 @@ pub fn resolve(ctx: &XdpContext, key: &FlowKey, vip: &VipMeta, tos: u8) -> Resul
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions (kernel >= 5.11).
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let hit = lookup(key, vip, now);
-    // One hash site for both users (the pick, and the encapsulation's RSS fields): an L2 DSR
-    // session hit, the hot path, never computes it.
-    let hash = if hit.backend.is_none() || vip.fwd_mode != FWD_MODE_L2DSR {
-        pick_hash(key, vip.flags)
-    } else {
-        0
-    };
+    // A hit never hashes: encapsulation takes the hash stored with the session.
     if let Some(backend) = hit.backend {
         return Ok(Target {
             id: hit.id,
             backend,
-            hash,
+            hash: hit.hash,
         });
     }
+    let hash = pick_hash(key, vip.flags);
     let id = maglev::pick(vip, hash, tos)?;
     let backend = usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?;
-    record(ctx, key, id, now);
+    record(ctx, key, id, hash, now);
     Ok(Target { id, backend, hash })
 }
 
@@ -68,6 +63,8 @@ struct Hit {
     /// Always initialised (0 on a miss): an undefined field would be spilled from an undefined
     /// register, which the verifier rejects (`R2 !read_ok`).
     id: u32,
+    /// The stored flow hash of a usable session (0 otherwise).
+    hash: u32,
     backend: Option<&'static Backend>,
 }
 
@@ -79,6 +76,7 @@ fn lookup(key: &FlowKey, vip: &VipMeta, now: u64) -> Hit {
         count(SESSION_MISS);
         return Hit {
             id: 0,
+            hash: 0,
             backend: None,
         };
     };
@@ -87,11 +85,12 @@ fn lookup(key: &FlowKey, vip: &VipMeta, now: u64) -> Hit {
     // `last_seen_ns` (an aligned u64 store: we read one value or the other) or, rarely, evict and
     // recycle the element, in which case this one packet sees another flow's session: the usual,
     // accepted race of every BPF LRU reader (Katran's too).
-    let (id, last_seen) = unsafe { ((*s).backend_id, (*s).last_seen_ns) };
+    let (id, hash, last_seen) = unsafe { ((*s).backend_id, (*s).hash, (*s).last_seen_ns) };
     let Some(backend) = usable(id) else {
         count(SESSION_REPICK_DOWN);
         return Hit {
             id: 0,
+            hash: 0,
             backend: None,
         };
     };
@@ -100,6 +99,7 @@ fn lookup(key: &FlowKey, vip: &VipMeta, now: u64) -> Hit {
         count(SESSION_REPICK_IDLE);
         return Hit {
             id: 0,
+            hash: 0,
             backend: None,
         };
     }
@@ -110,6 +110,7 @@ fn lookup(key: &FlowKey, vip: &VipMeta, now: u64) -> Hit {
     }
     Hit {
         id,
+        hash,
         backend: Some(backend),
     }
 }
@@ -117,7 +118,7 @@ fn lookup(key: &FlowKey, vip: &VipMeta, now: u64) -> Hit {
 /// Inserts `key → id`, unless this CPU already inserted `flood_max_inserts_per_sec` sessions in
 /// the current one-second window (then the packet is forwarded by hash alone).
 #[inline(always)]
-fn record(ctx: &XdpContext, key: &FlowKey, id: u32, now: u64) {
+fn record(ctx: &XdpContext, key: &FlowKey, id: u32, hash: u32, now: u64) {
     let limit = CONFIG
         .get(0)
         .map_or(0, |c| u64::from(c.flood_max_inserts_per_sec));
@@ -147,7 +148,7 @@ fn record(ctx: &XdpContext, key: &FlowKey, id: u32, now: u64) {
     }
     let session = Session {
         backend_id: id,
-        _pad: 0,
+        hash,
         last_seen_ns: now,
     };
     match SESSIONS.insert(key, session, u64::from(BPF_ANY)) {

@@ -70,25 +70,40 @@ pub struct Command {
 /// Binds the socket (replacing a stale one from a dead agent, refusing to steal a live one) with
 /// mode 0600, and forwards requests to `tx` until the task is dropped.
 pub async fn serve(path: PathBuf, tx: mpsc::Sender<Command>) -> Result<(), ControlError> {
-    let io = |source| ControlError::Io { path: path.clone(), source };
+    let listener = bind(&path)?;
+    serve_on(listener, path, tx).await
+}
+
+/// Binds the socket (replacing a stale one from a dead agent, refusing to steal a live one) with
+/// mode 0600. The agent calls this before it touches any map or link, so a second agent started
+/// on the same config stops here. Needs a tokio runtime.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
+    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(io(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another agent is listening")));
         }
-        std::fs::remove_file(&path).map_err(io)?;
+        std::fs::remove_file(path).map_err(io)?;
     }
     // Create it 0600 from the start: no window in which another user could connect.
     // SAFETY: umask only changes this process's file creation mask; restored right after bind.
     let old = unsafe { libc::umask(0o177) };
-    let bound = tokio::net::UnixListener::bind(&path);
+    let bound = tokio::net::UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(io)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     tracing::info!(socket = %path.display(), "control socket listening");
+    Ok(listener)
+}
+
+/// Forwards requests arriving on `listener` (bound by [`bind`] at `path`) to `tx` until the task
+/// is dropped.
+pub async fn serve_on(listener: tokio::net::UnixListener, path: PathBuf, tx: mpsc::Sender<Command>) -> Result<(), ControlError> {
+    let io = |source| ControlError::Io { path: path.clone(), source };
     loop {
         let (stream, _) = listener.accept().await.map_err(io)?;
         let tx = tx.clone();

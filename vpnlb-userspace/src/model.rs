@@ -15,6 +15,8 @@
 //! - On `DROP_REDIRECT_FAILED` the frame is returned as rewritten (MACs/encapsulation applied):
 //!   the redirect is the last step. Other drops and every PASS return the input unchanged.
 //! - The outer IPv4 total length / IPv6 payload length / GUE length are truncated to 16 bits.
+//! - `ring_id × RING_SIZE_MAX + slot` and `vip_id × 64 + DSCP` are wrapping u32 arithmetic (a
+//!   ring larger than a row reads into the next row; an index past the array reads as 0).
 
 use vpnlb_common::hash::pick_hash;
 use vpnlb_common::*;
@@ -327,8 +329,8 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
     };
     r.vip = Some(vkey);
     let now = ctx.now_ns;
-    let hash = pick_hash(&p.key, vip.flags);
-    r.hash = Some(hash);
+    // A session hit uses the hash stored with the session; a new pick computes it.
+    let mut hash = pick_hash(&p.key, vip.flags);
 
     // Stage 4.1: session.
     let mut chosen = None;
@@ -347,11 +349,13 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
                     s.last_seen_ns = now;
                 }
                 chosen = Some(s.backend_id);
+                hash = s.hash;
             }
         }
         None => r.events.push(SESSION_MISS),
     }
 
+    r.hash = Some(hash);
     let id = match chosen {
         Some(id) => id,
         None => {
@@ -360,13 +364,17 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
                 return (XDP_DROP, DROP_NO_BACKEND);
             }
             // A VIP with traffic classes picks from the ring its DSCP maps to (CLASS_RINGS holds
-            // ring id + 1; 0 or absent = the VIP's own ring).
+            // ring id + 1; 0 or absent = the VIP's own ring). The index is u32 arithmetic like the
+            // RINGS index: a vip_id ≥ 2^26 wraps onto another VIP's entries, one whose index lands
+            // past the array reads as absent.
             let mut ring_id = vip.ring_id;
             if vip.flags & VIP_F_CLASSES != 0 {
-                let idx = class_slot_index(vip.vip_id, u32::from(p.tos >> 2));
+                let idx = vip
+                    .vip_id
+                    .wrapping_mul(DSCP_VALUES)
+                    .wrapping_add(u32::from(p.tos >> 2));
                 if let Some(r) = maps.class_rings.get(&idx).copied()
                     && r != 0
-                    && vip.vip_id < MAX_VIPS
                 {
                     ring_id = r - 1;
                 }
@@ -400,7 +408,7 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
                     p.key,
                     Session {
                         backend_id: id,
-                        _pad: 0,
+                        hash,
                         last_seen_ns: now,
                     },
                 );

@@ -82,7 +82,7 @@ fn ids(pool: Option<&DesiredPool>, by_name: &BTreeMap<&str, u32>) -> Vec<u32> {
 pub fn vip_spec(v: &DesiredVip, health: &Health, by_name: &BTreeMap<&str, u32>) -> (VipSpec, Vec<PoolChoice>) {
     let mut by_priority: Vec<&DesiredPool> = v.pools.iter().collect();
     // Stable: equal priorities keep file order.
-    by_priority.sort_by(|a, b| b.priority.cmp(&a.priority));
+    by_priority.sort_by_key(|p| std::cmp::Reverse(p.priority));
     let active = active_pool(&by_priority, health);
     let mut choices = vec![PoolChoice { vip: v.name.clone(), class: None, pool: active.map(|p| p.name.clone()) }];
     let mut spec = v.template.clone();

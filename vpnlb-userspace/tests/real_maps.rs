@@ -236,7 +236,7 @@ fn real_maps_program_read_back_reload_and_refuse_stale_pins() {
     assert_eq!(maps.session(&fk).unwrap(), None);
     let s = Session {
         backend_id: 2,
-        _pad: 0,
+        hash: 0,
         last_seen_ns: 42,
     };
     maps.set_session(&fk, &s).unwrap();

@@ -110,12 +110,18 @@ fn build_ebpf(quiet: bool) -> Result<PathBuf> {
     Ok(obj)
 }
 
-/// A `cargo` command run in the workspace root with the object path exported for tests and builds.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root_dir().join("target"))
+}
+
+/// A `cargo` command run in the workspace root with the object path exported for tests and builds,
+/// and `VPNLB_BIN`: the `vpnlb` binary (debug build) that root tests run as a real agent process.
 fn cargo_with_object(obj: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root_dir())
         .env("VPNLB_EBPF_OBJ", obj)
-        .env("VPNLB_BENCH_OBJ", bench_object());
+        .env("VPNLB_BENCH_OBJ", bench_object())
+        .env("VPNLB_BIN", target_dir().join("debug/vpnlb"));
     cmd
 }
 

@@ -49,7 +49,7 @@ pub enum AgentError {
     Maps(#[from] crate::maps::MapError),
     #[error("health check of backend {backend}: {reason}")]
     Check { backend: String, reason: String },
-    #[error("control socket")]
+    #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error("{0}")]
     Internal(String),
@@ -72,6 +72,8 @@ struct Agent {
     cfg: Config,
     config_path: PathBuf,
     ids: IdMap,
+    /// Backend id -> name, for check results (rebuilt with `ids`).
+    names: HashMap<u32, String>,
     /// Kept alive: owns the loaded program (the pinned links reference it).
     _ebpf: aya::Ebpf,
     dp: Dataplane<AyaMaps>,
@@ -175,7 +177,7 @@ impl Agent {
 
     fn on_result(&mut self, r: CheckResult) -> Result<(), AgentError> {
         let t0 = Instant::now();
-        let Some(name) = self.cfg.backends.iter().find(|b| self.ids.backend(&b.name) == Some(r.backend_id)).map(|b| b.name.clone()) else {
+        let Some(name) = self.names.get(&r.backend_id).cloned() else {
             return Ok(());
         };
         let Some(b) = self.health.backends.get_mut(&name) else { return Ok(()) };
@@ -277,6 +279,7 @@ impl Agent {
                     "name": b.name,
                     "id": h.id,
                     "address": b.address,
+                    "weight": b.weight,
                     "state": h.state,
                     "admin": h.admin,
                     "since": unix(h.since_wall),
@@ -356,6 +359,7 @@ impl Agent {
         desired::desired(&new, &ids, &ifaces, &self.macs)?;
         let old = std::mem::replace(&mut self.cfg, new);
         let old_ids = std::mem::replace(&mut self.ids, ids);
+        self.names = self.ids.backends.iter().map(|(n, id)| (*id, n.clone())).collect();
         self.ifaces = ifaces;
         // Backends: restart checks of new or changed ones, keep the health of unchanged ones.
         let now = Instant::now();
@@ -501,6 +505,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     let cfg = config::load(&config_path)?;
     let started = SystemTime::now();
     attach::check_abi(&cfg.agent.pin_dir)?;
+    // Claim the control socket before touching ids, maps or links: a second agent started on the
+    // same config must stop here, not rewrite the maps, swap the program and then find the socket
+    // taken (and, on exit, delete the running agent's socket).
+    let ctl_listener = control::bind(&cfg.agent.control_socket)?;
     let ids_file = ids_path(&cfg.agent.control_socket);
     let ids = config::assign_ids(&cfg, load_ids(&ids_file).as_ref());
     save_ids(&ids, &ids_file);
@@ -512,6 +520,16 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         ring_rows: Some(MAX_VIPS),
     };
     let mut ebpf = loader::load(&obj, &opts)?;
+    // Verify and load the program into the kernel before anything is written or attached: a
+    // program that was never loaded cannot be attached (nor swapped into a pinned link).
+    {
+        let prog: &mut Xdp = ebpf
+            .program_mut(prog_names::INGRESS)
+            .ok_or_else(|| AgentError::Internal("object has no vpnlb_ingress".into()))?
+            .try_into()
+            .map_err(|e| AgentError::Internal(format!("vpnlb_ingress: {e}")))?;
+        prog.load().map_err(|e| AgentError::Internal(format!("loading vpnlb_ingress: {}", chain(&e))))?;
+    }
     if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
         tracing::debug!(error = %e, "no aya-log reader");
     }
@@ -545,6 +563,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     }
     let mut agent = Agent {
         config_path: config_path.clone(),
+        names: ids.backends.iter().map(|(n, id)| (*id, n.clone())).collect(),
         ids,
         _ebpf: ebpf,
         dp: Dataplane::new(maps),
@@ -593,7 +612,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Command>(64);
     let ctl_path = agent.cfg.agent.control_socket.clone();
     let ctl = tokio::spawn(async move {
-        if let Err(e) = control::serve(ctl_path, ctl_tx).await {
+        if let Err(e) = control::serve_on(ctl_listener, ctl_path, ctl_tx).await {
             tracing::error!(error = %chain(&e), "control socket failed");
         }
     });

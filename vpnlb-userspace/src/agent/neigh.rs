@@ -1,6 +1,6 @@
-//! Facts about the host's interfaces (ifindex, MAC from sysfs) and next-hop MACs of backends from
-//! the kernel's neighbour table (`ip -j neigh`), with a nudge (one UDP datagram) that makes the
-//! kernel resolve an address it has not seen yet.
+//! Facts about the host's interfaces (ifindex and MAC, asked of the kernel in the agent's network
+//! namespace) and next-hop MACs of backends from the kernel's neighbour table (`ip -j neigh`), with
+//! a nudge (one UDP datagram) that makes the kernel resolve an address it has not seen yet.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -8,11 +8,43 @@ use std::time::Duration;
 
 use super::desired::Iface;
 
-/// Reads an interface's index and MAC address.
+/// Reads an interface's index and MAC address in the agent's network namespace. Syscalls, not
+/// /sys/class/net: sysfs shows the namespace of whoever mounted it, which is not ours when the
+/// agent was moved into a namespace with `nsenter --net` (the wrong ifindex then makes TX_PORTS
+/// writes fail with EINVAL, or redirect to another device).
 pub fn iface(name: &str) -> Option<Iface> {
-    let base = format!("/sys/class/net/{name}");
-    let ifindex = std::fs::read_to_string(format!("{base}/ifindex")).ok()?.trim().parse().ok()?;
-    let mac = parse_mac(std::fs::read_to_string(format!("{base}/address")).ok()?.trim())?;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let c = std::ffi::CString::new(name).ok()?;
+    if c.as_bytes().len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return None;
+    }
+    // SAFETY: plain socket(2); the fd is owned (and closed) by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(c.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_ifru.ifru_hwaddr of the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) } != 0 {
+        return None;
+    }
+    // SAFETY: the ioctl above filled the hwaddr member of the union.
+    let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
     Some(Iface { ifindex, mac })
 }
 

@@ -353,7 +353,7 @@ pub struct BackendConfig {
     /// Next-hop MAC; resolved from the neighbour table at run time when absent.
     #[serde(default)]
     pub mac: Option<MacAddr>,
-    /// Egress interface; absent = out of the interface the packet came in on (XDP_TX).
+    /// Egress interface; absent = the first `[[interface]]`.
     #[serde(default)]
     pub interface: Option<String>,
     /// 1..=1000.
@@ -456,7 +456,7 @@ impl VipConfig {
         match class {
             None => {
                 let mut order: Vec<&PoolConfig> = self.pools.iter().collect();
-                order.sort_by(|a, b| b.priority.cmp(&a.priority));
+                order.sort_by_key(|p| std::cmp::Reverse(p.priority));
                 order
             }
             Some(c) => self

@@ -1,7 +1,8 @@
 //! ICMP / ICMPv6 echo probe, built to scale to thousands of checks.
 //!
-//! Design: every raw ICMP socket gets a copy of every ICMP packet the host receives, so one raw
-//! socket per check costs O(checks²) copies and wake-ups. Instead all checks of one family, source
+//! Design: every raw ICMP socket gets a copy of every ICMP packet the host receives (`raw_v4_input`
+//! clones the packet for each matching socket, net/ipv4/raw.c; `ipv6_raw_deliver` in net/ipv6/raw.c
+//! likewise), so one raw socket per check costs O(checks²) copies and wake-ups. Instead all checks of one family, source
 //! address and interface share one socket (per network namespace): the probe registers
 //! `sequence -> waiting probe` in a table, sends its echo request with the socket's identifier and
 //! a random 8-byte token, and a receive thread matches each echo reply (identifier, sequence, source
@@ -620,7 +621,8 @@ const BPF_LDX_B_MSH: u16 = 0xb1;
 const BPF_JEQ_K: u16 = 0x15;
 const BPF_RET_K: u16 = 0x06;
 
-/// IPv4 raw sockets see the packet from the IP header: keep echo replies with our identifier and
+/// IPv4 raw sockets see the packet from the IP header (`raw_rcv` pushes the data back to the network
+/// header before the socket filter runs, net/ipv4/raw.c): keep echo replies with our identifier and
 /// the error types (ICMP_FILTER already dropped the rest).
 fn bpf_v4(ident: u16) -> [SockFilter; 9] {
     [
@@ -636,7 +638,8 @@ fn bpf_v4(ident: u16) -> [SockFilter; 9] {
     ]
 }
 
-/// IPv6 raw sockets see the packet from the ICMPv6 header.
+/// IPv6 raw sockets see the packet from the ICMPv6 header (`ip6_protocol_deliver_rcu` pulls the
+/// IPv6 headers before raw delivery, net/ipv6/ip6_input.c).
 fn bpf_v6(ident: u16) -> [SockFilter; 8] {
     [
         SockFilter::new(BPF_LD_B_ABS, 0, 0, 0), // 0: a = icmpv6 type

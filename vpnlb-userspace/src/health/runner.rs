@@ -456,29 +456,29 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn runner_probes_on_a_jittered_cadence() {
-        // A TCP check against a closed loopback port: every probe fails fast with "connection
-        // refused", and the paused clock makes the cadence exact to check.
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr").port()
-        };
+        // A TCP check bound to an interface that does not exist: every probe fails at once, before
+        // any I/O (real I/O would race the paused clock's auto-advance), so the cadence is exact.
         let spec = CheckSpec::Tcp {
-            port,
+            port: 1,
             timing: CheckTiming {
                 interval_ms: 100,
                 timeout_ms: 50,
                 ..CheckTiming::default()
             },
         };
+        let target = CheckTarget {
+            interface: Some("vpnlb-no-such".into()),
+            ..target()
+        };
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let handle = spawn(&spec, target(), tx).expect("spawn");
+        let handle = spawn(&spec, target, tx).expect("spawn");
         let t0 = tokio::time::Instant::now();
         let mut at = Vec::new();
         while at.len() < 20 {
             let r = rx.recv().await.expect("result");
             assert!(!r.ok);
             assert_eq!((r.backend_id, r.check_index), (7, 1));
-            assert_eq!(r.detail, "connection refused");
+            assert_eq!(r.detail, "socket: no such interface");
             at.push(tokio::time::Instant::now() - t0);
         }
         assert!(

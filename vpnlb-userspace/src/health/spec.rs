@@ -245,7 +245,7 @@ impl TryFrom<RawCheck> for CheckSpec {
                 .map(|k| format!("`{k}`"))
                 .collect();
             return Err(format!(
-                "unknown field `{key}`, a {name} check takes {}",
+                "unknown field `{key}`: a check of type \"{name}\" takes {}",
                 takes.join(", ")
             ));
         }

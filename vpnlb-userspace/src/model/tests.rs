@@ -766,7 +766,7 @@ fn session_miss_insert_then_hit_and_touch() {
         m.sessions[&k],
         Session {
             backend_id: 1,
-            _pad: 0,
+            hash: 0,
             last_seen_ns: t0
         }
     );
@@ -894,6 +894,36 @@ fn down_and_idle_counts_repick_down_and_cleared_backends_are_unusable() {
         .for_each(|s| s.last_seen_ns = u64::MAX);
     let r = run_ingress(&mut m, &f, &at(104 * NS_PER_SEC));
     assert_eq!(r.events, vec![SESSION_REPICK_IDLE, SESSION_INSERT]);
+}
+
+#[test]
+fn traffic_classes_pick_by_dscp_with_a_u32_index() {
+    let mut dp = Dataplane::new(MemMaps::new());
+    dp.upsert_backend(gw(1, "10.1.0.1", 0)).unwrap();
+    dp.upsert_backend(gw(2, "10.1.0.2", 0)).unwrap();
+    let mut v = vip4(51820, FWD_MODE_L2DSR, vec![1]);
+    v.classes = vec![crate::dataplane::ClassSpec {
+        dscp: vec![46],
+        ring_id: 2,
+        backends: vec![2],
+    }];
+    dp.upsert_vip(v).unwrap();
+    let mut m = dp.into_writer();
+    // TOS 0xb8 = DSCP 46: the class ring.
+    assert_eq!(run(&mut m, &v4_udp(1000, 51820)).backend_id, Some(2));
+    // DSCP 0: the VIP's own ring.
+    let f = eth(
+        0x0800,
+        None,
+        &ipv4(CLIENT, VIP4, 17, 0, &udp(1001, 51820, b"x")),
+    );
+    assert_eq!(run(&mut m, &f).backend_id, Some(1));
+    // vip_id × 64 + DSCP wraps in u32: vip 3 + 2^26 reads vip 3's entries (no overflow panic).
+    m.vips.values_mut().for_each(|v| v.vip_id += 1 << 26);
+    assert_eq!(run(&mut m, &v4_udp(1002, 51820)).backend_id, Some(2));
+    // An index past CLASS_RINGS reads as 0: the VIP's own ring.
+    m.vips.values_mut().for_each(|v| v.vip_id = 200);
+    assert_eq!(run(&mut m, &v4_udp(1003, 51820)).backend_id, Some(1));
 }
 
 #[test]

@@ -63,6 +63,8 @@ pub enum BfdError {
     },
     #[error("bfd: local address {local} and peer {addr} are of different families")]
     Family { addr: IpAddr, local: IpAddr },
+    #[error("bfd: link-local peer {addr} needs an interface")]
+    NoInterface { addr: IpAddr },
     #[error("bfd: a session to {addr} from {local:?} already exists")]
     Duplicate { addr: IpAddr, local: Option<IpAddr> },
     #[error("bfd: the manager thread has stopped")]
@@ -212,6 +214,12 @@ impl BfdManager {
         {
             return Err(BfdError::Family { addr, local });
         }
+        if let IpAddr::V6(a) = addr
+            && a.is_unicast_link_local()
+            && target.interface.is_none()
+        {
+            return Err(BfdError::NoInterface { addr });
+        }
         let key = (addr, local);
         if !lock(&self.shared.keys).insert(key) {
             return Err(BfdError::Duplicate { addr, local });
@@ -281,7 +289,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The "bfd Up" / "bfd Down (reason)" detail of a report. When the peer signalled the Down, the
 /// reason says why: its AdminDown state (FRR sends it with diag 0) or its own diagnostic.
-pub fn state_detail(
+fn state_detail(
     state: State,
     diag: Diagnostic,
     remote_state: State,

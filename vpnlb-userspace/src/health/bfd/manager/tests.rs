@@ -149,11 +149,33 @@ fn add_session_rejects_bad_input() {
         mgr.add_session(fast(), target(1, "127.0.0.2", "127.0.0.1"), tx.clone()),
         Err(BfdError::Duplicate { .. })
     ));
+    assert!(matches!(
+        mgr.add_session(fast(), target(1, "fe80::1", "fe80::2"), tx.clone()),
+        Err(BfdError::NoInterface { .. })
+    ));
     drop(h);
     // The key is free again once the handle is gone.
     let _h = mgr
         .add_session(fast(), target(1, "127.0.0.2", "127.0.0.1"), tx)
         .unwrap();
+}
+
+/// The agent starts the manager from async code: its own runtime must not conflict.
+#[tokio::test]
+async fn starts_inside_a_runtime() {
+    let (mgr, _) = manager();
+    let (tx, mut rx) = mpsc::channel(4);
+    let passive = SessionParams {
+        passive: true,
+        ..fast()
+    };
+    let h = mgr
+        .add_session(passive, target(1, "127.0.0.2", "127.0.0.1"), tx)
+        .unwrap();
+    let r = rx.recv().await.unwrap();
+    assert_eq!(r.detail, "bfd Down (session started)");
+    drop(h);
+    drop(mgr);
 }
 
 #[test]
@@ -305,7 +327,12 @@ fn detail_strings() {
     );
     // FRR's AdminDown packets carry diag 0.
     assert_eq!(
-        state_detail(S::Down, D::NeighborSignaledSessionDown, S::AdminDown, D::None),
+        state_detail(
+            S::Down,
+            D::NeighborSignaledSessionDown,
+            S::AdminDown,
+            D::None
+        ),
         "bfd Down (neighbor signaled session down: administratively down)"
     );
     assert_eq!(
