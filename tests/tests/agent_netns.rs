@@ -596,6 +596,42 @@ fn reloads_reject_broken_configs_and_apply_valid_edits() {
             share(n)
         );
     }
+
+    // (e) Valid, by `reload`: only gw1's check timing changes (interval 200 -> 1000 ms). The new
+    //     check's first probe may be up to an interval away; until it concludes gw1 must keep
+    //     serving (its MAC kept too), or its sessions are re-picked.
+    let all_now = flows.probe(7, WAIT);
+    let text = bed.agent.config_text();
+    let old_timing = format!("interval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\n");
+    let at = text.find(&old_timing).expect("gw1's check timing");
+    assert!(text[..at].contains("name = \"gw1\"") && !text[..at].contains("name = \"gw2\""));
+    let edited = format!(
+        "{}interval_ms = 1000\ntimeout_ms = 500\n{}",
+        &text[..at],
+        &text[at + old_timing.len()..]
+    );
+    bed.agent.write_raw(&edited);
+    let r = bed.agent.request(Request::Reload {});
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.result["restarted_checks"], serde_json::json!(["gw1"]));
+    let right_after = bed.agent.state("gw1");
+    let probed = flows.probe(8, WAIT);
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = bed.agent.status();
+    println!(
+        "gw1 check edited: state right after the reload {right_after:?}, 1.5 s later {}; flows {:?} -> {:?}",
+        backend_in(&st, "gw1").unwrap()["state"],
+        tally(&all_now),
+        tally(&probed)
+    );
+    assert_eq!(
+        right_after.as_deref(),
+        Some("up"),
+        "gw1 left service on a check edit"
+    );
+    assert_eq!(probed, all_now, "a check edit of gw1 moved flows");
+    assert_eq!(backend_in(&st, "gw1").unwrap()["state"], "up");
+    assert_eq!(flows.probe(9, WAIT), all_now);
 }
 
 /// 5. kill -9 under load: a steady 2,000 pps over 20 flows while the agent is killed, left dead

@@ -1218,7 +1218,7 @@ mod tests {
             &fk,
             &Session {
                 backend_id: 9,
-                _pad: 0,
+                hash: 0,
                 last_seen_ns: 5,
             },
         )
@@ -1250,7 +1250,7 @@ mod tests {
         };
         let s = |t| Session {
             backend_id: 1,
-            _pad: 0,
+            hash: 0,
             last_seen_ns: t,
         };
         assert!(m.lru_insert(k(1), s(10)));

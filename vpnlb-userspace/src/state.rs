@@ -285,6 +285,26 @@ impl BackendHealth {
     }
 }
 
+impl BackendHealth {
+    /// Takes over the state of `old`, the same backend before its checks were replaced (config
+    /// reload): if it was healthy it keeps its effective state (up, or draining/disabled by admin)
+    /// with every new check counted as up, so `fall` failures are needed to take it down, as after
+    /// [`BackendHealth::adopt`]. Otherwise it starts from scratch (its data-plane state is down
+    /// either way).
+    pub fn carry_over(&mut self, old: &BackendHealth) {
+        if old.health() != BackendState::Up || self.admin != old.admin {
+            return;
+        }
+        for c in &mut self.checks {
+            c.up = Some(true);
+        }
+        self.state = old.state;
+        self.since = old.since;
+        self.since_wall = old.since_wall;
+        self.transitions = old.transitions;
+    }
+}
+
 /// Health of all backends, by name.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -366,6 +386,25 @@ mod tests {
         let tr = b.set_admin(Admin::None, t0).unwrap();
         assert_eq!((tr.from, tr.to), (BackendState::Disabled, BackendState::Up));
         assert_eq!(tr.reason, "admin enable/undrain");
+    }
+
+    #[test]
+    fn replaced_checks_carry_a_healthy_state_over() {
+        let t0 = Instant::now();
+        let mut old = BackendHealth::new("a", 1, vec![("icmp".into(), 1, 1)], t0);
+        old.on_result(&result(0, true, t0), t0);
+        old.set_admin(Admin::Drain, t0);
+        let mut new = BackendHealth::new("a", 1, vec![("icmp".into(), 2, 2), ("tcp:443".into(), 2, 2)], t0);
+        new.admin = Admin::Drain;
+        new.carry_over(&old);
+        assert_eq!((new.state, new.transitions), (BackendState::Draining, 2));
+        // The new checks count as up: one failure does not take it down, `fall` do.
+        assert!(new.on_result(&result(1, false, t0), t0).is_none());
+        assert_eq!(new.on_result(&result(1, false, t0), t0).unwrap().to, BackendState::Down);
+        // A backend that was down starts from scratch.
+        let mut new2 = BackendHealth::new("a", 1, vec![("icmp".into(), 2, 2)], t0);
+        new2.carry_over(&new);
+        assert_eq!(new2.state, BackendState::Unknown);
     }
 
     #[test]

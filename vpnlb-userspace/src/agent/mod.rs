@@ -369,10 +369,24 @@ impl Agent {
             let same = before.is_some_and(|o| o.checks == b.checks && o.address == b.address && o.mac == b.mac && o.interface == b.interface)
                 && old_ids.backend(&b.name) == self.ids.backend(&b.name);
             if !same {
+                // Same gateway (address, MAC, egress, id), other checks: it keeps serving, with
+                // its resolved MAC, until the new checks conclude, like after a restart. Without
+                // this it is Unknown (down in the data plane) until the first new probe, up to an
+                // interval later, and its sessions are re-picked.
+                let same_target = before.is_some_and(|o| o.address == b.address && o.mac == b.mac && o.interface == b.interface)
+                    && old_ids.backend(&b.name) == self.ids.backend(&b.name);
+                let mac = self.macs.get(&b.name).copied();
                 self.stop_checks(&b.name);
-                let admin = self.health.backends.get(&b.name).map(|h| h.admin).unwrap_or_default();
+                let old_health = self.health.backends.get(&b.name).cloned();
+                let admin = old_health.as_ref().map(|h| h.admin).unwrap_or_default();
                 let mut h = health_entry(&b, self.ids.backend(&b.name).expect("assigned"), now);
                 h.admin = admin;
+                if same_target && let Some(o) = &old_health {
+                    h.carry_over(o);
+                    if let Some(m) = mac {
+                        self.macs.insert(b.name.clone(), m);
+                    }
+                }
                 self.health.backends.insert(b.name.clone(), h);
                 self.start_checks(&b.name)?;
                 restarted.push(b.name.clone());
