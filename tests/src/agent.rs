@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -85,7 +86,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// Per-test files: temp dir (config, control socket, ids.json, log) and pin dir.
 pub struct Scratch {
     pub dir: PathBuf,
-    /// `/sys/fs/bpf/vpnlb-test-<pid>-<n>`: removed on drop.
+    /// `/sys/fs/bpf/vpnlb-agtest-<pid>-<n>`: removed on drop.
     pub pin_root: PathBuf,
     /// `<pin_root>/v1`: the agent's `pin_dir` (outside /sys/fs/bpf/vpnlb, so no ABI refusal).
     pub pin_dir: PathBuf,
@@ -98,12 +99,13 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Scratch {
+        remove_stale();
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("vpnlb-agtest-{pid}-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create scratch dir");
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/vpnlb-test-{pid}-{n}"));
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/vpnlb-agtest-{pid}-{n}"));
         let _ = std::fs::remove_dir_all(&pin_root);
         Scratch {
             pin_dir: pin_root.join("v1"),
@@ -125,6 +127,31 @@ impl Scratch {
             self.socket.display(),
             self.metrics
         )
+    }
+}
+
+/// Removes pin dirs and temp dirs of test processes that no longer exist (killed runs).
+fn remove_stale() {
+    for (dir, prefix) in [
+        (PathBuf::from("/sys/fs/bpf"), "vpnlb-agtest-"),
+        (std::env::temp_dir(), "vpnlb-agtest-"),
+    ] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(prefix)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
@@ -240,6 +267,17 @@ impl AgentProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log.try_clone().expect("dup log"));
+        // The agent dies with the test thread that started it, even if the test process is
+        // killed (no agent left running in a deleted namespace). PDEATHSIG survives the exec.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 

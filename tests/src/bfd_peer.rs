@@ -2,9 +2,6 @@
 //! two-namespace lab joined by a veth pair ([`BfdLab`]) and the timing helpers of the "peer death
 //! to Down report" measurement ([`kill_to_down_latencies`], [`Percentiles`]), shared by
 //! tests/tests/bfd_frr.rs and benchmarks. Needs root and Debian's `frr` package.
-//!
-//! Uses `crate::netns`, so it compiles both as a module of the test-support library and when an
-//! integration test includes it with `#[path]` next to a `mod netns { pub use ...; }` shim.
 
 use std::fmt;
 use std::fs;

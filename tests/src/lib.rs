@@ -6,6 +6,7 @@
 //! The harness needs root and the eBPF object; the builders and the pcap code are pure.
 
 pub mod agent;
+pub mod bfd_peer;
 pub mod harness;
 pub mod mutate;
 pub mod netns;

@@ -298,7 +298,7 @@ fn agent_detects_a_dead_gateway_and_recovers() {
 #[test]
 #[ignore = "needs root: run cargo xtask test"]
 fn drain_undrain_disable_enable_over_the_control_socket() {
-    let bed = AgentBed::up("vpnlb-ag3", 3, 8, |t, _| {
+    let mut bed = AgentBed::up("vpnlb-ag3", 3, 8, |t, _| {
         format!(
             "{INTERFACE}{}{}{}{}",
             backend(0, Some(t.gws[0].mac("eth0")), 1, &["icmp"]),
@@ -390,6 +390,62 @@ fn drain_undrain_disable_enable_over_the_control_socket() {
     assert!(
         metric(&text, "vpnlb_backend_transitions_total{backend=\"gw3\"}").unwrap_or(0.0) >= 5.0,
         "unknown->up, drain, undrain, disable, enable"
+    );
+
+    // Admin state survives an agent restart (kill -9): drained gw3 keeps its sessions and gets no
+    // new flows, disabled gw2 stays out of service.
+    let now = flows.probe(8, WAIT);
+    all_answered(&now, "before drain + disable");
+    for (cmd, gw) in [("drain", "gw3"), ("disable", "gw2")] {
+        let req = if cmd == "drain" {
+            Request::Drain { backend: gw.into() }
+        } else {
+            Request::Disable { backend: gw.into() }
+        };
+        assert!(bed.agent.request(req).ok);
+    }
+    let before = flows.probe(9, WAIT);
+    all_answered(&before, "drained + disabled");
+    assert!(idx_of(&before, "gw2").is_empty());
+    bed.agent.kill9();
+    bed.agent.restart();
+    let st = bed.agent.status();
+    println!(
+        "after kill -9 + restart: gw2 {} ({}), gw3 {} ({})",
+        backend_in(&st, "gw2").unwrap()["state"],
+        backend_in(&st, "gw2").unwrap()["admin"],
+        backend_in(&st, "gw3").unwrap()["state"],
+        backend_in(&st, "gw3").unwrap()["admin"]
+    );
+    assert_eq!(
+        flows.probe(10, WAIT),
+        before,
+        "flows moved across the restart"
+    );
+    // Give the restarted agent's checks time to conclude: admin still wins.
+    std::thread::sleep(Duration::from_millis(4 * INTERVAL_MS));
+    let st = bed.agent.status();
+    assert_eq!(
+        backend_in(&st, "gw3").unwrap()["state"],
+        "draining",
+        "{st:#}"
+    );
+    assert_eq!(
+        backend_in(&st, "gw2").unwrap()["state"],
+        "disabled",
+        "{st:#}"
+    );
+    assert_eq!(
+        flows.probe(11, WAIT),
+        before,
+        "flows moved after the restart"
+    );
+    let owners = bed.topo.flows_on_ports(300, 5).probe(12, WAIT);
+    all_answered(&owners, "new flows after the restart");
+    assert!(
+        owners.iter().all(|o| o.as_deref() == Some("gw1")),
+        "new flows with gw2 disabled and gw3 draining: {:?}",
+        tally(&owners)
     );
 }
 

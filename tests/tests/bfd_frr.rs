@@ -11,16 +11,7 @@ use tokio::sync::mpsc;
 use vpnlb::health::bfd::{BfdManager, BfdSessionHandle, SessionParams, State};
 use vpnlb::health::{CheckResult, CheckTarget};
 
-// The helpers are shared with benchmarks through the test-support library; included here by path
-// (with a `crate::netns` shim) so this test does not depend on the library exporting them.
-mod netns {
-    pub use vpnlb_tests::netns::*;
-}
-#[allow(dead_code)]
-#[path = "../src/bfd_peer.rs"]
-mod bfd_peer;
-
-use bfd_peer::{BfdLab, Bfdd, BfddPeer, Percentiles, kill_to_down_latencies};
+use vpnlb_tests::bfd_peer::{BfdLab, Bfdd, BfddPeer, Percentiles, kill_to_down_latencies};
 
 const MS: Duration = Duration::from_millis(1);
 /// 50 ms x 3: Down 150 ms after the last packet; bound from the kill with margin.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vpnlb_common::{BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP};
 
 use crate::health::CheckResult;
@@ -59,7 +59,7 @@ impl fmt::Display for BackendState {
 }
 
 /// Admin override of a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Admin {
     #[default]
@@ -274,23 +274,29 @@ impl BackendHealth {
     }
 
     /// Starts from a state adopted from the pinned maps (agent restart): until its checks
-    /// conclude, a backend keeps what the data plane was doing, so a restart moves no flows.
+    /// conclude, a backend keeps what the data plane was doing, so a restart moves no flows. A
+    /// draining backend was healthy too; [`BackendHealth::restore_admin`] first keeps it draining.
     pub fn adopt(&mut self, dataplane_state: u32) {
-        if self.state == BackendState::Unknown && dataplane_state == BACKEND_UP {
-            self.state = BackendState::Up;
+        if self.state == BackendState::Unknown && (dataplane_state == BACKEND_UP || dataplane_state == BACKEND_DRAINING) {
             for c in &mut self.checks {
                 c.up = Some(true);
             }
+            self.state = self.effective();
         }
     }
-}
 
-impl BackendHealth {
+    /// Restores an admin override saved by the previous agent (restart), without a transition.
+    pub fn restore_admin(&mut self, admin: Admin) {
+        self.admin = admin;
+        if admin == Admin::Disable {
+            self.state = BackendState::Disabled;
+        }
+    }
+
     /// Takes over the state of `old`, the same backend before its checks were replaced (config
     /// reload): if it was healthy it keeps its effective state (up, or draining/disabled by admin)
     /// with every new check counted as up, so `fall` failures are needed to take it down, as after
-    /// [`BackendHealth::adopt`]. Otherwise it starts from scratch (its data-plane state is down
-    /// either way).
+    /// [`BackendHealth::adopt`]. Otherwise it starts from scratch.
     pub fn carry_over(&mut self, old: &BackendHealth) {
         if old.health() != BackendState::Up || self.admin != old.admin {
             return;
@@ -420,5 +426,16 @@ mod tests {
         let mut c = BackendHealth::new("c", 3, vec![("tcp:443".into(), 2, 2)], t0);
         c.adopt(BACKEND_DOWN);
         assert_eq!(c.state, BackendState::Unknown);
+        // Restart of a drained backend: still draining; of a disabled one: still disabled.
+        let mut d = BackendHealth::new("d", 4, vec![("tcp:443".into(), 2, 2)], t0);
+        d.restore_admin(Admin::Drain);
+        d.adopt(BACKEND_DRAINING);
+        assert_eq!((d.state, d.transitions), (BackendState::Draining, 0));
+        assert!(d.on_result(&result(0, true, t0), t0).is_none());
+        let mut e = BackendHealth::new("e", 5, vec![("tcp:443".into(), 2, 2)], t0);
+        e.restore_admin(Admin::Disable);
+        e.adopt(BACKEND_DOWN);
+        assert_eq!(e.state, BackendState::Disabled);
+        assert!(e.on_result(&result(0, true, t0), t0).is_none(), "no transition while disabled");
     }
 }

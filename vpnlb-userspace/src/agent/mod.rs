@@ -61,6 +61,12 @@ pub fn ids_path(control_socket: &Path) -> PathBuf {
     control_socket.parent().unwrap_or(Path::new("/run/vpnlb")).join("ids.json")
 }
 
+/// Where admin overrides (drain, disable) are kept between agent runs, next to the ids: a drained
+/// or disabled gateway must stay so across an agent restart.
+pub fn admin_path(control_socket: &Path) -> PathBuf {
+    control_socket.parent().unwrap_or(Path::new("/run/vpnlb")).join("admin.json")
+}
+
 /// A running check of one backend. Held only for its Drop, which stops the check.
 #[allow(dead_code)]
 enum Running {
@@ -106,8 +112,15 @@ fn unix(t: SystemTime) -> f64 {
 /// Health entries for `cfg`'s backends: configured checks plus, for a backend whose MAC must be
 /// resolved, a last pseudo-check "neigh" (down until the neighbour table has it).
 fn health_entry(b: &crate::config::BackendConfig, id: u32, now: Instant) -> BackendHealth {
-    let mut checks: Vec<(String, u32, u32)> =
-        b.checks.iter().map(|c| (c.label(), c.timing().rise, c.timing().fall)).collect();
+    // BFD reports session state changes, already debounced by its detect multiplier: 1/1.
+    let mut checks: Vec<(String, u32, u32)> = b
+        .checks
+        .iter()
+        .map(|c| match c {
+            CheckSpec::Bfd { .. } => (c.label(), 1, 1),
+            _ => (c.label(), c.timing().rise, c.timing().fall),
+        })
+        .collect();
     if b.mac.is_none() {
         checks.push(("neigh".into(), 1, 1));
     }
@@ -337,10 +350,18 @@ impl Agent {
         if let Some(t) = &t {
             self.log_transition(t);
         }
+        self.save_admin();
         if let Err(e) = self.apply("admin", t0) {
             return Response::err(format!("maps not updated: {}", chain(&e)));
         }
         Response::ok(json!({ "backend": backend, "state": state, "changed": t.is_some() }))
+    }
+
+    /// Saves the admin overrides of all backends (see [`admin_path`]).
+    fn save_admin(&self) {
+        let admin: BTreeMap<&str, Admin> =
+            self.health.backends.iter().filter(|(_, h)| h.admin != Admin::None).map(|(n, h)| (n.as_str(), h.admin)).collect();
+        save_json(&admin, &admin_path(&self.cfg.agent.control_socket), "admin overrides");
     }
 
     /// Applies a new config as a delta. On any error the running config stays untouched.
@@ -413,6 +434,7 @@ impl Agent {
         self.dp.set_config(desired::global_config(&self.cfg))?;
         self.apply("reload", t0)?;
         save_ids(&self.ids, &ids_path(&self.cfg.agent.control_socket));
+        self.save_admin();
         tracing::info!(restarted = ?restarted, removed = ?gone, ms = t0.elapsed().as_millis() as u64, "config reloaded");
         Ok(json!({ "restarted_checks": restarted, "removed_backends": gone }))
     }
@@ -467,16 +489,24 @@ fn load_ids(path: &Path) -> Option<IdMap> {
 }
 
 fn save_ids(ids: &IdMap, path: &Path) {
+    save_json(ids, path, "id assignment");
+}
+
+fn load_admin(path: &Path) -> BTreeMap<String, Admin> {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn save_json<T: serde::Serialize>(v: &T, path: &Path, what: &str) {
     let tmp = path.with_extension("json.tmp");
     let write = || -> std::io::Result<()> {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;
         }
-        std::fs::write(&tmp, serde_json::to_vec_pretty(ids).map_err(std::io::Error::other)?)?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?)?;
         std::fs::rename(&tmp, path)
     };
     if let Err(e) = write() {
-        tracing::warn!(path = %path.display(), error = %e, "could not save id assignment");
+        tracing::warn!(path = %path.display(), error = %e, "could not save {what}");
     }
 }
 
@@ -524,6 +554,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     // taken (and, on exit, delete the running agent's socket).
     let ctl_listener = control::bind(&cfg.agent.control_socket)?;
     let ids_file = ids_path(&cfg.agent.control_socket);
+    let admins = load_admin(&admin_path(&cfg.agent.control_socket));
     let ids = config::assign_ids(&cfg, load_ids(&ids_file).as_ref());
     save_ids(&ids, &ids_file);
 
@@ -544,8 +575,23 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
             .map_err(|e| AgentError::Internal(format!("vpnlb_ingress: {e}")))?;
         prog.load().map_err(|e| AgentError::Internal(format!("loading vpnlb_ingress: {}", chain(&e))))?;
     }
-    if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-        tracing::debug!(error = %e, "no aya-log reader");
+    // Rare data-plane events (the flood guard engaging) arrive through aya-log's ring buffer and
+    // go to our log through the `log` -> tracing bridge.
+    match aya_log::EbpfLogger::init(&mut ebpf) {
+        // SAFETY: the logger owns its ring-buffer fd and neither closes nor replaces it while the
+        // AsyncFd owns the logger.
+        Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Ok(mut fd) => {
+                tokio::spawn(async move {
+                    while let Ok(mut guard) = fd.readable_mut().await {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "data-plane log reader unavailable"),
+        },
+        Err(e) => tracing::warn!(error = %e, "data-plane log reader unavailable"),
     }
     let maps = AyaMaps::from_ebpf(&mut ebpf)?;
     let adopted: HashMap<u32, u32> = maps.backends()?.into_iter().map(|(id, b)| (id, b.state)).collect();
@@ -567,6 +613,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     for b in &cfg.backends {
         let id = ids.backend(&b.name).expect("assigned");
         let mut h = health_entry(b, id, now);
+        if let Some(a) = admins.get(&b.name) {
+            h.restore_admin(*a);
+        }
         // Restart: keep serving what was being served until the checks conclude.
         if b.mac.is_none() {
             // The neighbour pseudo-check decides quickly on its own.

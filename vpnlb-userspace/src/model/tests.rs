@@ -766,10 +766,12 @@ fn session_miss_insert_then_hit_and_touch() {
         m.sessions[&k],
         Session {
             backend_id: 1,
-            hash: 0,
+            // The flow hash is stored with the session (hits reuse it for encapsulation).
+            hash: r.hash.unwrap(),
             last_seen_ns: t0
         }
     );
+    assert_eq!(r.hash, Some(vpnlb_common::hash::pick_hash(&k, 0)));
     // Within a second: a hit that does not write.
     let r = run_ingress(
         &mut m,
