@@ -187,7 +187,11 @@ fn assert_session(h: &Harness, name: &str, key: &FlowKey, id: u32, t0: u64, t1: 
         .unwrap_or_else(|| panic!("{name}: no session for {key:?}"));
     assert_eq!(s.backend_id, id, "{name}: session backend");
     let flags = h.dp.vip(&key.vip_key()).map_or(0, |v| v.flags);
-    assert_eq!(s.hash, pick_hash(key, flags), "{name}: session stores the flow hash");
+    assert_eq!(
+        s.hash,
+        pick_hash(key, flags),
+        "{name}: session stores the flow hash"
+    );
     assert!(
         (t0..=t1).contains(&s.last_seen_ns),
         "{name}: session last_seen_ns {} outside the run window {t0}..={t1}",
@@ -2200,7 +2204,11 @@ fn dscp_classes_pick_their_ring_and_sessions_never_move() {
     h.upsert_backend(backend(3, g4(3), 0, BACKEND_UP));
     let mut s = h.dp.vip(&vip).unwrap().clone();
     assert_ne!(s.ring_id, 2);
-    s.classes = vec![ClassSpec { dscp: vec![46], ring_id: 2, backends: vec![3] }];
+    s.classes = vec![ClassSpec {
+        dscp: vec![46],
+        ring_id: 2,
+        backends: vec![3],
+    }];
     h.upsert_vip(s);
     for i in 0..20u16 {
         // A new EF-marked flow is picked from the class ring: always backend 3.
@@ -2211,14 +2219,29 @@ fn dscp_classes_pick_their_ring_and_sessions_never_move() {
         let mut plain = flow(44000 + i);
         plain.v4().tos = (i as u8 % 40) << 2;
         let id = h.ring_pick(&vip, pick_hash(&plain.flow_key(), 0));
-        assert!(id == 1 || id == 2, "VIP ring holds backends 1 and 2, got {id}");
-        check_new_flow(&mut h, &format!("class_default_flow_{i}"), &vip, &plain, id, LO);
+        assert!(
+            id == 1 || id == 2,
+            "VIP ring holds backends 1 and 2, got {id}"
+        );
+        check_new_flow(
+            &mut h,
+            &format!("class_default_flow_{i}"),
+            &vip,
+            &plain,
+            id,
+            LO,
+        );
         // Re-marking packets of an existing session does not move it.
         let mut remarked = plain.clone();
         remarked.v4().tos = 46 << 2;
         let input = remarked.bytes();
         let exp = forward(&h, &vip, &input, &remarked.flow_key(), id, LO, HIT);
-        h.check(&format!("class_default_flow_{i}_remarked_stays"), &input, LO, &exp);
+        h.check(
+            &format!("class_default_flow_{i}_remarked_stays"),
+            &input,
+            LO,
+            &exp,
+        );
     }
     // The class entry points at ring 2 (+1); other DSCP values at the VIP's own ring (0).
     assert_eq!(h.dp.writer().class_ring(1, 46).unwrap(), 3);

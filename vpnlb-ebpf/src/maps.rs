@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vpnlb_common::{
-    Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS, MAX_VIPS,
-    NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
+    Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS,
+    MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
 };
 
 /// Capacity of `TX_PORTS` (egress interfaces other than the ingress one).

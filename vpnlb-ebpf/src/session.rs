@@ -4,9 +4,9 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use aya_log_ebpf::warn;
 use vpnlb_common::{
-    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FlowKey,
-    SESSION_FLOOD_SKIP, SESSION_HIT, SESSION_INSERT, SESSION_INSERT_FAILED, SESSION_MISS,
-    SESSION_REPICK_DOWN, SESSION_REPICK_IDLE, SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash,
+    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FlowKey, SESSION_FLOOD_SKIP,
+    SESSION_HIT, SESSION_INSERT, SESSION_INSERT_FAILED, SESSION_MISS, SESSION_REPICK_DOWN,
+    SESSION_REPICK_IDLE, SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash,
 };
 
 use crate::{

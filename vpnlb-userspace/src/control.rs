@@ -20,10 +20,18 @@ pub const DEFAULT_SOCKET: &str = "/run/vpnlb/control.sock";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    Drain { backend: String },
-    Undrain { backend: String },
-    Disable { backend: String },
-    Enable { backend: String },
+    Drain {
+        backend: String,
+    },
+    Undrain {
+        backend: String,
+    },
+    Disable {
+        backend: String,
+    },
+    Enable {
+        backend: String,
+    },
     /// Struct variants (not unit) so that unknown fields are rejected here too.
     Reload {},
     Status {},
@@ -40,10 +48,18 @@ pub struct Response {
 
 impl Response {
     pub fn ok(result: serde_json::Value) -> Self {
-        Response { ok: true, error: None, result }
+        Response {
+            ok: true,
+            error: None,
+            result,
+        }
     }
     pub fn err(msg: impl Into<String>) -> Self {
-        Response { ok: false, error: Some(msg.into()), result: serde_json::Value::Null }
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            result: serde_json::Value::Null,
+        }
     }
 }
 
@@ -78,13 +94,19 @@ pub async fn serve(path: PathBuf, tx: mpsc::Sender<Command>) -> Result<(), Contr
 /// mode 0600. The agent calls this before it touches any map or link, so a second agent started
 /// on the same config stops here. Needs a tokio runtime.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
-    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(io(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another agent is listening")));
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another agent is listening",
+            )));
         }
         std::fs::remove_file(path).map_err(io)?;
     }
@@ -102,8 +124,15 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
 
 /// Forwards requests arriving on `listener` (bound by [`bind`] at `path`) to `tx` until the task
 /// is dropped.
-pub async fn serve_on(listener: tokio::net::UnixListener, path: PathBuf, tx: mpsc::Sender<Command>) -> Result<(), ControlError> {
-    let io = |source| ControlError::Io { path: path.clone(), source };
+pub async fn serve_on(
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    tx: mpsc::Sender<Command>,
+) -> Result<(), ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.clone(),
+        source,
+    };
     loop {
         let (stream, _) = listener.accept().await.map_err(io)?;
         let tx = tx.clone();
@@ -118,7 +147,8 @@ pub async fn serve_on(listener: tokio::net::UnixListener, path: PathBuf, tx: mps
                         if tx.send(Command { request, reply }).await.is_err() {
                             Response::err("agent is shutting down")
                         } else {
-                            rx.await.unwrap_or_else(|_| Response::err("agent dropped the request"))
+                            rx.await
+                                .unwrap_or_else(|_| Response::err("agent dropped the request"))
                         }
                     }
                 };
@@ -134,24 +164,36 @@ pub async fn serve_on(listener: tokio::net::UnixListener, path: PathBuf, tx: mps
 
 /// Sends one request and waits for the answer (blocking; for the CLI).
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
-    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut s = match std::os::unix::net::UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
-            if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
         {
-            return Err(ControlError::NotRunning { path: path.to_path_buf() });
+            return Err(ControlError::NotRunning {
+                path: path.to_path_buf(),
+            });
         }
         Err(e) => return Err(io(e)),
     };
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadAnswer { reason: e.to_string() })?;
+    let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadAnswer {
+        reason: e.to_string(),
+    })?;
     line.push(b'\n');
     s.write_all(&line).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(&s).read_line(&mut answer).map_err(io)?;
-    serde_json::from_str(&answer).map_err(|e| ControlError::BadAnswer { reason: format!("{e}: {answer:?}") })
+    serde_json::from_str(&answer).map_err(|e| ControlError::BadAnswer {
+        reason: format!("{e}: {answer:?}"),
+    })
 }
 
 #[cfg(test)]
@@ -160,13 +202,27 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() {
-        let r = Request::Drain { backend: "gw1".into() };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"cmd":"drain","backend":"gw1"}"#);
-        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(), Request::Status {});
-        assert_eq!(serde_json::to_string(&Request::Reload {}).unwrap(), r#"{"cmd":"reload"}"#);
+        let r = Request::Drain {
+            backend: "gw1".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"cmd":"drain","backend":"gw1"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(),
+            Request::Status {}
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Reload {}).unwrap(),
+            r#"{"cmd":"reload"}"#
+        );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"drain"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"status","x":1}"#).is_err());
-        assert_eq!(serde_json::to_string(&Response::err("no")).unwrap(), r#"{"ok":false,"error":"no"}"#);
+        assert_eq!(
+            serde_json::to_string(&Response::err("no")).unwrap(),
+            r#"{"ok":false,"error":"no"}"#
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +236,9 @@ mod tests {
         tokio::spawn(async move {
             while let Some(c) = rx.recv().await {
                 let resp = match c.request {
-                    Request::Drain { backend } if backend == "gw1" => Response::ok(serde_json::json!({"backend": "gw1", "state": "draining"})),
+                    Request::Drain { backend } if backend == "gw1" => {
+                        Response::ok(serde_json::json!({"backend": "gw1", "state": "draining"}))
+                    }
                     other => Response::err(format!("unsupported {other:?}")),
                 };
                 let _ = c.reply.send(resp);
@@ -197,8 +255,22 @@ mod tests {
         let p = path.clone();
         let (a, b) = tokio::task::spawn_blocking(move || {
             (
-                request(&p, &Request::Drain { backend: "gw1".into() }, Duration::from_secs(2)).unwrap(),
-                request(&p, &Request::Enable { backend: "gw9".into() }, Duration::from_secs(2)).unwrap(),
+                request(
+                    &p,
+                    &Request::Drain {
+                        backend: "gw1".into(),
+                    },
+                    Duration::from_secs(2),
+                )
+                .unwrap(),
+                request(
+                    &p,
+                    &Request::Enable {
+                        backend: "gw9".into(),
+                    },
+                    Duration::from_secs(2),
+                )
+                .unwrap(),
             )
         })
         .await
@@ -207,7 +279,10 @@ mod tests {
         assert!(!b.ok && b.error.unwrap().contains("unsupported"));
         // A second agent must not steal the socket of a live one.
         let (tx2, _rx2) = mpsc::channel::<Command>(1);
-        assert!(matches!(serve(path.clone(), tx2).await, Err(ControlError::Io { .. })));
+        assert!(matches!(
+            serve(path.clone(), tx2).await,
+            Err(ControlError::Io { .. })
+        ));
         server.abort();
         let _ = std::fs::remove_dir_all(&dir);
         // No socket: "not running", plainly.

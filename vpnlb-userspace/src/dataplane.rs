@@ -12,9 +12,10 @@ use std::net::IpAddr;
 
 use vpnlb_common::maglev::{self, MaglevBackend, MaglevError, SlotChange};
 use vpnlb_common::{
-    BACKEND_DOWN, DSCP_VALUES, BACKEND_DRAINING, BACKEND_UP, Backend, FAMILY_V4, FAMILY_V6, FWD_MODE_GUE,
-    FWD_MODE_IPIP, FWD_MODE_L2DSR, GlobalConfig, MAX_BACKENDS, MAX_VIPS, PROTO_ESP, PROTO_TCP,
-    PROTO_UDP, RING_SIZE_MAX, VIP_F_CLASSES, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta, addr_words, words_addr,
+    BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, DSCP_VALUES, FAMILY_V4, FAMILY_V6,
+    FWD_MODE_GUE, FWD_MODE_IPIP, FWD_MODE_L2DSR, GlobalConfig, MAX_BACKENDS, MAX_VIPS, PROTO_ESP,
+    PROTO_TCP, PROTO_UDP, RING_SIZE_MAX, VIP_F_CLASSES, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta,
+    addr_words, words_addr,
 };
 
 use crate::maps::{MapError, MapWriter};
@@ -206,7 +207,11 @@ impl VipSpec {
     /// Every ring of this VIP: (ring id, size, members), its own first, then its classes'.
     pub fn rings(&self) -> Vec<(u32, u32, &[u32])> {
         std::iter::once((self.ring_id, self.ring_size, self.backends.as_slice()))
-            .chain(self.classes.iter().map(|c| (c.ring_id, self.ring_size, c.backends.as_slice())))
+            .chain(
+                self.classes
+                    .iter()
+                    .map(|c| (c.ring_id, self.ring_size, c.backends.as_slice())),
+            )
             .collect()
     }
 
@@ -573,10 +578,16 @@ impl<W: MapWriter> Dataplane<W> {
             }
             for (i, id) in c.backends.iter().enumerate() {
                 if !self.backends.contains_key(id) {
-                    return Err(DataplaneError::VipUnknownBackend { vip: vip(), id: *id });
+                    return Err(DataplaneError::VipUnknownBackend {
+                        vip: vip(),
+                        id: *id,
+                    });
                 }
                 if c.backends[..i].contains(id) {
-                    return Err(DataplaneError::DuplicateBackend { vip: vip(), id: *id });
+                    return Err(DataplaneError::DuplicateBackend {
+                        vip: vip(),
+                        id: *id,
+                    });
                 }
             }
         }

@@ -57,14 +57,20 @@ fn hostname() -> String {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 impl HookEvent {
     pub fn backend_state(t: &Transition) -> Self {
         let host = hostname();
         HookEvent::BackendState {
-            summary: format!("vpnlb@{host}: backend {} {} -> {} ({})", t.backend, t.from, t.to, t.reason),
+            summary: format!(
+                "vpnlb@{host}: backend {} {} -> {} ({})",
+                t.backend, t.from, t.to, t.reason
+            ),
             host,
             transition: t.clone(),
         }
@@ -72,7 +78,11 @@ impl HookEvent {
 
     pub fn failover(from: &PoolChoice, to: &PoolChoice) -> Self {
         let host = hostname();
-        let class = to.class.as_ref().map(|c| format!(" class {c}")).unwrap_or_default();
+        let class = to
+            .class
+            .as_ref()
+            .map(|c| format!(" class {c}"))
+            .unwrap_or_default();
         let name = |p: &Option<String>| p.clone().unwrap_or_else(|| "(none healthy)".into());
         HookEvent::Failover {
             summary: format!(
@@ -130,14 +140,29 @@ impl Hooks {
                     }
                 };
                 if !cfg.exec.is_empty() {
-                    spawn_one(limit.clone(), st.clone(), cfg.timeout, "exec", run_exec(cfg.exec.clone(), body.clone()));
+                    spawn_one(
+                        limit.clone(),
+                        st.clone(),
+                        cfg.timeout,
+                        "exec",
+                        run_exec(cfg.exec.clone(), body.clone()),
+                    );
                 }
                 if let Some(url) = &cfg.webhook {
-                    spawn_one(limit.clone(), st.clone(), cfg.timeout, "webhook", post(url.clone(), body.clone()));
+                    spawn_one(
+                        limit.clone(),
+                        st.clone(),
+                        cfg.timeout,
+                        "webhook",
+                        post(url.clone(), body.clone()),
+                    );
                 }
             }
         });
-        Hooks { tx: Some(tx), stats }
+        Hooks {
+            tx: Some(tx),
+            stats,
+        }
     }
 
     /// Queues an event; never waits. A full queue drops the event (counted, logged).
@@ -151,12 +176,19 @@ impl Hooks {
     }
 }
 
-fn spawn_one<F>(limit: Arc<Semaphore>, st: Arc<HookStats>, timeout: Duration, kind: &'static str, fut: F)
-where
+fn spawn_one<F>(
+    limit: Arc<Semaphore>,
+    st: Arc<HookStats>,
+    timeout: Duration,
+    kind: &'static str,
+    fut: F,
+) where
     F: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
     tokio::spawn(async move {
-        let Ok(_permit) = limit.acquire_owned().await else { return };
+        let Ok(_permit) = limit.acquire_owned().await else {
+            return;
+        };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(())) => {
                 st.ok.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +199,11 @@ where
             }
             Err(_) => {
                 st.timed_out.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(hook = kind, timeout_ms = timeout.as_millis() as u64, "hook timed out");
+                tracing::warn!(
+                    hook = kind,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "hook timed out"
+                );
             }
         }
     });
@@ -186,12 +222,18 @@ async fn run_exec(argv: Vec<String>, body: Arc<Vec<u8>>) -> Result<(), String> {
         let _ = stdin.write_all(&body).await;
     }
     let status = child.wait().await.map_err(|e| e.to_string())?;
-    if status.success() { Ok(()) } else { Err(format!("{} exited with {status}", argv[0])) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} exited with {status}", argv[0]))
+    }
 }
 
 /// POSTs `body` to an `http://` URL with HTTP/1.1.
 async fn post(url: String, body: Arc<Vec<u8>>) -> Result<(), String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad webhook url {url}: {e}"))?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("bad webhook url {url}: {e}"))?;
     if uri.scheme_str() != Some("http") {
         return Err(format!("webhook {url}: only http:// is supported"));
     }
@@ -201,9 +243,15 @@ async fn post(url: String, body: Arc<Vec<u8>>) -> Result<(), String> {
         .await
         .map_err(|e| format!("connect {host}:{port}: {e}"))?;
     let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     let req = hyper::Request::post(path)
         .header("host", format!("{host}:{port}"))
         .header("content-type", "application/json")
@@ -213,7 +261,11 @@ async fn post(url: String, body: Arc<Vec<u8>>) -> Result<(), String> {
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let _ = resp.into_body().collect().await;
-    if status.is_success() { Ok(()) } else { Err(format!("webhook answered {status}")) }
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("webhook answered {status}"))
+    }
 }
 
 #[cfg(test)]
@@ -255,7 +307,9 @@ mod tests {
                     break;
                 }
             }
-            s.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            s.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
             String::from_utf8(got).unwrap()
         });
         let hooks = Hooks::start(HookConfig {
@@ -264,7 +318,10 @@ mod tests {
             timeout: Duration::from_secs(5),
         });
         hooks.emit(HookEvent::backend_state(&transition()));
-        let req = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        let req = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(req.starts_with("POST /vpnlb/events HTTP/1.1"), "{req}");
         assert!(req.contains("\"event\":\"backend_state\""), "{req}");
         assert!(req.contains("\"to\":\"down\""), "{req}");
@@ -274,11 +331,20 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(hooks.stats.ok.load(Ordering::Relaxed), 2, "both hooks succeeded");
+        assert_eq!(
+            hooks.stats.ok.load(Ordering::Relaxed),
+            2,
+            "both hooks succeeded"
+        );
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
         assert_eq!(v["backend"], "gw2");
         assert_eq!(v["from"], "up");
-        assert!(v["summary"].as_str().unwrap().contains("backend gw2 up -> down"));
+        assert!(
+            v["summary"]
+                .as_str()
+                .unwrap()
+                .contains("backend gw2 up -> down")
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -301,9 +367,22 @@ mod tests {
 
     #[test]
     fn failover_summary_names_the_pools() {
-        let from = PoolChoice { vip: "ovpn".into(), class: None, pool: Some("primary".into()) };
-        let to = PoolChoice { vip: "ovpn".into(), class: None, pool: Some("standby".into()) };
-        let HookEvent::Failover { summary, .. } = HookEvent::failover(&from, &to) else { panic!() };
-        assert!(summary.ends_with("vip ovpn now served by pool standby (was primary)"), "{summary}");
+        let from = PoolChoice {
+            vip: "ovpn".into(),
+            class: None,
+            pool: Some("primary".into()),
+        };
+        let to = PoolChoice {
+            vip: "ovpn".into(),
+            class: None,
+            pool: Some("standby".into()),
+        };
+        let HookEvent::Failover { summary, .. } = HookEvent::failover(&from, &to) else {
+            panic!()
+        };
+        assert!(
+            summary.ends_with("vip ovpn now served by pool standby (was primary)"),
+            "{summary}"
+        );
     }
 }

@@ -10,9 +10,9 @@ use aya::maps::{MapInfo, MapType};
 use aya::{Ebpf, EbpfLoader};
 use aya_obj::generated::bpf_map_type;
 use vpnlb_common::{
-    ABI_VERSION, Backend, DEFAULT_MAX_SESSIONS, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS,
-    DSCP_VALUES, MAX_VIPS, NUM_COUNTERS, PIN_ROOT, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
-    map_names,
+    ABI_VERSION, Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, GlobalConfig,
+    MAX_BACKENDS, MAX_VIPS, NUM_COUNTERS, PIN_ROOT, PktBytes, RING_SIZE_MAX, Session, VipKey,
+    VipMeta, map_names,
 };
 
 /// Environment variable naming the eBPF object file to load.

@@ -13,8 +13,8 @@ use aya::maps::xdp::{DevMap, DevMapHash, XdpMapError};
 use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray};
 use vpnlb_common::maglev::SlotChange;
 use vpnlb_common::{
-    BACKEND_UNUSED, Backend, DEFAULT_MAX_SESSIONS, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS,
-    DSCP_VALUES, MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VIP_F_CLASSES, VipKey,
+    BACKEND_UNUSED, Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, GlobalConfig,
+    MAX_BACKENDS, MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VIP_F_CLASSES, VipKey,
     VipMeta, class_slot_index, map_names,
 };
 
@@ -330,11 +330,13 @@ impl MapWriter for AyaMaps {
         check_id("vip id", vip_id, MAX_VIPS)?;
         check_id("dscp", dscp.into(), DSCP_VALUES)?;
         let idx = class_slot_index(vip_id, dscp.into());
-        self.class_rings.set(idx, ring_plus1, 0).map_err(|source| MapError::Op {
-            map: map_names::CLASS_RINGS,
-            op: "update",
-            source,
-        })
+        self.class_rings
+            .set(idx, ring_plus1, 0)
+            .map_err(|source| MapError::Op {
+                map: map_names::CLASS_RINGS,
+                op: "update",
+                source,
+            })
     }
 
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<(), MapError> {
@@ -721,13 +723,15 @@ impl MemMaps {
                 for dscp in 0..DSCP_VALUES as u8 {
                     let r = reader.class_ring(v.vip_id, dscp)?;
                     if r != 0 {
-                        m.class_rings.insert(class_slot_index(v.vip_id, dscp.into()), r);
+                        m.class_rings
+                            .insert(class_slot_index(v.vip_id, dscp.into()), r);
                         ring_ids.push(r - 1);
                     }
                 }
             }
             for ring_id in ring_ids {
-                if v.ring_size == 0 || ring_id >= m.env.ring_rows || m.rings.contains_key(&ring_id) {
+                if v.ring_size == 0 || ring_id >= m.env.ring_rows || m.rings.contains_key(&ring_id)
+                {
                     continue;
                 }
                 let slots = reader.ring(ring_id, v.ring_size.min(RING_SIZE_MAX))?;
@@ -863,7 +867,11 @@ impl MapReader for MemMaps {
     fn class_ring(&self, vip_id: u32, dscp: u8) -> Result<u32, MapError> {
         check_id("vip id", vip_id, MAX_VIPS)?;
         check_id("dscp", dscp.into(), DSCP_VALUES)?;
-        Ok(self.class_rings.get(&class_slot_index(vip_id, dscp.into())).copied().unwrap_or(0))
+        Ok(self
+            .class_rings
+            .get(&class_slot_index(vip_id, dscp.into()))
+            .copied()
+            .unwrap_or(0))
     }
 
     fn config(&self) -> Result<GlobalConfig, MapError> {

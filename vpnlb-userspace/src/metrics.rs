@@ -35,7 +35,10 @@ pub struct View {
 type Labels = Vec<(String, String)>;
 
 fn l(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Sessions are counted by walking the LRU, so at most this often.
@@ -49,7 +52,12 @@ struct DataplaneCollector<R: MapReader + std::fmt::Debug + Send + 'static> {
     sessions: Mutex<Option<(Instant, u64)>>,
 }
 
-fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, u64)]) -> Result<(), std::fmt::Error> {
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, v) in rows {
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
@@ -70,8 +78,13 @@ fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Copy>(
     Ok(())
 }
 
-const STATES: [BackendState; 5] =
-    [BackendState::Unknown, BackendState::Up, BackendState::Down, BackendState::Draining, BackendState::Disabled];
+const STATES: [BackendState; 5] = [
+    BackendState::Unknown,
+    BackendState::Up,
+    BackendState::Down,
+    BackendState::Draining,
+    BackendState::Disabled,
+];
 
 impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCollector<R> {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -81,9 +94,17 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
         // rather than reporting zeros.
         match maps.counters() {
             Ok(c) => {
-                let rows: Vec<(Labels, u64)> =
-                    COUNTER_NAMES.iter().zip(&c).map(|(n, v)| (l(&[("counter", n)]), *v)).collect();
-                counter(&mut enc, "vpnlb_datapath", "XDP outcome and session counters (docs/datapath.md)", &rows)?;
+                let rows: Vec<(Labels, u64)> = COUNTER_NAMES
+                    .iter()
+                    .zip(&c)
+                    .map(|(n, v)| (l(&[("counter", n)]), *v))
+                    .collect();
+                counter(
+                    &mut enc,
+                    "vpnlb_datapath",
+                    "XDP outcome and session counters (docs/datapath.md)",
+                    &rows,
+                )?;
             }
             Err(e) => tracing::warn!(error = %e, "metrics: reading STATS failed"),
         }
@@ -95,8 +116,18 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
                 by.push((l(&[("vip", name)]), s.bytes));
             }
         }
-        counter(&mut enc, "vpnlb_vip_packets", "Packets forwarded per VIP", &pk)?;
-        counter(&mut enc, "vpnlb_vip_bytes", "Bytes forwarded per VIP (frames as received)", &by)?;
+        counter(
+            &mut enc,
+            "vpnlb_vip_packets",
+            "Packets forwarded per VIP",
+            &pk,
+        )?;
+        counter(
+            &mut enc,
+            "vpnlb_vip_bytes",
+            "Bytes forwarded per VIP (frames as received)",
+            &by,
+        )?;
         let (mut pk, mut by) = (Vec::new(), Vec::new());
         for b in &view.backends {
             if let Ok(s) = maps.backend_stats(b.id) {
@@ -104,8 +135,18 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
                 by.push((l(&[("backend", &b.name)]), s.bytes));
             }
         }
-        counter(&mut enc, "vpnlb_backend_packets", "Packets forwarded per backend", &pk)?;
-        counter(&mut enc, "vpnlb_backend_bytes", "Bytes forwarded per backend", &by)?;
+        counter(
+            &mut enc,
+            "vpnlb_backend_packets",
+            "Packets forwarded per backend",
+            &pk,
+        )?;
+        counter(
+            &mut enc,
+            "vpnlb_backend_bytes",
+            "Bytes forwarded per backend",
+            &by,
+        )?;
         let mut cached = self.sessions.lock().map_err(|_| std::fmt::Error)?;
         let fresh = cached.filter(|(at, _)| at.elapsed() < SESSION_COUNT_EVERY);
         let sessions = match fresh {
@@ -138,21 +179,54 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
         let mut res = Vec::new();
         for b in &view.backends {
             for s in STATES {
-                st.push((l(&[("backend", &b.name), ("state", s.as_str())]), i64::from(b.state == s)));
+                st.push((
+                    l(&[("backend", &b.name), ("state", s.as_str())]),
+                    i64::from(b.state == s),
+                ));
             }
             tr.push((l(&[("backend", &b.name)]), b.transitions));
             for c in &b.checks {
                 if let Some(ms) = c.last_latency_ms {
                     lat.push((l(&[("backend", &b.name), ("check", &c.label)]), ms / 1e3));
                 }
-                res.push((l(&[("backend", &b.name), ("check", &c.label), ("result", "ok")]), c.results - c.failures));
-                res.push((l(&[("backend", &b.name), ("check", &c.label), ("result", "fail")]), c.failures));
+                res.push((
+                    l(&[("backend", &b.name), ("check", &c.label), ("result", "ok")]),
+                    c.results - c.failures,
+                ));
+                res.push((
+                    l(&[
+                        ("backend", &b.name),
+                        ("check", &c.label),
+                        ("result", "fail"),
+                    ]),
+                    c.failures,
+                ));
             }
         }
-        gauge(&mut enc, "vpnlb_backend_state", "1 for the backend's current state", &st)?;
-        counter(&mut enc, "vpnlb_backend_transitions", "Backend state changes", &tr)?;
-        gauge(&mut enc, "vpnlb_check_latency_seconds", "Latency of the last successful probe", &lat)?;
-        counter(&mut enc, "vpnlb_check_results", "Health check results", &res)?;
+        gauge(
+            &mut enc,
+            "vpnlb_backend_state",
+            "1 for the backend's current state",
+            &st,
+        )?;
+        counter(
+            &mut enc,
+            "vpnlb_backend_transitions",
+            "Backend state changes",
+            &tr,
+        )?;
+        gauge(
+            &mut enc,
+            "vpnlb_check_latency_seconds",
+            "Latency of the last successful probe",
+            &lat,
+        )?;
+        counter(
+            &mut enc,
+            "vpnlb_check_results",
+            "Health check results",
+            &res,
+        )?;
         let pools: Vec<(Labels, i64)> = view
             .pools
             .iter()
@@ -162,7 +236,12 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
                 (l(&[("vip", &p.vip), ("class", &class), ("pool", &pool)]), 1)
             })
             .collect();
-        gauge(&mut enc, "vpnlb_active_pool", "The pool serving each VIP (and class)", &pools)?;
+        gauge(
+            &mut enc,
+            "vpnlb_active_pool",
+            "The pool serving each VIP (and class)",
+            &pools,
+        )?;
         let h = &self.hooks;
         counter(
             &mut enc,
@@ -171,8 +250,14 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
             &[
                 (l(&[("result", "ok")]), h.ok.load(Ordering::Relaxed)),
                 (l(&[("result", "failed")]), h.failed.load(Ordering::Relaxed)),
-                (l(&[("result", "timeout")]), h.timed_out.load(Ordering::Relaxed)),
-                (l(&[("result", "dropped")]), h.dropped.load(Ordering::Relaxed)),
+                (
+                    l(&[("result", "timeout")]),
+                    h.timed_out.load(Ordering::Relaxed),
+                ),
+                (
+                    l(&[("result", "dropped")]),
+                    h.dropped.load(Ordering::Relaxed),
+                ),
             ],
         )?;
         Ok(())
@@ -189,7 +274,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new<R: MapReader + std::fmt::Debug + Send + 'static>(maps: R, hooks: Arc<HookStats>) -> Metrics {
+    pub fn new<R: MapReader + std::fmt::Debug + Send + 'static>(
+        maps: R,
+        hooks: Arc<HookStats>,
+    ) -> Metrics {
         let mut registry = Registry::default();
         let view = Arc::new(Mutex::new(View::default()));
         let map_write = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
@@ -204,7 +292,11 @@ impl Metrics {
             hooks,
             sessions: Mutex::new(None),
         }));
-        Metrics { registry: Arc::new(registry), view, map_write }
+        Metrics {
+            registry: Arc::new(registry),
+            view,
+            map_write,
+        }
     }
 
     /// The text exposition.
@@ -224,21 +316,28 @@ impl Metrics {
             let (stream, _) = listener.accept().await?;
             let me = self.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let me = me.clone();
-                    async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            hyper::Response::builder()
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let me = me.clone();
+                        async move {
+                            let resp = if req.uri().path() == "/metrics" {
+                                hyper::Response::builder()
                                 .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
                                 .body(Full::new(Bytes::from(me.render())))
-                        } else {
-                            hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
-                        };
-                        Ok::<_, hyper::http::Error>(resp.expect("static response"))
-                    }
-                });
+                            } else {
+                                hyper::Response::builder()
+                                    .status(404)
+                                    .body(Full::new(Bytes::from_static(b"not found\n")))
+                            };
+                            Ok::<_, hyper::http::Error>(resp.expect("static response"))
+                        }
+                    },
+                );
                 let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await
+                {
                     tracing::debug!(error = %e, "metrics connection");
                 }
             });
@@ -257,9 +356,22 @@ mod tests {
     fn renders_datapath_vip_backend_and_health_families() {
         let mut maps = MemMaps::new();
         maps.counters[FWD_L2DSR_TX as usize] = 42;
-        maps.vip_stats.insert(3, PktBytes { packets: 7, bytes: 700 });
-        maps.backend_stats.insert(2, PktBytes { packets: 5, bytes: 500 });
-        maps.set_session(&Default::default(), &Default::default()).unwrap();
+        maps.vip_stats.insert(
+            3,
+            PktBytes {
+                packets: 7,
+                bytes: 700,
+            },
+        );
+        maps.backend_stats.insert(
+            2,
+            PktBytes {
+                packets: 5,
+                bytes: 500,
+            },
+        );
+        maps.set_session(&Default::default(), &Default::default())
+            .unwrap();
         let hooks = Arc::new(HookStats::default());
         hooks.failed.store(1, Ordering::Relaxed);
         let m = Metrics::new(maps, hooks);
@@ -269,7 +381,11 @@ mod tests {
             let mut b = BackendHealth::new("gw2", 2, vec![("icmp".into(), 1, 1)], Instant::now());
             b.state = BackendState::Draining;
             v.backends.push(b);
-            v.pools.push(PoolChoice { vip: "wg".into(), class: None, pool: Some("primary".into()) });
+            v.pools.push(PoolChoice {
+                vip: "wg".into(),
+                class: None,
+                pool: Some("primary".into()),
+            });
         }
         m.map_write.observe(0.0002);
         let text = m.render();

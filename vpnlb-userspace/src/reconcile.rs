@@ -73,18 +73,31 @@ pub fn active_pool<'a>(order: &[&'a DesiredPool], health: &Health) -> Option<&'a
 }
 
 fn ids(pool: Option<&DesiredPool>, by_name: &BTreeMap<&str, u32>) -> Vec<u32> {
-    pool.map(|p| p.backends.iter().filter_map(|b| by_name.get(b.as_str()).copied()).collect())
-        .unwrap_or_default()
+    pool.map(|p| {
+        p.backends
+            .iter()
+            .filter_map(|b| by_name.get(b.as_str()).copied())
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// The `VipSpec` (its own ring from the active pool, one class ring per class from the class's
 /// pool order) and the pool choices for one VIP.
-pub fn vip_spec(v: &DesiredVip, health: &Health, by_name: &BTreeMap<&str, u32>) -> (VipSpec, Vec<PoolChoice>) {
+pub fn vip_spec(
+    v: &DesiredVip,
+    health: &Health,
+    by_name: &BTreeMap<&str, u32>,
+) -> (VipSpec, Vec<PoolChoice>) {
     let mut by_priority: Vec<&DesiredPool> = v.pools.iter().collect();
     // Stable: equal priorities keep file order.
     by_priority.sort_by_key(|p| std::cmp::Reverse(p.priority));
     let active = active_pool(&by_priority, health);
-    let mut choices = vec![PoolChoice { vip: v.name.clone(), class: None, pool: active.map(|p| p.name.clone()) }];
+    let mut choices = vec![PoolChoice {
+        vip: v.name.clone(),
+        class: None,
+        pool: active.map(|p| p.name.clone()),
+    }];
     let mut spec = v.template.clone();
     // With no healthy pool, keep the top pool listed: its ring has no up member, so new flows are
     // dropped and counted, and draining/down members keep their data-plane state.
@@ -93,11 +106,22 @@ pub fn vip_spec(v: &DesiredVip, health: &Health, by_name: &BTreeMap<&str, u32>) 
         .classes
         .iter()
         .map(|c| {
-            let order: Vec<&DesiredPool> =
-                c.pool_order.iter().filter_map(|n| v.pools.iter().find(|p| &p.name == n)).collect();
+            let order: Vec<&DesiredPool> = c
+                .pool_order
+                .iter()
+                .filter_map(|n| v.pools.iter().find(|p| &p.name == n))
+                .collect();
             let a = active_pool(&order, health);
-            choices.push(PoolChoice { vip: v.name.clone(), class: Some(c.name.clone()), pool: a.map(|p| p.name.clone()) });
-            ClassSpec { dscp: c.dscp.clone(), ring_id: c.ring_id, backends: ids(a.or(order.first().copied()), by_name) }
+            choices.push(PoolChoice {
+                vip: v.name.clone(),
+                class: Some(c.name.clone()),
+                pool: a.map(|p| p.name.clone()),
+            });
+            ClassSpec {
+                dscp: c.dscp.clone(),
+                ring_id: c.ring_id,
+                backends: ids(a.or(order.first().copied()), by_name),
+            }
         })
         .collect();
     (spec, choices)
@@ -116,12 +140,23 @@ pub struct Reconciled {
 
 /// Brings the data plane to `desired` under `health`: new/changed backends first, then VIP rings
 /// and entries (deltas only), then removals (VIPs before the backends they listed).
-pub fn reconcile<W: MapWriter>(dp: &mut Dataplane<W>, desired: &Desired, health: &Health) -> Result<Reconciled, DataplaneError> {
+pub fn reconcile<W: MapWriter>(
+    dp: &mut Dataplane<W>,
+    desired: &Desired,
+    health: &Health,
+) -> Result<Reconciled, DataplaneError> {
     let mut out = Reconciled::default();
-    let by_name: BTreeMap<&str, u32> = desired.backends.iter().map(|b| (b.name.as_str(), b.spec.id)).collect();
+    let by_name: BTreeMap<&str, u32> = desired
+        .backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.spec.id))
+        .collect();
     for b in &desired.backends {
         let mut spec = b.spec.clone();
-        spec.state = health.state(&b.name).unwrap_or(BackendState::Unknown).dataplane();
+        spec.state = health
+            .state(&b.name)
+            .unwrap_or(BackendState::Unknown)
+            .dataplane();
         if dp.backend(spec.id) != Some(&spec) {
             add(&mut out.report, dp.upsert_backend(spec)?);
             out.backends_written += 1;
@@ -137,13 +172,21 @@ pub fn reconcile<W: MapWriter>(dp: &mut Dataplane<W>, desired: &Desired, health:
             out.vips_written += 1;
         }
     }
-    let stale: Vec<VipKey> = dp.vips().map(|v| v.key).filter(|k| !wanted_keys.contains(k)).collect();
+    let stale: Vec<VipKey> = dp
+        .vips()
+        .map(|v| v.key)
+        .filter(|k| !wanted_keys.contains(k))
+        .collect();
     for k in stale {
         add(&mut out.report, dp.remove_vip(&k)?);
         out.removed_vips += 1;
     }
     let wanted_ids: BTreeSet<u32> = by_name.values().copied().collect();
-    let stale: Vec<u32> = dp.backends().map(|b| b.id).filter(|id| !wanted_ids.contains(id)).collect();
+    let stale: Vec<u32> = dp
+        .backends()
+        .map(|b| b.id)
+        .filter(|id| !wanted_ids.contains(id))
+        .collect();
     for id in stale {
         add(&mut out.report, dp.remove_backend(id)?);
         out.removed_backends += 1;
@@ -164,7 +207,8 @@ mod tests {
     use std::net::IpAddr;
     use std::time::Instant;
     use vpnlb_common::{
-        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, FWD_MODE_L2DSR, PROTO_UDP, VIP_F_CLASSES, class_slot_index,
+        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, FWD_MODE_L2DSR, PROTO_UDP, VIP_F_CLASSES,
+        class_slot_index,
     };
 
     const M: u32 = 251;
@@ -204,8 +248,16 @@ mod tests {
                     classes: vec![],
                 },
                 pools: vec![
-                    DesiredPool { name: "standby".into(), priority: 50, backends: vec!["gw3".into()] },
-                    DesiredPool { name: "primary".into(), priority: 100, backends: vec!["gw1".into(), "gw2".into()] },
+                    DesiredPool {
+                        name: "standby".into(),
+                        priority: 50,
+                        backends: vec!["gw3".into()],
+                    },
+                    DesiredPool {
+                        name: "primary".into(),
+                        priority: 100,
+                        backends: vec!["gw1".into(), "gw2".into()],
+                    },
                 ],
                 classes: vec![DesiredClass {
                     name: "bulk".into(),
@@ -245,10 +297,25 @@ mod tests {
         let d = desired();
         let mut dp = Dataplane::with_ring_rows(MemMaps::new(), 4);
         let r = reconcile(&mut dp, &d, &health(&["gw1", "gw2", "gw3"])).unwrap();
-        assert_eq!(members(dp.writer(), 0), BTreeSet::from([1, 2]), "primary serves");
-        assert_eq!(members(dp.writer(), 1), BTreeSet::from([3]), "class bulk prefers standby");
+        assert_eq!(
+            members(dp.writer(), 0),
+            BTreeSet::from([1, 2]),
+            "primary serves"
+        );
+        assert_eq!(
+            members(dp.writer(), 1),
+            BTreeSet::from([3]),
+            "class bulk prefers standby"
+        );
         assert_eq!(r.choices[0].pool.as_deref(), Some("primary"));
-        assert_eq!(r.choices[1], PoolChoice { vip: "ovpn".into(), class: Some("bulk".into()), pool: Some("standby".into()) });
+        assert_eq!(
+            r.choices[1],
+            PoolChoice {
+                vip: "ovpn".into(),
+                class: Some("bulk".into()),
+                pool: Some("standby".into())
+            }
+        );
         let m = dp.writer();
         let meta = m.vips.values().next().unwrap();
         assert_eq!(meta.flags & VIP_F_CLASSES, VIP_F_CLASSES);
@@ -258,7 +325,14 @@ mod tests {
 
         // Nothing changed: nothing written.
         let r = reconcile(&mut dp, &d, &health(&["gw1", "gw2", "gw3"])).unwrap();
-        assert_eq!((r.backends_written, r.vips_written, r.report.ring_slots_written), (0, 0, 0));
+        assert_eq!(
+            (
+                r.backends_written,
+                r.vips_written,
+                r.report.ring_slots_written
+            ),
+            (0, 0, 0)
+        );
 
         // One primary member down: the pool still serves, with the other member only.
         reconcile(&mut dp, &d, &health(&["gw2", "gw3"])).unwrap();
@@ -285,7 +359,10 @@ mod tests {
         let d = desired();
         let mut dp = Dataplane::with_ring_rows(MemMaps::new(), 4);
         let mut h = health(&["gw1", "gw2", "gw3"]);
-        h.backends.get_mut("gw1").unwrap().set_admin(Admin::Drain, Instant::now());
+        h.backends
+            .get_mut("gw1")
+            .unwrap()
+            .set_admin(Admin::Drain, Instant::now());
         reconcile(&mut dp, &d, &h).unwrap();
         assert_eq!(members(dp.writer(), 0), BTreeSet::from([2]));
         assert_eq!(dp.writer().backend(1).unwrap().state, BACKEND_DRAINING);
@@ -305,7 +382,10 @@ mod tests {
         assert_eq!((r.removed_vips, r.removed_backends), (1, 1));
         let m = dp.writer();
         assert!(m.vips.is_empty());
-        assert!(m.class_rings.is_empty(), "class entries cleared with the VIP");
+        assert!(
+            m.class_rings.is_empty(),
+            "class entries cleared with the VIP"
+        );
         assert_eq!(members(m, 0), BTreeSet::from([0]));
         assert_eq!(members(m, 1), BTreeSet::from([0]));
         assert_eq!(m.backend(3).unwrap().state, vpnlb_common::BACKEND_UNUSED);

@@ -108,7 +108,13 @@ impl CheckState {
     /// Applies one raw result; returns true if the check's up/down changed. The first result
     /// decides at once (a fresh backend needs no `rise` successes to start serving); afterwards
     /// `rise` consecutive successes bring it up and `fall` consecutive failures bring it down.
-    pub fn apply(&mut self, ok: bool, detail: &str, latency: Option<Duration>, at: Instant) -> bool {
+    pub fn apply(
+        &mut self,
+        ok: bool,
+        detail: &str,
+        latency: Option<Duration>,
+        at: Instant,
+    ) -> bool {
         self.results += 1;
         if !ok {
             self.failures += 1;
@@ -165,7 +171,10 @@ mod unix_seconds {
     use std::time::{SystemTime, UNIX_EPOCH};
 
     pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let secs = t
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         s.serialize_f64(secs)
     }
 }
@@ -189,8 +198,15 @@ pub struct BackendHealth {
 impl BackendHealth {
     /// A backend with the given checks (label, rise, fall). With no checks it is healthy at once.
     pub fn new(name: &str, id: u32, checks: Vec<(String, u32, u32)>, now: Instant) -> Self {
-        let checks: Vec<CheckState> = checks.into_iter().map(|(l, r, f)| CheckState::new(l, r, f)).collect();
-        let state = if checks.is_empty() { BackendState::Up } else { BackendState::Unknown };
+        let checks: Vec<CheckState> = checks
+            .into_iter()
+            .map(|(l, r, f)| CheckState::new(l, r, f))
+            .collect();
+        let state = if checks.is_empty() {
+            BackendState::Up
+        } else {
+            BackendState::Unknown
+        };
         BackendHealth {
             name: name.to_string(),
             id,
@@ -257,7 +273,10 @@ impl BackendHealth {
         } else if c.results == 1 {
             format!("check {} down: {}", c.label, r.detail)
         } else {
-            format!("check {} down: {} ({} consecutive failures)", c.label, r.detail, c.fall)
+            format!(
+                "check {} down: {} ({} consecutive failures)",
+                c.label, r.detail, c.fall
+            )
         };
         self.settle(reason, now)
     }
@@ -277,7 +296,9 @@ impl BackendHealth {
     /// conclude, a backend keeps what the data plane was doing, so a restart moves no flows. A
     /// draining backend was healthy too; [`BackendHealth::restore_admin`] first keeps it draining.
     pub fn adopt(&mut self, dataplane_state: u32) {
-        if self.state == BackendState::Unknown && (dataplane_state == BACKEND_UP || dataplane_state == BACKEND_DRAINING) {
+        if self.state == BackendState::Unknown
+            && (dataplane_state == BACKEND_UP || dataplane_state == BACKEND_DRAINING)
+        {
             for c in &mut self.checks {
                 c.up = Some(true);
             }
@@ -333,7 +354,11 @@ mod tests {
             check_index: idx,
             ok,
             latency: ok.then(|| Duration::from_millis(1)),
-            detail: if ok { "echo reply".into() } else { "timeout".into() },
+            detail: if ok {
+                "echo reply".into()
+            } else {
+                "timeout".into()
+            },
             at,
         }
     }
@@ -343,15 +368,26 @@ mod tests {
         let t0 = Instant::now();
         let mut b = BackendHealth::new("gw1", 1, vec![("icmp".into(), 2, 3)], t0);
         assert_eq!(b.state, BackendState::Unknown);
-        let tr = b.on_result(&result(0, true, t0), t0).expect("first success brings it up");
+        let tr = b
+            .on_result(&result(0, true, t0), t0)
+            .expect("first success brings it up");
         assert_eq!((tr.from, tr.to), (BackendState::Unknown, BackendState::Up));
         // Two failures: still up (fall = 3); the third brings it down.
         for i in 1..=2 {
-            assert!(b.on_result(&result(0, false, t0), t0 + Duration::from_secs(i)).is_none());
+            assert!(
+                b.on_result(&result(0, false, t0), t0 + Duration::from_secs(i))
+                    .is_none()
+            );
         }
-        let tr = b.on_result(&result(0, false, t0), t0 + Duration::from_secs(3)).expect("down");
+        let tr = b
+            .on_result(&result(0, false, t0), t0 + Duration::from_secs(3))
+            .expect("down");
         assert_eq!(tr.to, BackendState::Down);
-        assert!(tr.reason.contains("3 consecutive failures"), "{}", tr.reason);
+        assert!(
+            tr.reason.contains("3 consecutive failures"),
+            "{}",
+            tr.reason
+        );
         assert_eq!(b.since, t0 + Duration::from_secs(3));
         // A success interrupting the streak resets it: rise = 2 needs two in a row.
         assert!(b.on_result(&result(0, true, t0), t0).is_none());
@@ -365,10 +401,24 @@ mod tests {
     #[test]
     fn all_checks_must_be_up_and_any_down_is_down() {
         let t0 = Instant::now();
-        let mut b = BackendHealth::new("gw1", 1, vec![("icmp".into(), 1, 1), ("bfd".into(), 1, 1)], t0);
-        assert!(b.on_result(&result(0, true, t0), t0).is_none(), "one of two checks up: still unknown");
-        assert_eq!(b.on_result(&result(1, true, t0), t0).unwrap().to, BackendState::Up);
-        assert_eq!(b.on_result(&result(1, false, t0), t0).unwrap().to, BackendState::Down);
+        let mut b = BackendHealth::new(
+            "gw1",
+            1,
+            vec![("icmp".into(), 1, 1), ("bfd".into(), 1, 1)],
+            t0,
+        );
+        assert!(
+            b.on_result(&result(0, true, t0), t0).is_none(),
+            "one of two checks up: still unknown"
+        );
+        assert_eq!(
+            b.on_result(&result(1, true, t0), t0).unwrap().to,
+            BackendState::Up
+        );
+        assert_eq!(
+            b.on_result(&result(1, false, t0), t0).unwrap().to,
+            BackendState::Down
+        );
         // Unknown check index is ignored.
         assert!(b.on_result(&result(7, false, t0), t0).is_none());
     }
@@ -378,13 +428,25 @@ mod tests {
         let t0 = Instant::now();
         let mut b = BackendHealth::new("gw1", 1, vec![("icmp".into(), 1, 1)], t0);
         b.on_result(&result(0, true, t0), t0);
-        assert_eq!(b.set_admin(Admin::Drain, t0).unwrap().to, BackendState::Draining);
+        assert_eq!(
+            b.set_admin(Admin::Drain, t0).unwrap().to,
+            BackendState::Draining
+        );
         assert_eq!(BackendState::Draining.dataplane(), BACKEND_DRAINING);
         assert!(!BackendState::Draining.serves_new_flows());
         // Health going down while draining: down (sessions must move).
-        assert_eq!(b.on_result(&result(0, false, t0), t0).unwrap().to, BackendState::Down);
-        assert_eq!(b.on_result(&result(0, true, t0), t0).unwrap().to, BackendState::Draining);
-        assert_eq!(b.set_admin(Admin::Disable, t0).unwrap().to, BackendState::Disabled);
+        assert_eq!(
+            b.on_result(&result(0, false, t0), t0).unwrap().to,
+            BackendState::Down
+        );
+        assert_eq!(
+            b.on_result(&result(0, true, t0), t0).unwrap().to,
+            BackendState::Draining
+        );
+        assert_eq!(
+            b.set_admin(Admin::Disable, t0).unwrap().to,
+            BackendState::Disabled
+        );
         assert_eq!(BackendState::Disabled.dataplane(), BACKEND_DOWN);
         // Health changes while disabled change nothing visible.
         assert!(b.on_result(&result(0, false, t0), t0).is_none());
@@ -400,13 +462,21 @@ mod tests {
         let mut old = BackendHealth::new("a", 1, vec![("icmp".into(), 1, 1)], t0);
         old.on_result(&result(0, true, t0), t0);
         old.set_admin(Admin::Drain, t0);
-        let mut new = BackendHealth::new("a", 1, vec![("icmp".into(), 2, 2), ("tcp:443".into(), 2, 2)], t0);
+        let mut new = BackendHealth::new(
+            "a",
+            1,
+            vec![("icmp".into(), 2, 2), ("tcp:443".into(), 2, 2)],
+            t0,
+        );
         new.admin = Admin::Drain;
         new.carry_over(&old);
         assert_eq!((new.state, new.transitions), (BackendState::Draining, 2));
         // The new checks count as up: one failure does not take it down, `fall` do.
         assert!(new.on_result(&result(1, false, t0), t0).is_none());
-        assert_eq!(new.on_result(&result(1, false, t0), t0).unwrap().to, BackendState::Down);
+        assert_eq!(
+            new.on_result(&result(1, false, t0), t0).unwrap().to,
+            BackendState::Down
+        );
         // A backend that was down starts from scratch.
         let mut new2 = BackendHealth::new("a", 1, vec![("icmp".into(), 2, 2)], t0);
         new2.carry_over(&new);
@@ -416,13 +486,19 @@ mod tests {
     #[test]
     fn no_checks_means_up_and_adoption_keeps_serving() {
         let t0 = Instant::now();
-        assert_eq!(BackendHealth::new("a", 1, vec![], t0).state, BackendState::Up);
+        assert_eq!(
+            BackendHealth::new("a", 1, vec![], t0).state,
+            BackendState::Up
+        );
         let mut b = BackendHealth::new("b", 2, vec![("tcp:443".into(), 2, 2)], t0);
         b.adopt(BACKEND_UP);
         assert_eq!(b.state, BackendState::Up);
         // After adoption a single failure does not drop it (fall = 2 applies).
         assert!(b.on_result(&result(0, false, t0), t0).is_none());
-        assert_eq!(b.on_result(&result(0, false, t0), t0).unwrap().to, BackendState::Down);
+        assert_eq!(
+            b.on_result(&result(0, false, t0), t0).unwrap().to,
+            BackendState::Down
+        );
         let mut c = BackendHealth::new("c", 3, vec![("tcp:443".into(), 2, 2)], t0);
         c.adopt(BACKEND_DOWN);
         assert_eq!(c.state, BackendState::Unknown);
@@ -436,6 +512,9 @@ mod tests {
         e.restore_admin(Admin::Disable);
         e.adopt(BACKEND_DOWN);
         assert_eq!(e.state, BackendState::Disabled);
-        assert!(e.on_result(&result(0, true, t0), t0).is_none(), "no transition while disabled");
+        assert!(
+            e.on_result(&result(0, true, t0), t0).is_none(),
+            "no transition while disabled"
+        );
     }
 }

@@ -111,7 +111,9 @@ fn build_ebpf(quiet: bool) -> Result<PathBuf> {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root_dir().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root_dir().join("target"))
 }
 
 /// A `cargo` command run in the workspace root with the object path exported for tests and builds,
@@ -187,21 +189,69 @@ fn bench(json: bool, args: &[String]) -> Result<()> {
     toolchain::require_root("cargo xtask bench")?;
     toolchain::ensure_runtime_prereqs()?;
     let obj = build_ebpf(true)?;
-    let mut cmd = cargo_with_object(&obj);
-    cmd.args([
-        "run",
+    // The agent rows measure the release agent (what users run).
+    run(cargo_with_object(&obj).args([
+        "build",
         "--quiet",
         "--release",
         "-p",
-        "vpnlb-tests",
+        "vpnlb-userspace",
         "--bin",
-        "vpnlb-bench",
-        "--",
-    ]);
-    if json {
-        cmd.arg("--json");
+        "vpnlb",
+    ]))?;
+    let bins = ["vpnlb-bench", "vpnlb-agent-bench"];
+    let mut merged: Vec<serde_json::Value> = Vec::new();
+    let mut extra = serde_json::Map::new();
+    for bin in bins {
+        let mut cmd = cargo_with_object(&obj);
+        cmd.env("VPNLB_BIN", target_dir().join("release/vpnlb"))
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "vpnlb-tests",
+                "--bin",
+                bin,
+                "--",
+            ]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.args(args);
+        if !json {
+            run(&mut cmd)?;
+            continue;
+        }
+        let out = cmd
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {bin}"))?;
+        if !out.status.success() {
+            bail!("{bin} failed with {}", out.status);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{bin} printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        if let serde_json::Value::Object(map) = v {
+            for (k, val) in map {
+                match (k.as_str(), val) {
+                    ("results", serde_json::Value::Array(rows)) => merged.extend(rows),
+                    (_, val) => {
+                        extra.insert(k, val);
+                    }
+                }
+            }
+        }
     }
-    run(cmd.args(args))
+    if json {
+        extra.insert("results".into(), serde_json::Value::Array(merged));
+        println!("{}", serde_json::Value::Object(extra));
+    }
+    Ok(())
 }
 
 fn demo(keep: bool) -> Result<()> {

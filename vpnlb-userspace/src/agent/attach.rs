@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{Xdp, XdpMode};
 use aya::programs::xdp::XdpLink;
+use aya::programs::{Xdp, XdpMode};
 use vpnlb_common::{ABI_VERSION, PIN_ROOT};
 
 use crate::config::AttachMode;
@@ -37,12 +37,18 @@ pub fn check_abi(pin_dir: &Path) -> Result<(), AgentError> {
     if !pin_dir.starts_with(root) {
         return Ok(());
     }
-    let Ok(entries) = std::fs::read_dir(root) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(v) = name.strip_prefix('v').and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Some(v) = name.strip_prefix('v').and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
         let links = e.path().join("links");
-        let live = std::fs::read_dir(&links).map(|mut d| d.next().is_some()).unwrap_or(false);
+        let live = std::fs::read_dir(&links)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
         if v != ABI_VERSION && live {
             return Err(AgentError::Abi {
                 found: v,
@@ -54,26 +60,48 @@ pub fn check_abi(pin_dir: &Path) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn take_and_pin(prog: &mut Xdp, id: aya::programs::xdp::XdpLinkId, pin: &Path) -> Result<(), AgentError> {
-    let link = prog.take_link(id).map_err(|e| AgentError::Attach { iface: pin.display().to_string(), reason: e.to_string() })?;
-    let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| AgentError::Attach {
+fn take_and_pin(
+    prog: &mut Xdp,
+    id: aya::programs::xdp::XdpLinkId,
+    pin: &Path,
+) -> Result<(), AgentError> {
+    let link = prog.take_link(id).map_err(|e| AgentError::Attach {
         iface: pin.display().to_string(),
-        reason: format!("not a bpf_link (kernel without XDP links?): {e}"),
+        reason: e.to_string(),
     })?;
-    fd.pin(pin).map_err(|e| AgentError::Attach { iface: pin.display().to_string(), reason: format!("pin: {e}") })?;
+    let fd: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| AgentError::Attach {
+            iface: pin.display().to_string(),
+            reason: format!("not a bpf_link (kernel without XDP links?): {e}"),
+        })?;
+    fd.pin(pin).map_err(|e| AgentError::Attach {
+        iface: pin.display().to_string(),
+        reason: format!("pin: {e}"),
+    })?;
     Ok(())
 }
 
 /// Attaches (or adopts) `prog` on `ifname` and leaves the link pinned.
-pub fn attach(prog: &mut Xdp, ifname: &str, mode: AttachMode, pin_dir: &Path) -> Result<Attached, AgentError> {
+pub fn attach(
+    prog: &mut Xdp,
+    ifname: &str,
+    mode: AttachMode,
+    pin_dir: &Path,
+) -> Result<Attached, AgentError> {
     let pin = link_pin(pin_dir, ifname);
-    let err = |reason: String| AgentError::Attach { iface: ifname.to_string(), reason };
-    std::fs::create_dir_all(pin.parent().expect("has parent")).map_err(|e| err(format!("create {}: {e}", pin.display())))?;
+    let err = |reason: String| AgentError::Attach {
+        iface: ifname.to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(pin.parent().expect("has parent"))
+        .map_err(|e| err(format!("create {}: {e}", pin.display())))?;
     if pin.exists() {
         match PinnedLink::from_pin(&pin) {
             Ok(pinned) => {
                 let fd: FdLink = pinned.into();
-                let link = XdpLink::try_from(fd).map_err(|e| err(format!("pinned link is not XDP: {e}")))?;
+                let link = XdpLink::try_from(fd)
+                    .map_err(|e| err(format!("pinned link is not XDP: {e}")))?;
                 match prog.attach_to_link(link) {
                     Ok(id) => {
                         // The link now runs this program; keep it pinned, not owned by `prog`.
@@ -84,13 +112,15 @@ pub fn attach(prog: &mut Xdp, ifname: &str, mode: AttachMode, pin_dir: &Path) ->
                     Err(e) => {
                         // ENOLINK: the device of the pinned link is gone. Replace the pin.
                         tracing::warn!(iface = ifname, error = %e, "pinned link unusable, re-attaching");
-                        std::fs::remove_file(&pin).map_err(|e| err(format!("unpin {}: {e}", pin.display())))?;
+                        std::fs::remove_file(&pin)
+                            .map_err(|e| err(format!("unpin {}: {e}", pin.display())))?;
                     }
                 }
             }
             Err(e) => {
                 tracing::warn!(iface = ifname, error = %e, "stale link pin, re-attaching");
-                std::fs::remove_file(&pin).map_err(|e| err(format!("unpin {}: {e}", pin.display())))?;
+                std::fs::remove_file(&pin)
+                    .map_err(|e| err(format!("unpin {}: {e}", pin.display())))?;
             }
         }
     }
@@ -100,11 +130,21 @@ pub fn attach(prog: &mut Xdp, ifname: &str, mode: AttachMode, pin_dir: &Path) ->
         AttachMode::Generic => (XdpMode::Skb, None),
     };
     let (id, how) = match prog.attach(ifname, first) {
-        Ok(id) => (id, if first == XdpMode::Driver { Attached::Native } else { Attached::Generic }),
+        Ok(id) => (
+            id,
+            if first == XdpMode::Driver {
+                Attached::Native
+            } else {
+                Attached::Generic
+            },
+        ),
         Err(e) => match fallback {
             Some(fb) => {
                 tracing::warn!(iface = ifname, error = %e, "native XDP refused, falling back to generic (skb) mode: slower");
-                (prog.attach(ifname, fb).map_err(|e| err(e.to_string()))?, Attached::Generic)
+                (
+                    prog.attach(ifname, fb).map_err(|e| err(e.to_string()))?,
+                    Attached::Generic,
+                )
             }
             None => return Err(err(e.to_string())),
         },
@@ -119,13 +159,20 @@ pub fn detach(pin_dir: &Path, ifname: &str) -> Result<(), AgentError> {
     match std::fs::remove_file(&pin) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(AgentError::Attach { iface: ifname.to_string(), reason: format!("unpin: {e}") }),
+        Err(e) => Err(AgentError::Attach {
+            iface: ifname.to_string(),
+            reason: format!("unpin: {e}"),
+        }),
     }
 }
 
 /// Interfaces with a pinned link.
 pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
     std::fs::read_dir(pin_dir.join("links"))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }

@@ -21,15 +21,21 @@ pub struct Iface {
 
 /// The egress interface of a backend: its own `interface`, else the first attached one.
 pub fn backend_iface<'a>(cfg: &'a Config, backend: &'a crate::config::BackendConfig) -> &'a str {
-    backend
-        .interface
-        .as_deref()
-        .unwrap_or_else(|| cfg.interfaces.first().map(|i| i.name.as_str()).unwrap_or("eth0"))
+    backend.interface.as_deref().unwrap_or_else(|| {
+        cfg.interfaces
+            .first()
+            .map(|i| i.name.as_str())
+            .unwrap_or("eth0")
+    })
 }
 
 /// Wire-order mask of the low `bits` bits of a 32-bit word of an address.
 fn low_bits_mask(bits: u8) -> u32 {
-    let host = if bits == 0 { 0 } else { (u64::MAX >> (64 - u32::from(bits.min(32)))) as u32 };
+    let host = if bits == 0 {
+        0
+    } else {
+        (u64::MAX >> (64 - u32::from(bits.min(32)))) as u32
+    };
     u32::from_ne_bytes(host.to_be_bytes())
 }
 
@@ -53,7 +59,12 @@ pub fn global_config(cfg: &Config) -> GlobalConfig {
 /// Everything the reconciler needs. `macs` holds next-hop MACs resolved at run time for backends
 /// without a configured `mac` (absent: the backend is written with a zero MAC and kept down by its
 /// neighbour pseudo-check).
-pub fn desired(cfg: &Config, ids: &IdMap, ifaces: &HashMap<String, Iface>, macs: &HashMap<String, [u8; 6]>) -> Result<Desired, AgentError> {
+pub fn desired(
+    cfg: &Config,
+    ids: &IdMap,
+    ifaces: &HashMap<String, Iface>,
+    macs: &HashMap<String, [u8; 6]>,
+) -> Result<Desired, AgentError> {
     let mut out = Desired::default();
     for b in &cfg.backends {
         let ifname = backend_iface(cfg, b);
@@ -61,8 +72,14 @@ pub fn desired(cfg: &Config, ids: &IdMap, ifaces: &HashMap<String, Iface>, macs:
             name: ifname.to_string(),
             reason: format!("backend {:?} egresses there but it does not exist", b.name),
         })?;
-        let id = ids.backend(&b.name).ok_or_else(|| AgentError::Internal(format!("no id for backend {}", b.name)))?;
-        let mac = b.mac.map(|m| m.octets()).or_else(|| macs.get(&b.name).copied()).unwrap_or([0; 6]);
+        let id = ids
+            .backend(&b.name)
+            .ok_or_else(|| AgentError::Internal(format!("no id for backend {}", b.name)))?;
+        let mac = b
+            .mac
+            .map(|m| m.octets())
+            .or_else(|| macs.get(&b.name).copied())
+            .unwrap_or([0; 6]);
         out.backends.push(DesiredBackend {
             name: b.name.clone(),
             spec: BackendSpec {
@@ -77,34 +94,60 @@ pub fn desired(cfg: &Config, ids: &IdMap, ifaces: &HashMap<String, Iface>, macs:
         });
     }
     for v in &cfg.vips {
-        let vip_id = ids.vip(&v.name).ok_or_else(|| AgentError::Internal(format!("no id for vip {}", v.name)))?;
-        let ring_id = ids.ring(&v.name, None).ok_or_else(|| AgentError::Internal(format!("no ring for vip {}", v.name)))?;
+        let vip_id = ids
+            .vip(&v.name)
+            .ok_or_else(|| AgentError::Internal(format!("no id for vip {}", v.name)))?;
+        let ring_id = ids
+            .ring(&v.name, None)
+            .ok_or_else(|| AgentError::Internal(format!("no ring for vip {}", v.name)))?;
         let template = VipSpec {
             key: VipKey::new(v.address, v.port.unwrap_or(0), v.protocol.number()),
             vip_id,
             ring_id,
             ring_size: v.ring_size,
-            flags: if v.hash == HashMode::Source { VIP_F_HASH_SRC_ONLY } else { 0 },
+            flags: if v.hash == HashMode::Source {
+                VIP_F_HASH_SRC_ONLY
+            } else {
+                0
+            },
             fwd_mode: v.forwarding.mode(),
             mtu: v.mtu,
             idle_timeout_ns: v.idle_timeout_s.saturating_mul(1_000_000_000),
-            gue_port: if v.forwarding == Forwarding::Gue { v.gue_port.unwrap_or(DEFAULT_GUE_PORT) } else { 0 },
+            gue_port: if v.forwarding == Forwarding::Gue {
+                v.gue_port.unwrap_or(DEFAULT_GUE_PORT)
+            } else {
+                0
+            },
             backends: Vec::new(),
             classes: Vec::new(),
         };
         let pools = v
             .pools
             .iter()
-            .map(|p| DesiredPool { name: p.name.clone(), priority: p.priority, backends: p.backends.clone() })
+            .map(|p| DesiredPool {
+                name: p.name.clone(),
+                priority: p.priority,
+                backends: p.backends.clone(),
+            })
             .collect();
         let mut classes = Vec::new();
         for c in &v.classes {
-            let ring_id = ids
-                .ring(&v.name, Some(&c.name))
-                .ok_or_else(|| AgentError::Internal(format!("no ring for vip {} class {}", v.name, c.name)))?;
-            classes.push(DesiredClass { name: c.name.clone(), dscp: c.dscp.clone(), ring_id, pool_order: c.pool_order.clone() });
+            let ring_id = ids.ring(&v.name, Some(&c.name)).ok_or_else(|| {
+                AgentError::Internal(format!("no ring for vip {} class {}", v.name, c.name))
+            })?;
+            classes.push(DesiredClass {
+                name: c.name.clone(),
+                dscp: c.dscp.clone(),
+                ring_id,
+                pool_order: c.pool_order.clone(),
+            });
         }
-        out.vips.push(DesiredVip { name: v.name.clone(), template, pools, classes });
+        out.vips.push(DesiredVip {
+            name: v.name.clone(),
+            template,
+            pools,
+            classes,
+        });
     }
     Ok(out)
 }

@@ -37,8 +37,14 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Load(#[from] loader::LoadError),
-    #[error("pinned state of map ABI v{found} at {path} is in use; this agent understands v{ours}: run the matching vpnlb version, or detach and remove those pins")]
-    Abi { found: u32, path: PathBuf, ours: u32 },
+    #[error(
+        "pinned state of map ABI v{found} at {path} is in use; this agent understands v{ours}: run the matching vpnlb version, or detach and remove those pins"
+    )]
+    Abi {
+        found: u32,
+        path: PathBuf,
+        ours: u32,
+    },
     #[error("interface {name}: {reason}")]
     Interface { name: String, reason: String },
     #[error("attaching to {iface}: {reason}")]
@@ -58,13 +64,19 @@ pub enum AgentError {
 /// Where the stable name -> id assignment is kept between agent runs (tmpfs, like bpffs: both are
 /// gone after a reboot, together).
 pub fn ids_path(control_socket: &Path) -> PathBuf {
-    control_socket.parent().unwrap_or(Path::new("/run/vpnlb")).join("ids.json")
+    control_socket
+        .parent()
+        .unwrap_or(Path::new("/run/vpnlb"))
+        .join("ids.json")
 }
 
 /// Where admin overrides (drain, disable) are kept between agent runs, next to the ids: a drained
 /// or disabled gateway must stay so across an agent restart.
 pub fn admin_path(control_socket: &Path) -> PathBuf {
-    control_socket.parent().unwrap_or(Path::new("/run/vpnlb")).join("admin.json")
+    control_socket
+        .parent()
+        .unwrap_or(Path::new("/run/vpnlb"))
+        .join("admin.json")
 }
 
 /// A running check of one backend. Held only for its Drop, which stops the check.
@@ -95,6 +107,8 @@ struct Agent {
     neigh_tx: mpsc::Sender<NeighUpdate>,
     choices: Vec<PoolChoice>,
     started: SystemTime,
+    /// Check results arrived since the metrics view was last refreshed.
+    view_dirty: bool,
 }
 
 /// A neighbour-resolution report for a backend without a configured MAC.
@@ -106,7 +120,9 @@ struct NeighUpdate {
 }
 
 fn unix(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Health entries for `cfg`'s backends: configured checks plus, for a backend whose MAC must be
@@ -148,7 +164,10 @@ impl Agent {
             );
         }
         for new in &r.choices {
-            let old = self.choices.iter().find(|o| o.vip == new.vip && o.class == new.class);
+            let old = self
+                .choices
+                .iter()
+                .find(|o| o.vip == new.vip && o.class == new.class);
             if let Some(old) = old
                 && old.pool != new.pool
             {
@@ -161,11 +180,17 @@ impl Agent {
         Ok(())
     }
 
-    fn refresh_view(&self) {
+    fn refresh_view(&mut self) {
+        self.view_dirty = false;
         if let Ok(mut v) = self.metrics.view.lock() {
             *v = View {
                 backends: self.health.backends.values().cloned().collect(),
-                vips: self.cfg.vips.iter().filter_map(|v| self.ids.vip(&v.name).map(|id| (v.name.clone(), id))).collect(),
+                vips: self
+                    .cfg
+                    .vips
+                    .iter()
+                    .filter_map(|v| self.ids.vip(&v.name).map(|id| (v.name.clone(), id)))
+                    .collect(),
                 pools: self.choices.clone(),
             };
         }
@@ -175,7 +200,17 @@ impl Agent {
         let checks: Vec<String> = t
             .checks
             .iter()
-            .map(|c| format!("{}={}", c.label, match c.last_ok { Some(true) => "ok", Some(false) => "fail", None => "-" }))
+            .map(|c| {
+                format!(
+                    "{}={}",
+                    c.label,
+                    match c.last_ok {
+                        Some(true) => "ok",
+                        Some(false) => "fail",
+                        None => "-",
+                    }
+                )
+            })
             .collect();
         tracing::warn!(
             backend = %t.backend,
@@ -193,12 +228,16 @@ impl Agent {
         let Some(name) = self.names.get(&r.backend_id).cloned() else {
             return Ok(());
         };
-        let Some(b) = self.health.backends.get_mut(&name) else { return Ok(()) };
+        let Some(b) = self.health.backends.get_mut(&name) else {
+            return Ok(());
+        };
         if let Some(t) = b.on_result(&r, t0) {
             self.log_transition(&t);
             self.apply("health", t0)?;
         } else {
-            self.refresh_view();
+            // Copying every backend's health into the metrics view per result would cost O(n)
+            // per probe (O(n^2) per second with n backends): the loop refreshes it once a second.
+            self.view_dirty = true;
         }
         Ok(())
     }
@@ -209,9 +248,18 @@ impl Agent {
             Some(m) => self.macs.insert(u.backend.clone(), m) != Some(m),
             None => self.macs.remove(&u.backend).is_some(),
         };
-        let Some(b) = self.health.backends.get_mut(&u.backend) else { return Ok(()) };
+        let Some(b) = self.health.backends.get_mut(&u.backend) else {
+            return Ok(());
+        };
         let idx = b.checks.len().saturating_sub(1);
-        let r = CheckResult { backend_id: b.id, check_index: idx, ok: u.mac.is_some(), latency: None, detail: u.detail, at: t0 };
+        let r = CheckResult {
+            backend_id: b.id,
+            check_index: idx,
+            ok: u.mac.is_some(),
+            latency: None,
+            detail: u.detail,
+            at: t0,
+        };
         let t = b.on_result(&r, t0);
         if let Some(t) = &t {
             self.log_transition(t);
@@ -224,22 +272,39 @@ impl Agent {
 
     /// Starts checks (and neighbour resolution) of backend `name`.
     fn start_checks(&mut self, name: &str) -> Result<(), AgentError> {
-        let Some(b) = self.cfg.backends.iter().find(|b| b.name == name).cloned() else { return Ok(()) };
+        let Some(b) = self.cfg.backends.iter().find(|b| b.name == name).cloned() else {
+            return Ok(());
+        };
         let id = self.ids.backend(&b.name).expect("assigned");
         let iface = desired::backend_iface(&self.cfg, &b).to_string();
         let mut running = Vec::new();
         for (i, spec) in b.checks.iter().enumerate() {
-            let target = CheckTarget { backend_id: id, check_index: i, addr: b.address, source: None, interface: None };
-            let err = |reason: String| AgentError::Check { backend: b.name.clone(), reason };
+            let target = CheckTarget {
+                backend_id: id,
+                check_index: i,
+                addr: b.address,
+                source: None,
+                interface: None,
+            };
+            let err = |reason: String| AgentError::Check {
+                backend: b.name.clone(),
+                reason,
+            };
             if let CheckSpec::Bfd { .. } = spec {
                 if self.bfd.is_none() {
                     self.bfd = Some(BfdManager::start().map_err(|e| err(format!("bfd: {e}")))?);
                 }
-                let params = SessionParams::from_spec(spec).ok_or_else(|| err("bfd parameters".into()))?;
-                let h = self.bfd.as_ref().expect("started").add_session(params, target, self.results_tx.clone());
+                let params =
+                    SessionParams::from_spec(spec).ok_or_else(|| err("bfd parameters".into()))?;
+                let h = self.bfd.as_ref().expect("started").add_session(
+                    params,
+                    target,
+                    self.results_tx.clone(),
+                );
                 running.push(Running::Bfd(h.map_err(|e| err(format!("bfd: {e}")))?));
             } else {
-                let h = runner::spawn(spec, target, self.results_tx.clone()).map_err(|e| err(e.to_string()))?;
+                let h = runner::spawn(spec, target, self.results_tx.clone())
+                    .map_err(|e| err(e.to_string()))?;
                 running.push(Running::Probe(h));
             }
         }
@@ -251,21 +316,38 @@ impl Agent {
                 let mut last: Option<Option<[u8; 6]>> = None;
                 loop {
                     let dev = iface.clone();
-                    let mac = tokio::task::spawn_blocking(move || neigh::resolve(addr, &dev, Duration::from_millis(500)))
-                        .await
-                        .ok()
-                        .flatten();
+                    let mac = tokio::task::spawn_blocking(move || {
+                        neigh::resolve(addr, &dev, Duration::from_millis(500))
+                    })
+                    .await
+                    .ok()
+                    .flatten();
                     if last != Some(mac) {
                         let detail = match mac {
                             Some(m) => format!("lladdr {} on {iface}", fmt_mac(&m)),
-                            None => format!("no neighbour entry for {addr} on {iface}: set mac = ... or make it reachable"),
+                            None => format!(
+                                "no neighbour entry for {addr} on {iface}: set mac = ... or make it reachable"
+                            ),
                         };
-                        if tx.send(NeighUpdate { backend: backend.clone(), mac, detail }).await.is_err() {
+                        if tx
+                            .send(NeighUpdate {
+                                backend: backend.clone(),
+                                mac,
+                                detail,
+                            })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                         last = Some(mac);
                     }
-                    tokio::time::sleep(if mac.is_some() { Duration::from_secs(5) } else { Duration::from_secs(1) }).await;
+                    tokio::time::sleep(if mac.is_some() {
+                        Duration::from_secs(5)
+                    } else {
+                        Duration::from_secs(1)
+                    })
+                    .await;
                 }
             });
             self.neigh.insert(b.name.clone(), task);
@@ -359,43 +441,69 @@ impl Agent {
 
     /// Saves the admin overrides of all backends (see [`admin_path`]).
     fn save_admin(&self) {
-        let admin: BTreeMap<&str, Admin> =
-            self.health.backends.iter().filter(|(_, h)| h.admin != Admin::None).map(|(n, h)| (n.as_str(), h.admin)).collect();
-        save_json(&admin, &admin_path(&self.cfg.agent.control_socket), "admin overrides");
+        let admin: BTreeMap<&str, Admin> = self
+            .health
+            .backends
+            .iter()
+            .filter(|(_, h)| h.admin != Admin::None)
+            .map(|(n, h)| (n.as_str(), h.admin))
+            .collect();
+        save_json(
+            &admin,
+            &admin_path(&self.cfg.agent.control_socket),
+            "admin overrides",
+        );
     }
 
     /// Applies a new config as a delta. On any error the running config stays untouched.
     fn reload(&mut self) -> Result<serde_json::Value, AgentError> {
         let t0 = Instant::now();
         let new = config::load(&self.config_path)?;
-        if new.agent.pin_dir != self.cfg.agent.pin_dir || new.agent.max_sessions != self.cfg.agent.max_sessions {
+        if new.agent.pin_dir != self.cfg.agent.pin_dir
+            || new.agent.max_sessions != self.cfg.agent.max_sessions
+        {
             return Err(AgentError::Internal(
                 "pin_dir and max_sessions cannot change on reload (they define the pinned maps): restart the agent".into(),
             ));
         }
         let ids = config::assign_ids(&new, Some(&self.ids));
-        let names: Vec<String> = new.interfaces.iter().map(|i| i.name.clone()).chain(new.backends.iter().filter_map(|b| b.interface.clone())).collect();
+        let names: Vec<String> = new
+            .interfaces
+            .iter()
+            .map(|i| i.name.clone())
+            .chain(new.backends.iter().filter_map(|b| b.interface.clone()))
+            .collect();
         let ifaces = neigh::ifaces(names.iter().map(String::as_str));
         // Dry run: the new desired state must resolve before anything changes.
         desired::desired(&new, &ids, &ifaces, &self.macs)?;
         let old = std::mem::replace(&mut self.cfg, new);
         let old_ids = std::mem::replace(&mut self.ids, ids);
-        self.names = self.ids.backends.iter().map(|(n, id)| (*id, n.clone())).collect();
+        self.names = self
+            .ids
+            .backends
+            .iter()
+            .map(|(n, id)| (*id, n.clone()))
+            .collect();
         self.ifaces = ifaces;
         // Backends: restart checks of new or changed ones, keep the health of unchanged ones.
         let now = Instant::now();
         let mut restarted = Vec::new();
         for b in self.cfg.backends.clone() {
             let before = old.backends.iter().find(|o| o.name == b.name);
-            let same = before.is_some_and(|o| o.checks == b.checks && o.address == b.address && o.mac == b.mac && o.interface == b.interface)
-                && old_ids.backend(&b.name) == self.ids.backend(&b.name);
+            let same = before.is_some_and(|o| {
+                o.checks == b.checks
+                    && o.address == b.address
+                    && o.mac == b.mac
+                    && o.interface == b.interface
+            }) && old_ids.backend(&b.name) == self.ids.backend(&b.name);
             if !same {
                 // Same gateway (address, MAC, egress, id), other checks: it keeps serving, with
                 // its resolved MAC, until the new checks conclude, like after a restart. Without
                 // this it is Unknown (down in the data plane) until the first new probe, up to an
                 // interval later, and its sessions are re-picked.
-                let same_target = before.is_some_and(|o| o.address == b.address && o.mac == b.mac && o.interface == b.interface)
-                    && old_ids.backend(&b.name) == self.ids.backend(&b.name);
+                let same_target = before.is_some_and(|o| {
+                    o.address == b.address && o.mac == b.mac && o.interface == b.interface
+                }) && old_ids.backend(&b.name) == self.ids.backend(&b.name);
                 let mac = self.macs.get(&b.name).copied();
                 self.stop_checks(&b.name);
                 let old_health = self.health.backends.get(&b.name).cloned();
@@ -413,7 +521,12 @@ impl Agent {
                 restarted.push(b.name.clone());
             }
         }
-        let gone: Vec<String> = old.backends.iter().map(|b| b.name.clone()).filter(|n| !self.cfg.backends.iter().any(|b| &b.name == n)).collect();
+        let gone: Vec<String> = old
+            .backends
+            .iter()
+            .map(|b| b.name.clone())
+            .filter(|n| !self.cfg.backends.iter().any(|b| &b.name == n))
+            .collect();
         for n in &gone {
             self.stop_checks(n);
             self.health.backends.remove(n);
@@ -439,7 +552,11 @@ impl Agent {
         Ok(json!({ "restarted_checks": restarted, "removed_backends": gone }))
     }
 
-    fn attach_one(&mut self, ifname: &str, mode: crate::config::AttachMode) -> Result<(), AgentError> {
+    fn attach_one(
+        &mut self,
+        ifname: &str,
+        mode: crate::config::AttachMode,
+    ) -> Result<(), AgentError> {
         let prog: &mut Xdp = self
             ._ebpf
             .program_mut(prog_names::INGRESS)
@@ -455,7 +572,9 @@ impl Agent {
         match req {
             Request::Drain { backend } => self.admin(&backend, Admin::Drain),
             Request::Disable { backend } => self.admin(&backend, Admin::Disable),
-            Request::Undrain { backend } | Request::Enable { backend } => self.admin(&backend, Admin::None),
+            Request::Undrain { backend } | Request::Enable { backend } => {
+                self.admin(&backend, Admin::None)
+            }
             Request::Reload {} => match self.reload() {
                 Ok(v) => Response::ok(v),
                 Err(e) => {
@@ -481,7 +600,10 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn fmt_mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn load_ids(path: &Path) -> Option<IdMap> {
@@ -493,7 +615,10 @@ fn save_ids(ids: &IdMap, path: &Path) {
 }
 
 fn load_admin(path: &Path) -> BTreeMap<String, Admin> {
-    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 fn save_json<T: serde::Serialize>(v: &T, path: &Path, what: &str) {
@@ -502,7 +627,10 @@ fn save_json<T: serde::Serialize>(v: &T, path: &Path, what: &str) {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;
         }
-        std::fs::write(&tmp, serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?,
+        )?;
         std::fs::rename(&tmp, path)
     };
     if let Err(e) = write() {
@@ -512,9 +640,18 @@ fn save_json<T: serde::Serialize>(v: &T, path: &Path, what: &str) {
 
 /// Removes map entries a previous agent left that this config no longer has: VIPs first, then
 /// their rings, then backends (make-before-break in reverse).
-fn prune_adopted(dp: &mut Dataplane<AyaMaps>, desired: &Desired) -> Result<(usize, usize), AgentError> {
+fn prune_adopted(
+    dp: &mut Dataplane<AyaMaps>,
+    desired: &Desired,
+) -> Result<(usize, usize), AgentError> {
     let wanted_vips: Vec<_> = desired.vips.iter().map(|v| v.template.key).collect();
-    let wanted_rings: Vec<u32> = desired.vips.iter().flat_map(|v| std::iter::once(v.template.ring_id).chain(v.classes.iter().map(|c| c.ring_id))).collect();
+    let wanted_rings: Vec<u32> = desired
+        .vips
+        .iter()
+        .flat_map(|v| {
+            std::iter::once(v.template.ring_id).chain(v.classes.iter().map(|c| c.ring_id))
+        })
+        .collect();
     let wanted_backends: Vec<u32> = desired.backends.iter().map(|b| b.spec.id).collect();
     let w = dp.writer_mut();
     let mut vips = 0;
@@ -528,7 +665,10 @@ fn prune_adopted(dp: &mut Dataplane<AyaMaps>, desired: &Desired) -> Result<(usiz
                     .iter()
                     .enumerate()
                     .filter(|(_, id)| **id != 0)
-                    .map(|(s, _)| vpnlb_common::maglev::SlotChange { slot: s as u32, backend_id: 0 })
+                    .map(|(s, _)| vpnlb_common::maglev::SlotChange {
+                        slot: s as u32,
+                        backend_id: 0,
+                    })
                     .collect();
                 w.write_ring(meta.ring_id, &zero)?;
             }
@@ -573,14 +713,17 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
             .ok_or_else(|| AgentError::Internal("object has no vpnlb_ingress".into()))?
             .try_into()
             .map_err(|e| AgentError::Internal(format!("vpnlb_ingress: {e}")))?;
-        prog.load().map_err(|e| AgentError::Internal(format!("loading vpnlb_ingress: {}", chain(&e))))?;
+        prog.load()
+            .map_err(|e| AgentError::Internal(format!("loading vpnlb_ingress: {}", chain(&e))))?;
     }
     // Rare data-plane events (the flood guard engaging) arrive through aya-log's ring buffer and
     // go to our log through the `log` -> tracing bridge.
     match aya_log::EbpfLogger::init(&mut ebpf) {
         // SAFETY: the logger owns its ring-buffer fd and neither closes nor replaces it while the
         // AsyncFd owns the logger.
-        Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(logger) => match unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        } {
             Ok(mut fd) => {
                 tokio::spawn(async move {
                     while let Ok(mut guard) = fd.readable_mut().await {
@@ -594,7 +737,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         Err(e) => tracing::warn!(error = %e, "data-plane log reader unavailable"),
     }
     let maps = AyaMaps::from_ebpf(&mut ebpf)?;
-    let adopted: HashMap<u32, u32> = maps.backends()?.into_iter().map(|(id, b)| (id, b.state)).collect();
+    let adopted: HashMap<u32, u32> = maps
+        .backends()?
+        .into_iter()
+        .map(|(id, b)| (id, b.state))
+        .collect();
     let adopted_sessions = maps.sessions().map(|s| s.len()).unwrap_or(0);
     tracing::info!(pin_dir = %cfg.agent.pin_dir.display(), backends = adopted.len(), sessions = adopted_sessions, "maps loaded (pinned state adopted)");
 
@@ -603,10 +750,18 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         webhook: cfg.hooks.webhook.clone(),
         timeout: Duration::from_millis(cfg.hooks.timeout_ms),
     });
-    let metrics = Metrics::new(AyaMaps::open_pinned(&cfg.agent.pin_dir)?, hooks.stats.clone());
+    let metrics = Metrics::new(
+        AyaMaps::open_pinned(&cfg.agent.pin_dir)?,
+        hooks.stats.clone(),
+    );
     let (results_tx, mut results_rx) = mpsc::channel::<CheckResult>(4096);
     let (neigh_tx, mut neigh_rx) = mpsc::channel::<NeighUpdate>(256);
-    let names: Vec<String> = cfg.interfaces.iter().map(|i| i.name.clone()).chain(cfg.backends.iter().filter_map(|b| b.interface.clone())).collect();
+    let names: Vec<String> = cfg
+        .interfaces
+        .iter()
+        .map(|i| i.name.clone())
+        .chain(cfg.backends.iter().filter_map(|b| b.interface.clone()))
+        .collect();
     let ifaces = neigh::ifaces(names.iter().map(String::as_str));
     let now = Instant::now();
     let mut health = Health::default();
@@ -626,7 +781,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     }
     let mut agent = Agent {
         config_path: config_path.clone(),
-        names: ids.backends.iter().map(|(n, id)| (*id, n.clone())).collect(),
+        names: ids
+            .backends
+            .iter()
+            .map(|(n, id)| (*id, n.clone()))
+            .collect(),
         ids,
         _ebpf: ebpf,
         dp: Dataplane::new(maps),
@@ -642,6 +801,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         neigh_tx,
         choices: Vec::new(),
         started,
+        view_dirty: false,
         cfg,
     };
     // Resolve MACs up front so the first reconcile does not write zero MACs for adopted backends.
@@ -663,12 +823,22 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     let want = agent.desired()?;
     let (pv, pb) = prune_adopted(&mut agent.dp, &want)?;
     if pv + pb > 0 {
-        tracing::info!(vips = pv, backends = pb, "removed pinned entries the config no longer has");
+        tracing::info!(
+            vips = pv,
+            backends = pb,
+            "removed pinned entries the config no longer has"
+        );
     }
     for i in agent.cfg.interfaces.clone() {
         agent.attach_one(&i.name, i.mode)?;
     }
-    for b in agent.cfg.backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>() {
+    for b in agent
+        .cfg
+        .backends
+        .iter()
+        .map(|b| b.name.clone())
+        .collect::<Vec<_>>()
+    {
         agent.start_checks(&b)?;
     }
 
@@ -686,12 +856,22 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
             }
         })
     });
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| AgentError::Internal(e.to_string()))?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| AgentError::Internal(e.to_string()))?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| AgentError::Internal(e.to_string()))?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
     tracing::info!(pid = std::process::id(), "agent running");
+    let mut view_tick = tokio::time::interval(Duration::from_secs(1));
+    view_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = view_tick.tick() => {
+                if agent.view_dirty {
+                    agent.refresh_view();
+                }
+            }
             Some(r) = results_rx.recv() => {
                 if let Err(e) = agent.on_result(r) {
                     tracing::error!(error = %chain(&e), "applying a health change failed; will retry on the next event");
@@ -715,7 +895,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("exiting: vpnlb_ingress stays attached and the maps pinned; the data plane keeps forwarding");
+    tracing::info!(
+        "exiting: vpnlb_ingress stays attached and the maps pinned; the data plane keeps forwarding"
+    );
     ctl.abort();
     if let Some(m) = metrics_task {
         m.abort();

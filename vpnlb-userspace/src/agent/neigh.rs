@@ -50,7 +50,10 @@ pub fn iface(name: &str) -> Option<Iface> {
 
 /// The interfaces named, those that exist.
 pub fn ifaces<'a>(names: impl IntoIterator<Item = &'a str>) -> HashMap<String, Iface> {
-    names.into_iter().filter_map(|n| iface(n).map(|i| (n.to_string(), i))).collect()
+    names
+        .into_iter()
+        .filter_map(|n| iface(n).map(|i| (n.to_string(), i)))
+        .collect()
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -73,7 +76,11 @@ pub fn lookup(addr: IpAddr, dev: &str) -> Option<[u8; 6]> {
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v.as_array()?.iter().find_map(|e| {
-        let states: Vec<&str> = e["state"].as_array()?.iter().filter_map(|s| s.as_str()).collect();
+        let states: Vec<&str> = e["state"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s.as_str())
+            .collect();
         if !states.iter().any(|s| USABLE.contains(s)) {
             return None;
         }
@@ -83,7 +90,11 @@ pub fn lookup(addr: IpAddr, dev: &str) -> Option<[u8; 6]> {
 
 /// Makes the kernel resolve `addr` (it sends ARP / neighbour solicitation for the datagram).
 pub fn nudge(addr: IpAddr) {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     if let Ok(s) = UdpSocket::bind(bind) {
         // Port 9 (discard); the datagram itself does not matter.
         let _ = s.send_to(b"vpnlb", SocketAddr::new(addr, 9));
