@@ -27,6 +27,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vpnlb::control::{Request, Response};
 
+use vpnlb::maps::{AyaMaps, MapReader};
+use vpnlb_common::{BACKEND_DOWN, BACKEND_UP};
+
+use crate::bfd_peer::{BfdLab, Bfdd, BfddPeer, Percentiles, kill_to_down_latencies};
 use crate::netns::{Netns, fmt_mac};
 use crate::testbed::{Flows, Topology, VIP, VIP_PORT, gw_addr};
 
@@ -904,4 +908,68 @@ pub fn tally(owners: &[Option<String>]) -> BTreeMap<String, usize> {
             .or_default() += 1;
     }
     m
+}
+
+/// The state of backend `id` in the pinned `BACKENDS` map (0 when unreadable).
+pub fn backend_state(maps: &AyaMaps, id: u32) -> u32 {
+    maps.backend(id).map(|b| b.state).unwrap_or(0)
+}
+
+/// With the real agent in a namespace running a BFD check (50 ms x 3) against FRR bfdd in another:
+/// `reps` times, kills bfdd with -9 and measures until the backend's state in the pinned
+/// `BACKENDS` map is down (detection + the agent's map write), then restarts bfdd and waits for up.
+pub fn bfd_detect_to_map(prefix: &str, subnet: u8, reps: usize) -> (Percentiles, Vec<Duration>) {
+    let lab = BfdLab::new(prefix, subnet);
+    let mut bfdd = Bfdd::start(&lab.gw, &[BfddPeer::fast(lab.lb_v4, lab.gw_v4)]);
+    let scratch = Scratch::new();
+    let body = format!(
+        r#"[[interface]]
+name = "eth0"
+
+[[backend]]
+name = "gw"
+address = "{gw}"
+mac = "{mac}"
+[[backend.check]]
+type = "bfd"
+desired_min_tx_ms = 50
+required_min_rx_ms = 50
+detect_mult = 3
+
+[[vip]]
+name = "wg"
+address = "10.99.0.1"
+port = 51820
+protocol = "udp"
+[[vip.pool]]
+name = "all"
+backends = ["gw"]
+"#,
+        gw = lab.gw_v4,
+        mac = fmt_mac(&lab.gw.mac("eth0")),
+    );
+    let agent = AgentProcess::start(&scratch, lab.lb.name(), &body);
+    let id = agent.status()["backends"][0]["id"]
+        .as_u64()
+        .expect("backend id") as u32;
+    let maps = AyaMaps::open_pinned(&scratch.pin_dir).expect("open the agent's pins");
+    let watch = |up: bool, timeout: Duration| -> Instant {
+        let want = if up { BACKEND_UP } else { BACKEND_DOWN };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if backend_state(&maps, id) == want {
+                return Instant::now();
+            }
+            if Instant::now() > deadline {
+                panic!("backend never became {want} in the map:\n{}", agent.log());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    };
+    watch(true, Duration::from_secs(15));
+    // Let the session reach its 50 ms rate (Poll/Final) before the first kill.
+    std::thread::sleep(Duration::from_secs(1));
+    let lat = kill_to_down_latencies(&mut bfdd, reps, watch);
+    drop(agent);
+    (Percentiles::of(&lat), lat)
 }

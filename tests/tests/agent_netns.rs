@@ -1037,3 +1037,17 @@ fn pool_failover_and_failback_with_packets() {
         "sessions on the standby pool moved on failback"
     );
 }
+
+/// The agent with a BFD check (50 ms x 3) against a real FRR bfdd: every kill -9 of the peer turns
+/// the backend down in the pinned BACKENDS map within detection time plus margin, and it comes
+/// back up when bfdd restarts.
+#[test]
+#[ignore = "needs root and frr: run cargo xtask test"]
+fn bfd_against_frr_marks_a_dead_gateway_down_in_the_map() {
+    let (p, lat) = vpnlb_tests::agent::bfd_detect_to_map("vpnlb-agbfd", 93, 3);
+    eprintln!("agent bfd kill -9 -> map down: {lat:?} (p50 {:?})", p.p50);
+    for l in &lat {
+        // Detection is 3 x 50 ms after the last packet; the rest is margin for a loaded machine.
+        assert!(*l < std::time::Duration::from_millis(500), "{lat:?}");
+    }
+}

@@ -400,3 +400,31 @@ fn a_foreign_map_under_a_pin_name_is_refused() {
     );
     eprintln!("refused: {e}");
 }
+
+#[test]
+#[ignore = "needs root and the eBPF object"]
+fn pinned_state_of_another_abi_is_refused() {
+    use vpnlb::agent::{AgentError, attach::check_abi_under};
+    let obj = object();
+    let root = PinDir::new("abi");
+    let ours = root.0.join(format!("v{}", vpnlb_common::ABI_VERSION));
+    // Nothing pinned yet, and our own version's links: fine.
+    check_abi_under(&root.0, &ours).unwrap();
+    let _ours_live = loader::load(&obj, &opts(&ours.join("links"), 1, 1024)).unwrap();
+    check_abi_under(&root.0, &ours).unwrap();
+    // A v9 set with live pins under links/ (any BPF object pinned there counts).
+    let theirs = root.0.join("v9");
+    let _theirs_live = loader::load(&obj, &opts(&theirs.join("links"), 1, 1024)).unwrap();
+    match check_abi_under(&root.0, &ours) {
+        Err(e @ AgentError::Abi { found: 9, .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("ABI v9") && msg.contains(&theirs.display().to_string()),
+                "{msg}"
+            );
+        }
+        other => panic!("expected an ABI refusal, got {other:?}"),
+    }
+    // A pin dir outside the root is not concerned.
+    check_abi_under(&root.0, std::path::Path::new("/sys/fs/bpf/elsewhere/v1")).unwrap();
+}

@@ -175,6 +175,8 @@ fn test(args: &[String]) -> Result<()> {
     run(cargo_with_object(&obj)
         .args(["test", "--workspace", "--"])
         .args(args))?;
+    // The agent tests run this binary as a real process (VPNLB_BIN).
+    run(cargo_with_object(&obj).args(["build", "-p", "vpnlb-userspace", "--bin", "vpnlb"]))?;
     eprintln!(
         "xtask: root-only tests: real eBPF object, BPF_PROG_TEST_RUN, pinned maps, network namespaces"
     );

@@ -31,6 +31,14 @@ const RUNTIME_PACKAGES: &[(&str, &str)] = &[
         "ethtool",
         "turns off veth tx checksum offload in datapath tests",
     ),
+    (
+        "frr",
+        "FRR's bfdd: the real BFD peer of the BFD tests and benchmark",
+    ),
+    (
+        "util-linux",
+        "nsenter: runs the agent in a test namespace with the host's bpffs",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

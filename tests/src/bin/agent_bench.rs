@@ -9,10 +9,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vpnlb::maps::{AyaMaps, MapReader};
-use vpnlb_common::{BACKEND_DOWN, BACKEND_UP};
-use vpnlb_tests::agent::{AgentProcess, Scratch};
-use vpnlb_tests::bfd_peer::{BfdLab, Bfdd, BfddPeer, Percentiles, kill_to_down_latencies};
+use vpnlb_tests::agent::{AgentProcess, Scratch, bfd_detect_to_map};
+use vpnlb_tests::bfd_peer::BfdLab;
 use vpnlb_tests::netns::fmt_mac;
 
 #[derive(Serialize)]
@@ -22,66 +20,6 @@ struct Row {
     unit: &'static str,
     samples: usize,
     checked: bool,
-}
-
-fn backend_state(maps: &AyaMaps, id: u32) -> u32 {
-    maps.backend(id).map(|b| b.state).unwrap_or(0)
-}
-
-fn detect_to_map(reps: usize) -> (Percentiles, Vec<Duration>) {
-    let lab = BfdLab::new("vpnlb-bbfd", 91);
-    let mut bfdd = Bfdd::start(&lab.gw, &[BfddPeer::fast(lab.lb_v4, lab.gw_v4)]);
-    let scratch = Scratch::new();
-    let body = format!(
-        r#"[[interface]]
-name = "eth0"
-
-[[backend]]
-name = "gw"
-address = "{gw}"
-mac = "{mac}"
-[[backend.check]]
-type = "bfd"
-desired_min_tx_ms = 50
-required_min_rx_ms = 50
-detect_mult = 3
-
-[[vip]]
-name = "wg"
-address = "10.99.0.1"
-port = 51820
-protocol = "udp"
-[[vip.pool]]
-name = "all"
-backends = ["gw"]
-"#,
-        gw = lab.gw_v4,
-        mac = fmt_mac(&lab.gw.mac("eth0")),
-    );
-    let agent = AgentProcess::start(&scratch, lab.lb.name(), &body);
-    let id = agent.status()["backends"][0]["id"]
-        .as_u64()
-        .expect("backend id") as u32;
-    let maps = AyaMaps::open_pinned(&scratch.pin_dir).expect("open the agent's pins");
-    let watch = |up: bool, timeout: Duration| -> Instant {
-        let want = if up { BACKEND_UP } else { BACKEND_DOWN };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if backend_state(&maps, id) == want {
-                return Instant::now();
-            }
-            if Instant::now() > deadline {
-                panic!("backend never became {want} in the map:\n{}", agent.log());
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    };
-    watch(true, Duration::from_secs(15));
-    // Let the session reach its 50 ms rate (Poll/Final) before the first kill.
-    std::thread::sleep(Duration::from_secs(1));
-    let lat = kill_to_down_latencies(&mut bfdd, reps, watch);
-    drop(agent);
-    (Percentiles::of(&lat), lat)
 }
 
 /// utime + stime of `pid`, in clock ticks.
@@ -162,7 +100,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let (p, _) = detect_to_map(reps);
+    let (p, _) = bfd_detect_to_map("vpnlb-bbfd", 91, reps);
     let n = 1000;
     let (cpu, rate) = agent_cpu(n, 10);
     // The 1,000 probes per second must really have run for the CPU figure to mean anything.

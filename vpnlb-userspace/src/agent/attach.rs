@@ -33,7 +33,12 @@ pub enum Attached {
 /// Refuses to run over pinned state of another map ABI: its program would keep running on maps
 /// this agent cannot read, and replacing it would drop every session.
 pub fn check_abi(pin_dir: &Path) -> Result<(), AgentError> {
-    let root = Path::new(PIN_ROOT);
+    check_abi_under(Path::new(PIN_ROOT), pin_dir)
+}
+
+/// [`check_abi`] for pins rooted at `root` (`<root>/v<N>/links/...`); only applies when `pin_dir`
+/// is under `root`.
+pub fn check_abi_under(root: &Path, pin_dir: &Path) -> Result<(), AgentError> {
     if !pin_dir.starts_with(root) {
         return Ok(());
     }
