@@ -3,6 +3,7 @@
 //! reference model of the data plane ([`model`], docs/datapath.md).
 
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;

@@ -1,0 +1,6 @@
+//! The operator CLI (`vpnlb inspect|simulate|top|drain|...`): reads the pinned maps read-only
+//! ([`source`]) and talks to the agent through its control socket for changes. One writer: the CLI
+//! never writes a map.
+
+pub mod source;
+pub mod top;
