@@ -260,17 +260,28 @@ fn demo(keep: bool) -> Result<()> {
     toolchain::require_root("cargo xtask demo")?;
     toolchain::ensure_runtime_prereqs()?;
     let obj = build_ebpf(true)?;
-    let mut cmd = cargo_with_object(&obj);
-    cmd.args([
-        "run",
+    eprintln!("xtask: building the agent and the demo (release)");
+    run(cargo_with_object(&obj).args([
+        "build",
         "--quiet",
         "--release",
         "-p",
-        "vpnlb-tests",
+        "vpnlb-userspace",
         "--bin",
-        "vpnlb-demo",
-        "--",
-    ]);
+        "vpnlb",
+    ]))?;
+    let mut cmd = cargo_with_object(&obj);
+    cmd.env("VPNLB_BIN", target_dir().join("release/vpnlb"))
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "vpnlb-tests",
+            "--bin",
+            "vpnlb-demo",
+            "--",
+        ]);
     if keep {
         cmd.arg("--keep");
     }

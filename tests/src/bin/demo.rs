@@ -1,17 +1,21 @@
-//! `cargo xtask demo`: UDP flows from many clients through the real XDP load balancer (native mode on
-//! a veth in a network namespace) to three gateways by L2 DSR; then one gateway dies and its flows
-//! move while every other flow stays where it was.
+//! `cargo xtask demo`: the real agent (`vpnlb run`) in a load-balancer namespace attaches the XDP
+//! program natively to its veth and health-checks three gateway namespaces (ICMP + TCP every
+//! 200 ms); UDP flows from many client addresses go through the VIP by L2 DSR and the gateways
+//! answer directly from the VIP. Then a gateway dies: the agent detects it, rewrites the maps, its
+//! flows move and every other flow stays where it was; an admin drain follows.
 //!
-//! Until the agent exists (issue #3) the demo itself marks the dead gateway down through the same
-//! `Dataplane` API the agent uses; issue #5 replaces the UDP sinks with real VPN daemons.
+//! Issue #5 replaces the UDP echo gateways with real WireGuard/strongSwan/OpenVPN daemons.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vpnlb::maps::MapReader;
-use vpnlb_common::{BACKEND_DOWN, COUNTER_NAMES};
-use vpnlb_tests::testbed::Testbed;
+use vpnlb::control::Request;
+use vpnlb_tests::agent::{
+    AgentBed, FALL, GwServers, INTERFACE, INTERVAL_MS, RISE, TCP_PORT, TIMEOUT_MS, backend_in,
+};
+use vpnlb_tests::netns::fmt_mac;
+use vpnlb_tests::testbed::{VIP, VIP_PORT, gw_addr};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -30,6 +34,25 @@ fn tally(owners: &[Option<String>]) -> String {
         .join(", ")
 }
 
+fn config(macs: &[[u8; 6]]) -> String {
+    let mut s = String::from(INTERFACE);
+    for (i, mac) in macs.iter().enumerate() {
+        s.push_str(&format!(
+            "[[backend]]\nname = \"gw{n}\"\naddress = \"{a}\"\nmac = \"{m}\"\n\
+             [[backend.check]]\ntype = \"icmp\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\
+             [[backend.check]]\ntype = \"tcp\"\nport = {TCP_PORT}\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n",
+            n = i + 1,
+            a = gw_addr(i),
+            m = fmt_mac(mac),
+        ));
+    }
+    s.push_str(&format!(
+        "[[vip]]\nname = \"wireguard\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\nprotocol = \"udp\"\nforwarding = \"l2dsr\"\n\
+         [[vip.pool]]\nname = \"all\"\nbackends = [\"gw1\", \"gw2\", \"gw3\"]\n"
+    ));
+    s
+}
+
 fn main() {
     let keep = std::env::args().any(|a| a == "--keep");
     let t0 = Instant::now();
@@ -38,13 +61,20 @@ fn main() {
     step(
         "bringing up namespaces vpnlb-demo-*: switch, client (8 addresses), LB, 3 gateways (VIP on lo, DSR)",
     );
-    let mut tb = Testbed::up("vpnlb-demo", 3, 8);
-    step(
-        "vpnlb_ingress attached to the LB's eth0 in native XDP mode; VIP 10.77.0.100:51820/udp, Maglev M=65537, L2 DSR",
-    );
-    let flows = tb.flows(3);
-    let n = flows.sockets.len();
+    let mut bed = AgentBed::up("vpnlb-demo", 3, 8, |t, _| {
+        let macs: Vec<[u8; 6]> = t.gws.iter().map(|g| g.mac("eth0")).collect();
+        config(&macs)
+    });
+    step(&format!(
+        "agent `vpnlb run` (pid {}) in vpnlb-demo-lb: vpnlb_ingress attached natively to eth0; VIP {VIP}:{VIP_PORT}/udp, L2 DSR, Maglev M=65537; checks icmp+tcp every {INTERVAL_MS} ms, fall {FALL}",
+        bed.agent.pid()
+    ));
+    bed.agent
+        .wait_all_up(&["gw1", "gw2", "gw3"], Duration::from_secs(15));
+    step("all three gateways up (agent status)");
 
+    let flows = bed.topo.flows(3);
+    let n = flows.sockets.len();
     step(&format!(
         "sending {n} UDP flows through the VIP; gateways answer directly from the VIP"
     ));
@@ -67,26 +97,37 @@ fn main() {
         "3 more rounds: every flow stayed on its gateway: {sticky}"
     ));
 
-    let dead = 1usize;
-    step("gateway gw2 dies (its cable is cut at the switch)");
-    tb.cut(dead);
-    let blackholed = flows.probe(5, Duration::from_millis(300));
-    step(&format!("before the LB reacts: {}", tally(&blackholed)));
-    let t_write = Instant::now();
-    tb.dp
-        .set_backend_state(tb.backend_ids[dead], BACKEND_DOWN)
-        .expect("mark down");
-    let write_ms = t_write.elapsed().as_secs_f64() * 1e3;
+    step("gateway gw2 dies: its cable is cut at the switch and its services stop");
+    bed.servers[1].stop();
+    let t_kill = Instant::now();
+    bed.topo.cut(1);
+    let detect = bed.agent.wait_state("gw2", "down", Duration::from_secs(5));
+    let st = bed.agent.status();
+    let checks = backend_in(&st, "gw2")
+        .and_then(|b| b["checks"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c["check"].as_str().unwrap_or("?"),
+                c["last_detail"].as_str().unwrap_or("")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
     step(&format!(
-        "gw2 marked down in the maps ({write_ms:.1} ms: backend state + Maglev delta); the agent's health checks will do this (issue #3)"
+        "agent marked gw2 down after {:.0} ms and rewrote the maps in the same event-loop turn ({checks})",
+        detect.as_secs_f64() * 1e3
     ));
-    let after = flows.probe(6, Duration::from_secs(1));
+    let after = flows.probe(5, Duration::from_secs(1));
+    let lb_recovery = t_kill.elapsed();
+    let on_dead = first.iter().filter(|a| a.as_deref() == Some("gw2")).count();
     let moved = first
         .iter()
         .zip(&after)
         .filter(|(a, b)| a.as_deref() == Some("gw2") && b.is_some() && a != b)
         .count();
-    let on_dead = first.iter().filter(|a| a.as_deref() == Some("gw2")).count();
     let undisturbed = first
         .iter()
         .zip(&after)
@@ -94,32 +135,75 @@ fn main() {
         .count();
     println!("         share now: {}", tally(&after));
 
-    let c = tb.dp.writer().counters().expect("counters");
+    step("admin drain of gw3 over the control socket: its flows stay, new flows avoid it");
+    let r = bed.agent.request(Request::Drain {
+        backend: "gw3".into(),
+    });
+    let drained_ok = r.ok;
+    let still = flows.probe(6, Duration::from_secs(1));
+    let fresh = bed.topo.flows_on_ports(100, 2);
+    let fresh_owners = fresh.probe(7, Duration::from_secs(1));
+    let drain_kept = still == after;
+    let drain_avoided = fresh_owners
+        .iter()
+        .all(|o| o.is_some() && o.as_deref() != Some("gw3"));
+    println!(
+        "         existing flows unchanged: {drain_kept}; {} new flows: {}",
+        fresh_owners.len(),
+        tally(&fresh_owners)
+    );
+    bed.agent.request(Request::Undrain {
+        backend: "gw3".into(),
+    });
+
+    let metrics = bed.agent.metrics_text();
     let show = |name: &str| {
-        let id = COUNTER_NAMES.iter().position(|n| *n == name).unwrap();
-        format!("{name}={}", c[id])
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("vpnlb_datapath_total{{counter=\"{name}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("?")
+            .to_string()
     };
     step(&format!(
-        "counters: {} {} {} {} {}",
+        "metrics: fwd_l2dsr_tx={} session_insert={} session_hit={} session_repick_down={}",
         show("fwd_l2dsr_tx"),
         show("session_insert"),
         show("session_hit"),
-        show("session_repick_down"),
-        show("pass_not_vip")
+        show("session_repick_down")
     ));
     println!();
     println!(
-        "summary: {n} flows; {on_dead} were on gw2 and {moved} of them moved to healthy gateways;"
+        "summary: {n} flows; gw2 died and the agent detected it in {:.0} ms; its {on_dead} flows were answered",
+        detect.as_secs_f64() * 1e3
     );
     println!(
-        "         {undisturbed} of {} flows on healthy gateways stayed where they were; map write {write_ms:.1} ms",
+        "         by healthy gateways {:.0} ms after the failure ({moved} moved); {undisturbed} of {} flows on healthy",
+        lb_recovery.as_secs_f64() * 1e3,
         n - on_dead
     );
+    println!(
+        "         gateways stayed where they were; drain kept existing flows and steered new ones away: {}",
+        drain_kept && drain_avoided
+    );
+
     if keep {
+        bed.servers[1] = GwServers::start(&bed.topo.gws[1], gw_addr(1));
+        bed.topo.mend(1);
         println!();
-        println!("--keep: the testbed stays up until you press Ctrl-C. Try:");
-        println!("  ip netns exec vpnlb-demo-cl ping -c1 10.77.0.11");
-        println!("  ip -n vpnlb-demo-lb link show eth0    # shows the attached XDP program");
+        println!("--keep: the testbed stays up until Ctrl-C (gw2 is back). Try:");
+        println!(
+            "  echo '{{\"cmd\":\"status\"}}' | nsenter --net=/run/netns/vpnlb-demo-lb socat - UNIX-CONNECT:{}",
+            bed.agent.socket.display()
+        );
+        println!(
+            "  nsenter --net=/run/netns/vpnlb-demo-lb curl -s http://{}/metrics | grep vpnlb_",
+            bed.agent.metrics
+        );
+        println!("  ip -n vpnlb-demo-lb link show eth0        # the attached XDP program");
+        println!(
+            "  ip netns exec vpnlb-demo-cl ping -c1 {VIP}   # (ICMP to the VIP is passed to the LB's kernel)"
+        );
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
             libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -131,11 +215,15 @@ fn main() {
     }
     step("tearing down");
     drop(flows);
-    drop(tb);
+    drop(fresh);
+    drop(bed);
     let ok = sticky
         && moved == on_dead
         && undisturbed == n - on_dead
-        && first.iter().all(Option::is_some);
+        && first.iter().all(Option::is_some)
+        && drained_ok
+        && drain_kept
+        && drain_avoided;
     if !ok {
         eprintln!("demo: unexpected outcome (see above)");
         std::process::exit(1);
