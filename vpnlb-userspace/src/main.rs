@@ -3,14 +3,96 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use vpnlb::cli::source::{Source, SourceOptions};
 
 /// XDP load balancer for VPN gateways (IPsec, WireGuard, OpenVPN).
 #[derive(Parser, Debug)]
 #[command(name = "vpnlb", version)]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Where the operator commands look (the agent's defaults).
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// Directory of the pinned maps (the agent's `pin_dir`).
+    #[arg(long, global = true, value_name = "DIR", help_heading = "Global options", default_value_os_t = vpnlb::loader::default_pin_dir())]
+    pin_dir: PathBuf,
+    /// The agent's control socket (its `agent.control_socket`); ids.json next to it names ids.
+    #[arg(long, global = true, value_name = "PATH", help_heading = "Global options", default_value = vpnlb::control::DEFAULT_SOCKET)]
+    control_socket: PathBuf,
+}
+
+impl Global {
+    fn source_options(&self) -> SourceOptions {
+        SourceOptions {
+            pin_dir: self.pin_dir.clone(),
+            control_socket: self.control_socket.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum InspectCmd {
+    /// The VIPs in the VIPS map: address, forwarding, ring, flags, packets and bytes.
+    Vips {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The backends in the BACKENDS map: address, state, weight, next hop, packets and bytes.
+    Backends {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The session table (SESSIONS), most recently seen first, or counted per backend.
+    Sessions {
+        /// Only sessions of this VIP: a name, an id, an address or address:port.
+        #[arg(long)]
+        vip: Option<String>,
+        /// Only sessions on this backend: a name or an id.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Only sessions of this client: an address or address:port.
+        #[arg(long)]
+        client: Option<String>,
+        /// Show at most this many sessions (the total is still counted).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Count the (filtered) sessions per backend instead of listing them.
+        #[arg(long)]
+        count_by_backend: bool,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// How many Maglev ring slots each backend owns per VIP (and class), vs its weight.
+    Ring {
+        /// Only this VIP: a name, an id, an address or address:port.
+        #[arg(long)]
+        vip: Option<String>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Packets and bytes per VIP and backend, and every data-plane counter (all pass/drop reasons).
+    Stats {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Proto {
+    Udp,
+    Tcp,
+    Esp,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -36,6 +118,96 @@ enum Cmd {
         /// The TOML config to check.
         file: PathBuf,
     },
+    /// Read the pinned maps (read-only; works while the agent is down).
+    #[command(subcommand)]
+    Inspect(InspectCmd),
+    /// Where would this packet go? Runs the reference model on a copy of the current maps for a
+    /// flow or every packet of a pcap file and explains the verdict. Changes nothing.
+    #[command(group(clap::ArgGroup::new("input").required(true).args(["src", "pcap"])))]
+    Simulate {
+        /// Client address and port (ADDR:PORT, [V6]:PORT; ADDR alone for esp).
+        #[arg(long, requires = "dst")]
+        src: Option<String>,
+        /// Destination (the VIP) address and port.
+        #[arg(long, requires = "src")]
+        dst: Option<String>,
+        /// Protocol of the flow.
+        #[arg(long, value_enum, default_value = "udp")]
+        proto: Proto,
+        /// ESP SPI (decimal or 0x hex), with --proto esp.
+        #[arg(long, value_parser = vpnlb::cli::simulate::parse_spi)]
+        spi: Option<u32>,
+        /// DSCP of the packet (0..63): selects a traffic class's ring.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..64))]
+        dscp: u8,
+        /// Put the packet in this 802.1Q VLAN.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(0..4096))]
+        vlan: Option<u16>,
+        /// Simulate every packet of this classic pcap file (Ethernet) instead of one flow.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["src", "dst", "spi", "vlan"])]
+        pcap: Option<PathBuf>,
+        /// The interface the packet arrives on (XDP_TX vs redirect).
+        #[arg(long, default_value_t = 0)]
+        ingress_ifindex: u32,
+        /// One JSON object per packet, a line each.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a backend: no new flows, existing sessions stay (through the agent).
+    Drain {
+        /// Backend name (as in the config).
+        backend: String,
+        /// Print the agent's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo a drain (through the agent).
+    Undrain {
+        /// Backend name (as in the config).
+        backend: String,
+        /// Print the agent's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a backend: out of service, its sessions move (through the agent).
+    Disable {
+        /// Backend name (as in the config).
+        backend: String,
+        /// Print the agent's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo a disable (through the agent).
+    Enable {
+        /// Backend name (as in the config).
+        backend: String,
+        /// Print the agent's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the agent re-read its config file (validated first; errors leave it running as is).
+    Reload {
+        /// Print the agent's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Health of every backend (state, since when, last check results) and the serving pools.
+    Status {
+        /// Print the agent's status JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live view of the data plane: rates per VIP and backend, drops, sessions, agent health.
+    Top {
+        /// Refresh period in seconds.
+        #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+        interval: f64,
+    },
+    /// Print a shell completion script: `vpnlb completions bash > /etc/bash_completion.d/vpnlb`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn init_logging(json: bool) {
@@ -51,9 +223,172 @@ fn init_logging(json: bool) {
     }
 }
 
+/// Prints `json` (pretty) or `text`.
+fn emit(as_json: bool, json: &serde_json::Value, text: &str) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(json).unwrap_or_else(|_| json.to_string())
+        );
+    } else {
+        print!("{text}");
+    }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("vpnlb: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn inspect(g: &Global, cmd: InspectCmd) -> anyhow::Result<()> {
+    use vpnlb::cli::inspect;
+    let src = Source::open(&g.source_options())?;
+    match cmd {
+        InspectCmd::Vips { json } => {
+            let (j, t) = inspect::vips(&src)?;
+            emit(json, &j, &t);
+        }
+        InspectCmd::Backends { json } => {
+            let (j, t) = inspect::backends(&src)?;
+            emit(json, &j, &t);
+        }
+        InspectCmd::Sessions {
+            vip,
+            backend,
+            client,
+            limit,
+            count_by_backend,
+            json,
+        } => {
+            let q = inspect::SessionQuery {
+                vip,
+                backend,
+                client,
+                limit,
+                count_by_backend,
+            };
+            let (j, t) = inspect::sessions(&src, &q)?;
+            emit(json, &j, &t);
+        }
+        InspectCmd::Ring { vip, json } => {
+            let (j, t) = inspect::ring(&src, vip.as_deref())?;
+            emit(json, &j, &t);
+        }
+        InspectCmd::Stats { json } => {
+            let (j, t) = inspect::stats(&src)?;
+            emit(json, &j, &t);
+        }
+    }
+    Ok(())
+}
+
+/// One control-socket command; `text` renders a successful answer.
+fn control(
+    g: &Global,
+    req: vpnlb::control::Request,
+    as_json: bool,
+    text: fn(&serde_json::Value) -> String,
+) -> ExitCode {
+    // A reload validates and applies a whole config: give it longer than a status.
+    let timeout = std::time::Duration::from_secs(30);
+    match vpnlb::cli::ctl::call(&g.control_socket, &req, timeout) {
+        Ok(v) => {
+            emit(as_json, &v, &text(&v));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let g = cli.global;
     match cli.cmd {
+        Cmd::Inspect(cmd) => match inspect(&g, cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Cmd::Simulate {
+            src,
+            dst,
+            proto,
+            spi,
+            dscp,
+            vlan,
+            pcap,
+            ingress_ifindex,
+            json,
+        } => {
+            use vpnlb::cli::simulate::{self, FlowSpec, Input};
+            let input = match pcap {
+                Some(p) => Input::Pcap(p),
+                None => Input::Flow(FlowSpec {
+                    src: src.unwrap_or_default(),
+                    dst: dst.unwrap_or_default(),
+                    proto: format!("{proto:?}").to_lowercase(),
+                    spi,
+                    dscp,
+                    vlan,
+                }),
+            };
+            let r = Source::open(&g.source_options())
+                .map_err(anyhow::Error::from)
+                .and_then(|s| simulate::run(&s, &input, ingress_ifindex, json));
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Drain { backend, json } => control(
+            &g,
+            vpnlb::control::Request::Drain { backend },
+            json,
+            vpnlb::cli::ctl::admin_text,
+        ),
+        Cmd::Undrain { backend, json } => control(
+            &g,
+            vpnlb::control::Request::Undrain { backend },
+            json,
+            vpnlb::cli::ctl::admin_text,
+        ),
+        Cmd::Disable { backend, json } => control(
+            &g,
+            vpnlb::control::Request::Disable { backend },
+            json,
+            vpnlb::cli::ctl::admin_text,
+        ),
+        Cmd::Enable { backend, json } => control(
+            &g,
+            vpnlb::control::Request::Enable { backend },
+            json,
+            vpnlb::cli::ctl::admin_text,
+        ),
+        Cmd::Reload { json } => control(
+            &g,
+            vpnlb::control::Request::Reload {},
+            json,
+            vpnlb::cli::ctl::reload_text,
+        ),
+        Cmd::Status { json } => control(
+            &g,
+            vpnlb::control::Request::Status {},
+            json,
+            vpnlb::cli::ctl::status_text,
+        ),
+        Cmd::Top { interval } => {
+            let opts = vpnlb::cli::top::TopOptions {
+                source: g.source_options(),
+                interval: std::time::Duration::from_secs_f64(interval.clamp(0.05, 3600.0)),
+            };
+            match vpnlb::cli::top::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "vpnlb", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Cmd::CheckConfig { file } => match vpnlb::config::load(&file) {
             Ok(cfg) => {
                 println!(

@@ -27,6 +27,7 @@ const BUILD_PACKAGES: &[(&str, &str)] = &[
 /// Packages the root-only tests and the demo use at run time.
 const RUNTIME_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip netns / ip link for the test namespaces"),
+    ("tmux", "drives `vpnlb top` in a real terminal in its tests"),
     (
         "ethtool",
         "turns off veth tx checksum offload in datapath tests",
@@ -38,6 +39,10 @@ const RUNTIME_PACKAGES: &[(&str, &str)] = &[
     (
         "util-linux",
         "nsenter: runs the agent in a test namespace with the host's bpffs",
+    ),
+    (
+        "bpftool",
+        "checks that the pinned maps dump with BTF-typed keys (tests/cli_maps.rs)",
     ),
 ];
 

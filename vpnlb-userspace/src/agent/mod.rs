@@ -406,6 +406,13 @@ impl Agent {
                     "protocol": v.protocol.as_str(),
                     "forwarding": v.forwarding.as_str(),
                     "active_pools": pools,
+                    // Serving order (for `vpnlb status` / `simulate`: "pool failover").
+                    "pools": v.pool_order(None).iter().map(|p| json!({
+                        "name": p.name, "priority": p.priority, "backends": p.backends,
+                    })).collect::<Vec<_>>(),
+                    "classes": v.classes.iter().map(|c| json!({
+                        "name": c.name, "dscp": c.dscp, "pool_order": c.pool_order,
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();

@@ -2,5 +2,9 @@
 //! ([`source`]) and talks to the agent through its control socket for changes. One writer: the CLI
 //! never writes a map.
 
+pub mod ctl;
+pub mod inspect;
+pub mod render;
+pub mod simulate;
 pub mod source;
 pub mod top;

@@ -34,7 +34,13 @@ pub enum SourceError {
     NoPins {
         pin_dir: PathBuf,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
+    },
+    #[error("cannot open the vpnlb maps pinned at {pin_dir} (reading BPF maps needs root)")]
+    Denied {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<MapError>,
     },
 }
 
@@ -43,6 +49,8 @@ pub enum SourceError {
 pub struct Names {
     pub backends: BTreeMap<u32, String>,
     pub vips: BTreeMap<u32, String>,
+    /// Ring id -> (VIP name, class name; None for the VIP's default pool order).
+    pub rings: BTreeMap<u32, (String, Option<String>)>,
 }
 
 impl Names {
@@ -54,6 +62,11 @@ impl Names {
                 .map(|(n, id)| (*id, n.clone()))
                 .collect(),
             vips: ids.vips.iter().map(|(n, id)| (*id, n.clone())).collect(),
+            rings: ids
+                .rings
+                .iter()
+                .map(|(k, id)| (*id, (k.vip.clone(), k.class.clone())))
+                .collect(),
         }
     }
 
@@ -100,6 +113,20 @@ impl Names {
     }
 }
 
+/// Whether opening a pin failed for lack of privilege (EPERM/EACCES) rather than absence.
+fn is_denied(e: &MapError) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
 /// The maps (read through their pins), the names, and the agent's status when it answers.
 pub struct Source {
     pub maps: AyaMaps,
@@ -109,9 +136,14 @@ pub struct Source {
 
 impl Source {
     pub fn open(opts: &SourceOptions) -> Result<Source, SourceError> {
-        let maps = AyaMaps::open_pinned(&opts.pin_dir).map_err(|source| SourceError::NoPins {
-            pin_dir: opts.pin_dir.clone(),
-            source,
+        let maps = AyaMaps::open_pinned(&opts.pin_dir).map_err(|source| {
+            let pin_dir = opts.pin_dir.clone();
+            let source = Box::new(source);
+            if is_denied(&source) {
+                SourceError::Denied { pin_dir, source }
+            } else {
+                SourceError::NoPins { pin_dir, source }
+            }
         })?;
         Ok(Source {
             maps,
