@@ -13,3 +13,4 @@ pub mod netns;
 pub mod packet;
 pub mod pcap;
 pub mod testbed;
+pub mod wg;

@@ -6,9 +6,11 @@
 pub mod bfd;
 pub mod http;
 pub mod icmp;
+pub mod ikev2;
 pub mod runner;
 pub mod spec;
 pub mod tcp;
 pub mod udp;
+pub mod wireguard;
 
 pub use spec::{CheckResult, CheckSpec, CheckTarget, CheckTiming};
