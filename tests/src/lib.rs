@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod bfd_peer;
 pub mod harness;
+pub mod livegen;
 pub mod mutate;
 pub mod netns;
 pub mod packet;

@@ -201,7 +201,7 @@ fn bench(json: bool, args: &[String]) -> Result<()> {
         "--bin",
         "vpnlb",
     ]))?;
-    let bins = ["vpnlb-bench", "vpnlb-agent-bench"];
+    let bins = ["vpnlb-bench", "vpnlb-agent-bench", "vpnlb-throughput-bench"];
     let mut merged: Vec<serde_json::Value> = Vec::new();
     let mut extra = serde_json::Map::new();
     for bin in bins {

@@ -29,6 +29,33 @@ const RUNTIME_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip netns / ip link for the test namespaces"),
     ("tmux", "drives `vpnlb top` in a real terminal in its tests"),
     (
+        "wireguard-go",
+        "userspace WireGuard: the real VPN gateways and clients of the demo and tests",
+    ),
+    ("wireguard-tools", "wg: keys and WireGuard configuration"),
+    (
+        "iputils-ping",
+        "ping through the tunnels in the WireGuard tests and demo",
+    ),
+    (
+        "nftables",
+        "the nftables DNAT load balancer the throughput benchmark compares against",
+    ),
+    (
+        "strongswan-charon",
+        "IKEv2 daemon: the real gateway of the ikev2 probe tests",
+    ),
+    ("strongswan-swanctl", "swanctl and charon's control plugin"),
+    (
+        "libcharon-extra-plugins",
+        "charon's kernel-libipsec plugin (no kernel XFRM here)",
+    ),
+    (
+        "libstrongswan-standard-plugins",
+        "charon's openssl and gcm plugins",
+    ),
+    ("libstrongswan-extra-plugins", "charon's curve25519 plugin"),
+    (
         "ethtool",
         "turns off veth tx checksum offload in datapath tests",
     ),

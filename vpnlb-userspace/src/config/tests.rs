@@ -937,6 +937,186 @@ fn check_errors() {
     );
 }
 
+/// Keys for the wireguard check tests: the probe's private key and the gateway's public key.
+const WG_PROBE_KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+const WG_GW_PRIVATE: &str = "UOzlBB0dhzTOdwW4eWZQpL7zbRk7aoxaeNmnJhJ6lVE=";
+
+fn wg_gw_public() -> String {
+    crate::health::wireguard::public_key_of(WG_GW_PRIVATE).unwrap()
+}
+
+#[test]
+fn vpn_check_defaults_and_fields() {
+    let gw = wg_gw_public();
+    let cfg = ok(&with_check(&format!(
+        "type = \"wireguard\"\npublic_key = \"{gw}\"\nprivate_key = \"{WG_PROBE_KEY}\""
+    )));
+    assert_eq!(
+        cfg.backend("chk").unwrap().checks[0],
+        CheckSpec::Wireguard {
+            port: 51820,
+            public_key: gw.clone(),
+            private_key: Some(WG_PROBE_KEY.into()),
+            private_key_file: None,
+            timing: CheckTiming {
+                interval_ms: 5000,
+                ..CheckTiming::default()
+            },
+        }
+    );
+    assert_eq!(
+        cfg.backend("chk").unwrap().checks[0].label(),
+        "wireguard:51820"
+    );
+    let cfg = ok(&with_check(&format!(
+        "type = \"wireguard\"\nport = 51821\npublic_key = \"{gw}\"\n\
+         private_key_file = \"/etc/vpnlb/probe.key\"\ninterval_ms = 2000\ntimeout_ms = 1000\nfall = 2"
+    )));
+    assert_eq!(
+        cfg.backend("chk").unwrap().checks[0],
+        CheckSpec::Wireguard {
+            port: 51821,
+            public_key: gw.clone(),
+            private_key: None,
+            private_key_file: Some("/etc/vpnlb/probe.key".into()),
+            timing: CheckTiming {
+                interval_ms: 2000,
+                timeout_ms: 1000,
+                rise: 2,
+                fall: 2
+            },
+        }
+    );
+    let cfg = ok(&with_check("type = \"ikev2\""));
+    assert_eq!(
+        cfg.backend("chk").unwrap().checks[0],
+        CheckSpec::Ikev2 {
+            port: 500,
+            timing: CheckTiming::default(),
+        }
+    );
+    let cfg = ok(&with_check(
+        "type = \"ikev2\"\nport = 4500\ninterval_ms = 3000",
+    ));
+    let c = &cfg.backend("chk").unwrap().checks[0];
+    assert_eq!(c.label(), "ikev2:4500");
+    assert_eq!(c.timing().interval_ms, 3000);
+    // Round trip through serde (flattened timing, RawCheck on the way back).
+    let cfg = ok(&format!(
+        "{HEAD}\n[[backend]]\nname = \"chk\"\naddress = \"10.0.0.99\"\n\
+         [[backend.check]]\ntype = \"wireguard\"\npublic_key = \"{gw}\"\nprivate_key = \"{WG_PROBE_KEY}\"\n\
+         [[backend.check]]\ntype = \"ikev2\"\nrise = 3\n"
+    ));
+    let checks = &cfg.backend("chk").unwrap().checks;
+    let json = serde_json::to_string(checks).unwrap();
+    assert!(json.contains("\"type\":\"wireguard\"") && json.contains("\"type\":\"ikev2\""));
+    let back: Vec<CheckSpec> = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, checks);
+}
+
+#[test]
+fn vpn_check_errors() {
+    let at = |k: &str| format!("backend \"chk\".check[0].{k}");
+    let gw = wg_gw_public();
+    let wg = |rest: &str| {
+        with_check(&format!(
+            "type = \"wireguard\"\npublic_key = \"{gw}\"\n{rest}"
+        ))
+    };
+    // Keys of other kinds are rejected with the list of what the kind takes.
+    rejects(
+        &wg(&format!(
+            "private_key = \"{WG_PROBE_KEY}\"\npath = \"/\" #!"
+        )),
+        &at("path"),
+        "unknown field `path`: a check of type \"wireguard\" takes `type`, `port`, `public_key`, \
+         `private_key`, `private_key_file`, `interval_ms`, `timeout_ms`, `rise`, `fall`",
+    );
+    rejects(
+        &with_check("type = \"ikev2\"\npublic_key = \"x\" #!"),
+        &at("public_key"),
+        "a check of type \"ikev2\" takes `type`, `port`, `interval_ms`",
+    );
+    rejects(
+        &with_check("type = \"tcp\"\nport = 1\nprivate_key = \"x\" #!"),
+        &at("private_key"),
+        "unknown field `private_key`",
+    );
+    rejects(
+        &format!(
+            "{HEAD}\n[[backend]]\nname = \"chk\"\naddress = \"10.0.0.99\"\n[[backend.check]] #!\n\
+             type = \"wireguard\"\nprivate_key = \"{WG_PROBE_KEY}\"\n"
+        ),
+        "backend \"chk\".check[0]",
+        "missing field `public_key`",
+    );
+    // Keys.
+    rejects(
+        &with_check(&format!(
+            "type = \"wireguard\"\npublic_key = \"abc\" #!\nprivate_key = \"{WG_PROBE_KEY}\""
+        )),
+        &at("public_key"),
+        "invalid key: not base64",
+    );
+    rejects(
+        &wg("private_key = \"AAAAAAAAAAAAAAAAAAAAAA==\" #!"),
+        &at("private_key"),
+        "invalid key: 16 bytes, a WireGuard key has 32",
+    );
+    rejects(
+        &format!(
+            "{HEAD}\n[[backend]]\nname = \"chk\"\naddress = \"10.0.0.99\"\n[[backend.check]] #!\n\
+             type = \"wireguard\"\npublic_key = \"{gw}\"\n"
+        ),
+        "backend \"chk\".check[0]",
+        "needs private_key or private_key_file",
+    );
+    rejects(
+        &wg(&format!(
+            "private_key = \"{WG_PROBE_KEY}\"\nprivate_key_file = \"/k\" #!"
+        )),
+        &at("private_key_file"),
+        "set only one of private_key and private_key_file",
+    );
+    rejects(
+        &wg("private_key_file = \"\" #!"),
+        &at("private_key_file"),
+        "must not be empty",
+    );
+    rejects(
+        &wg(&format!("private_key = \"{WG_GW_PRIVATE}\" #!")),
+        &at("private_key"),
+        "is the private key of public_key",
+    );
+    // Ports and timing.
+    rejects(
+        &wg(&format!("private_key = \"{WG_PROBE_KEY}\"\nport = 0 #!")),
+        &at("port"),
+        "must be 1..=65535",
+    );
+    rejects(
+        &with_check("type = \"ikev2\"\nport = 0 #!"),
+        &at("port"),
+        "must be 1..=65535",
+    );
+    rejects(
+        &wg(&format!(
+            "private_key = \"{WG_PROBE_KEY}\"\ninterval_ms = 30 #!\ntimeout_ms = 20"
+        )),
+        &at("interval_ms"),
+        "30 ms is below the minimum of 50 ms for wireguard checks",
+    );
+    // The wireguard default interval (5000) makes a 2000 ms timeout valid; an ikev2 one is not.
+    ok(&wg(&format!(
+        "private_key = \"{WG_PROBE_KEY}\"\ntimeout_ms = 2000"
+    )));
+    rejects(
+        &with_check("type = \"ikev2\"\ntimeout_ms = 2000 #!"),
+        &at("timeout_ms"),
+        "2000 ms is longer than interval_ms (1000 ms)",
+    );
+}
+
 #[test]
 fn vip_protocol_port_and_forwarding_errors() {
     let vip = |body: &str| {
@@ -1420,6 +1600,17 @@ fn examples_say_what_they_promise() {
         cfg.agent.encap_source_v6,
         Some("2001:db8:100::1".parse::<Ipv6Addr>().unwrap())
     );
+    assert!(matches!(
+        cfg.backend("ipsec-1").unwrap().checks.last(),
+        Some(CheckSpec::Ikev2 { port: 500, .. })
+    ));
+
+    let cfg = load(&examples_dir().join("wireguard-l2dsr.toml")).unwrap();
+    assert!(matches!(
+        cfg.backend("wg-a").unwrap().checks.last(),
+        Some(CheckSpec::Wireguard { port: 51820, private_key_file: Some(_), timing, .. })
+            if timing.interval_ms == 5000
+    ));
 
     let cfg = load(&examples_dir().join("openvpn-active-standby.toml")).unwrap();
     let v = &cfg.vips[0];

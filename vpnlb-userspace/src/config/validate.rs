@@ -20,6 +20,9 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_WEIGHT: u32 = 1000;
 /// Shortest health-check interval and BFD timer (ms).
 const MIN_INTERVAL_MS: u64 = 10;
+/// wireguard-go drops handshake initiations from one peer key less than 20 ms apart; with the
+/// runner's -10% jitter 50 ms stays clear of that.
+const MIN_WIREGUARD_INTERVAL_MS: u64 = 50;
 /// Longest BFD timer (ms): the protocol carries microseconds in 32 bits.
 const MAX_BFD_INTERVAL_MS: u64 = u32::MAX as u64 / 1000;
 /// Longest idle timeout that fits in nanoseconds in a u64.
@@ -341,7 +344,12 @@ impl Checker<'_, '_> {
             self.err(k("fall"), "must be at least 1");
         }
         match c {
-            CheckSpec::Tcp { port, .. } | CheckSpec::Udp { port, .. } if *port == 0 => {
+            CheckSpec::Tcp { port, .. }
+            | CheckSpec::Udp { port, .. }
+            | CheckSpec::Wireguard { port, .. }
+            | CheckSpec::Ikev2 { port, .. }
+                if *port == 0 =>
+            {
                 self.err(k("port"), "must be 1..=65535");
             }
             CheckSpec::Http {
@@ -413,6 +421,54 @@ impl Checker<'_, '_> {
                     {
                         self.err(k(hex_key), format!("invalid hex: {e}"));
                     }
+                }
+            }
+            CheckSpec::Wireguard {
+                public_key,
+                private_key,
+                private_key_file,
+                ..
+            } => {
+                use crate::health::wireguard::{parse_key, public_key_bytes};
+                if t.interval_ms < MIN_WIREGUARD_INTERVAL_MS {
+                    self.err(
+                        k("interval_ms"),
+                        format!(
+                            "{} ms is below the minimum of {MIN_WIREGUARD_INTERVAL_MS} ms for \
+                             wireguard checks (gateways drop initiations that come faster)",
+                            t.interval_ms
+                        ),
+                    );
+                }
+                if let Err(e) = parse_key(public_key) {
+                    self.err(k("public_key"), format!("invalid key: {e}"));
+                }
+                match (private_key, private_key_file) {
+                    (None, None) => self.err(
+                        at.clone(),
+                        "a wireguard check needs private_key or private_key_file (the probe's \
+                         own key, configured as a peer on the gateway)",
+                    ),
+                    (Some(_), Some(_)) => self.err(
+                        k("private_key_file"),
+                        "set only one of private_key and private_key_file",
+                    ),
+                    (Some(key), None) => match parse_key(key) {
+                        Err(e) => self.err(k("private_key"), format!("invalid key: {e}")),
+                        Ok(private) => {
+                            if parse_key(public_key).is_ok_and(|p| p == public_key_bytes(private)) {
+                                self.err(
+                                    k("private_key"),
+                                    "is the private key of public_key: the probe needs a key of \
+                                     its own, configured as a peer on the gateway",
+                                );
+                            }
+                        }
+                    },
+                    (None, Some(f)) if f.is_empty() => {
+                        self.err(k("private_key_file"), "must not be empty");
+                    }
+                    (None, Some(_)) => {}
                 }
             }
             _ => {}

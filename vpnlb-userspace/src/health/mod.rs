@@ -1,7 +1,8 @@
 //! Health checks: what to probe ([`spec`]), the periodic probes ([`icmp`], [`tcp`], [`http`] for
-//! http and https, [`udp`]) started by [`runner`] as tokio tasks with jitter, and [`bfd`] sessions
-//! (RFC 5880/5881). All report raw results on a channel; rise/fall counting and the backend state
-//! machine live in the agent core (pure, clock as an argument).
+//! http and https, [`udp`], and the VPN-protocol probes [`wireguard`] and [`ikev2`]) started by
+//! [`runner`] as tokio tasks with jitter, and [`bfd`] sessions (RFC 5880/5881). All report raw
+//! results on a channel; rise/fall counting and the backend state machine live in the agent core
+//! (pure, clock as an argument).
 
 pub mod bfd;
 pub mod http;

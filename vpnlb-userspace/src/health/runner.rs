@@ -2,8 +2,8 @@
 //! probes every `interval_ms` and sends one [`CheckResult`] per probe. The first probe waits a random
 //! offset in `[0, interval)` and every period is jittered by ±10%, so a thousand backends configured
 //! at once do not probe in lockstep. The schedule itself is pure ([`initial_offset`], [`jittered`],
-//! [`next_deadline`]) and unit-tested; the per-kind probes live in [`icmp`], [`tcp`], [`http`] and
-//! [`udp`]. BFD is not run here: its sessions belong to the BFD manager.
+//! [`next_deadline`]) and unit-tested; the per-kind probes live in [`icmp`], [`tcp`], [`http`],
+//! [`udp`], [`wireguard`] and [`ikev2`]. BFD is not run here: its sessions belong to the BFD manager.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
@@ -14,7 +14,7 @@ use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 
 use super::spec::{CheckResult, CheckSpec, CheckTarget, CheckTiming};
-use super::{http, icmp, tcp, udp};
+use super::{http, icmp, ikev2, tcp, udp, wireguard};
 
 /// Errors that stop a check from being started (a failing probe is a result, not an error). The
 /// messages are complete on their own (no source chain to print).
@@ -36,6 +36,10 @@ pub enum ProbeError {
     Http(#[from] http::HttpError),
     #[error(transparent)]
     Udp(#[from] udp::UdpError),
+    #[error(transparent)]
+    Wireguard(#[from] wireguard::WireguardError),
+    #[error(transparent)]
+    Ikev2(#[from] ikev2::Ikev2Error),
 }
 
 /// A successful probe: its round-trip time and a short detail such as `echo reply 0.3ms`.
@@ -72,6 +76,8 @@ pub enum Probe {
     Tcp(tcp::TcpProbe),
     Http(http::HttpProbe),
     Udp(udp::UdpProbe),
+    Wireguard(wireguard::WireguardProbe),
+    Ikev2(ikev2::Ikev2Probe),
 }
 
 impl Probe {
@@ -85,6 +91,10 @@ impl Probe {
                 Probe::Http(http::HttpProbe::new(spec, target)?)
             }
             CheckSpec::Udp { .. } => Probe::Udp(udp::UdpProbe::new(spec, target)?),
+            CheckSpec::Wireguard { .. } => {
+                Probe::Wireguard(wireguard::WireguardProbe::new(spec, target)?)
+            }
+            CheckSpec::Ikev2 { .. } => Probe::Ikev2(ikev2::Ikev2Probe::new(spec, target)?),
             CheckSpec::Bfd { .. } => return Err(ProbeError::Bfd),
         })
     }
@@ -96,6 +106,8 @@ impl Probe {
             Probe::Tcp(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
             Probe::Http(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
             Probe::Udp(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
+            Probe::Wireguard(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
+            Probe::Ikev2(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
         }
     }
 }
@@ -423,6 +435,37 @@ mod tests {
         let err = spawn(&spec, target(), tx).expect_err("bfd must be refused");
         assert!(matches!(err, ProbeError::Bfd));
         assert!(err.to_string().contains("bfd session manager"));
+    }
+
+    #[tokio::test]
+    async fn vpn_checks_are_dispatched_to_their_probes() {
+        // A bad wireguard spec fails in WireguardProbe::new, surfaced as ProbeError::Wireguard.
+        let wg = CheckSpec::Wireguard {
+            port: 51820,
+            public_key: "AAAA".into(),
+            private_key: None,
+            private_key_file: None,
+            timing: CheckTiming::default(),
+        };
+        let err = probe_once(&wg, &target()).await.expect_err("bad key");
+        assert!(matches!(err, ProbeError::Wireguard(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "public_key: 3 bytes, a WireGuard key has 32"
+        );
+        // An ikev2 probe of a closed loopback port: the ICMP port unreachable comes back.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        let ike = CheckSpec::Ikev2 {
+            port,
+            timing: CheckTiming::default(),
+        };
+        let r = probe_once(&ike, &target()).await.expect("started");
+        assert!(!r.ok);
+        assert_eq!(r.detail, "connection refused");
+        assert_eq!((r.backend_id, r.check_index), (7, 1));
     }
 
     #[test]

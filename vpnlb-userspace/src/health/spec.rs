@@ -139,6 +139,31 @@ pub enum CheckSpec {
         #[serde(flatten)]
         timing: CheckTiming,
     },
+    /// WireGuard handshake (Noise IK) with the gateway as a configured peer; success = a valid
+    /// handshake response. `interval_ms` defaults to 5000: the gateway drops initiations from one
+    /// peer key that come too fast.
+    Wireguard {
+        #[serde(default = "default_wireguard_port")]
+        port: u16,
+        /// The gateway's public key (base64).
+        public_key: String,
+        /// The probe's own private key (base64); or `private_key_file`.
+        #[serde(default)]
+        private_key: Option<String>,
+        /// File holding the probe's private key (base64, as written by `wg genkey`).
+        #[serde(default)]
+        private_key_file: Option<String>,
+        #[serde(flatten)]
+        timing: CheckTiming,
+    },
+    /// Stateless IKEv2 liveness: an IKE_SA_INIT whose KE group is not a proposed one, answered by
+    /// INVALID_KE_PAYLOAD (or COOKIE, another notify, or a full IKE_SA_INIT response).
+    Ikev2 {
+        #[serde(default = "default_ikev2_port")]
+        port: u16,
+        #[serde(flatten)]
+        timing: CheckTiming,
+    },
 }
 
 /// The `type` of a check table.
@@ -151,6 +176,8 @@ enum CheckKind {
     Https,
     Udp,
     Bfd,
+    Wireguard,
+    Ikev2,
 }
 
 /// A check table as written: every key any kind takes, each optional. Without `flatten` serde
@@ -176,6 +203,9 @@ struct RawCheck {
     required_min_rx_ms: Option<u64>,
     detect_mult: Option<u8>,
     passive: Option<bool>,
+    public_key: Option<String>,
+    private_key: Option<String>,
+    private_key_file: Option<String>,
     interval_ms: Option<u64>,
     timeout_ms: Option<u64>,
     rise: Option<u32>,
@@ -219,6 +249,11 @@ impl TryFrom<RawCheck> for CheckSpec {
                     "passive",
                 ],
             ),
+            CheckKind::Wireguard => (
+                "wireguard",
+                &["port", "public_key", "private_key", "private_key_file"],
+            ),
+            CheckKind::Ikev2 => ("ikev2", &["port"]),
         };
         let present = [
             ("port", r.port.is_some()),
@@ -236,6 +271,9 @@ impl TryFrom<RawCheck> for CheckSpec {
             ("required_min_rx_ms", r.required_min_rx_ms.is_some()),
             ("detect_mult", r.detect_mult.is_some()),
             ("passive", r.passive.is_some()),
+            ("public_key", r.public_key.is_some()),
+            ("private_key", r.private_key.is_some()),
+            ("private_key_file", r.private_key_file.is_some()),
         ];
         if let Some((key, _)) = present.iter().find(|(k, set)| *set && !own.contains(k)) {
             let takes: Vec<String> = ["type"]
@@ -251,7 +289,10 @@ impl TryFrom<RawCheck> for CheckSpec {
         }
         let port = || r.port.ok_or_else(|| "missing field `port`".to_string());
         let timing = CheckTiming {
-            interval_ms: r.interval_ms.unwrap_or_else(default_interval_ms),
+            interval_ms: r.interval_ms.unwrap_or(match r.kind {
+                CheckKind::Wireguard => default_wireguard_interval_ms(),
+                _ => default_interval_ms(),
+            }),
             timeout_ms: r.timeout_ms.unwrap_or_else(default_timeout_ms),
             rise: r.rise.unwrap_or_else(default_rise),
             fall: r.fall.unwrap_or_else(default_fall),
@@ -295,6 +336,19 @@ impl TryFrom<RawCheck> for CheckSpec {
                 passive: r.passive.unwrap_or_default(),
                 timing,
             },
+            CheckKind::Wireguard => CheckSpec::Wireguard {
+                port: r.port.unwrap_or_else(default_wireguard_port),
+                public_key: r
+                    .public_key
+                    .ok_or_else(|| "missing field `public_key`".to_string())?,
+                private_key: r.private_key,
+                private_key_file: r.private_key_file,
+                timing,
+            },
+            CheckKind::Ikev2 => CheckSpec::Ikev2 {
+                port: r.port.unwrap_or_else(default_ikev2_port),
+                timing,
+            },
         })
     }
 }
@@ -311,6 +365,17 @@ pub fn default_bfd_interval_ms() -> u64 {
 pub fn default_detect_mult() -> u8 {
     3
 }
+pub fn default_wireguard_port() -> u16 {
+    51820
+}
+/// WireGuard probes are spaced: wireguard-go drops initiations from one peer key < 20 ms apart,
+/// and every answered probe is a new handshake (and session) on the gateway.
+pub fn default_wireguard_interval_ms() -> u64 {
+    5000
+}
+pub fn default_ikev2_port() -> u16 {
+    500
+}
 
 impl CheckSpec {
     pub fn timing(&self) -> &CheckTiming {
@@ -320,7 +385,9 @@ impl CheckSpec {
             | CheckSpec::Http { timing, .. }
             | CheckSpec::Https { timing, .. }
             | CheckSpec::Udp { timing, .. }
-            | CheckSpec::Bfd { timing, .. } => timing,
+            | CheckSpec::Bfd { timing, .. }
+            | CheckSpec::Wireguard { timing, .. }
+            | CheckSpec::Ikev2 { timing, .. } => timing,
         }
     }
 
@@ -333,6 +400,8 @@ impl CheckSpec {
             CheckSpec::Https { port, path, .. } => format!("https:{port}{path}"),
             CheckSpec::Udp { port, .. } => format!("udp:{port}"),
             CheckSpec::Bfd { .. } => "bfd".into(),
+            CheckSpec::Wireguard { port, .. } => format!("wireguard:{port}"),
+            CheckSpec::Ikev2 { port, .. } => format!("ikev2:{port}"),
         }
     }
 }
