@@ -1,5 +1,5 @@
 //! Minimal classic-pcap reader and writer (Ethernet link type): reads the real VPN captures under
-//! /work/shared/captures and writes input/expected/actual frames of a failing fixture.
+//! ../shared/captures (beside the repository) and writes input/expected/actual frames of a failing fixture.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -98,11 +98,13 @@ pub fn write(path: impl AsRef<Path>, frames: &[&[u8]]) -> io::Result<()> {
     std::fs::File::create(path)?.write_all(&to_bytes(frames))
 }
 
-/// Directory of the shared real-traffic captures (override with `VPNLB_CAPTURES`).
+/// Directory of the shared real-traffic captures: `VPNLB_CAPTURES`, else `shared/captures` beside
+/// the repository (where CI and the developers' machines have it).
 pub fn captures_dir() -> PathBuf {
-    std::env::var_os("VPNLB_CAPTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/captures"))
+    if let Some(d) = std::env::var_os("VPNLB_CAPTURES") {
+        return PathBuf::from(d);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/captures")
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //!   backend without a family, ring slots naming dead or absent backends, hand-written
 //!   `CLASS_RINGS` entries, seeded sessions). The model starts from `MemMaps::snapshot` of the real maps and is never reset:
 //!   sessions recorded by earlier packets steer later ones in both.
-//! - Packets: every frame of every `/work/shared/captures/*-c2g.pcap`, synthetic packets for every
+//! - Packets: every frame of every `shared/captures/*-c2g.pcap` (beside the repository), synthetic packets for every
 //!   VIP (IPv4/IPv6, VLAN, IPv4 options, padding, UDP/TCP/ESP, MTU boundaries, every PASS reason),
 //!   then seeded mutations of both (`vpnlb_tests::mutate`), in two phases around a control-plane
 //!   change (backends going down, draining and up, a class changing its DSCP set); `vpnlb_decap` runs on every encapsulated output

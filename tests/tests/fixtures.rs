@@ -1,6 +1,6 @@
 //! Packet-in / packet-out fixtures for the production XDP object (docs/datapath.md is the spec).
 //!
-//! Each fixture builds its input frame in code (or takes real bytes from /work/shared/captures),
+//! Each fixture builds its input frame in code (or takes real bytes from shared/captures beside the repository),
 //! seeds the maps through the agent's own `Dataplane` / `MapWriter` API, and states the verdict, the
 //! exact output bytes and the exact counter and stats deltas it expects. Expected encapsulations come
 //! from `vpnlb_tests::packet`, written from the spec, never from the XDP code. A mismatch writes a
@@ -1691,7 +1691,7 @@ fn redirect_to_a_port_missing_from_tx_ports_drops() {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Real traffic from /work/shared/captures, forwarded byte for byte.
+// Real traffic from shared/captures, forwarded byte for byte.
 
 /// The first frame of `file` matching `pred`.
 fn capture_frame(file: &str, pred: impl Fn(&Parsed, &[u8]) -> bool) -> Vec<u8> {
