@@ -13,5 +13,6 @@ pub mod mutate;
 pub mod netns;
 pub mod packet;
 pub mod pcap;
+pub mod pins;
 pub mod testbed;
 pub mod wg;

@@ -10,25 +10,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use aya::Ebpf;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use serde_json::Value;
-use vpnlb::dataplane::{BackendSpec, ClassSpec, Dataplane, VipSpec};
-use vpnlb::loader::{self, LoadOptions};
+use vpnlb::dataplane::{BackendSpec, ClassSpec, VipSpec};
 use vpnlb::maps::{AyaMaps, MapReader};
 use vpnlb_common::*;
 use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, backend_in, env_path, vip};
-use vpnlb_tests::harness::{XDP_PASS, XDP_TX, action_name, pin_to_cpu, require_root, xdp_md};
+use vpnlb_tests::harness::{XDP_PASS, XDP_TX, action_name, xdp_md};
 use vpnlb_tests::packet::{Frame, arp_request};
 use vpnlb_tests::pcap;
+use vpnlb_tests::pins::PinnedObject;
 use vpnlb_tests::testbed::{VIP, VIP_PORT};
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 const WG: &str = "203.0.113.10";
 const WG_PORT: u16 = 51820;
@@ -56,49 +51,25 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
-/// The loaded object with pinned maps, programmed state, an ids.json, and the XDP program for
-/// test runs. Pins and the temp dir are removed on drop.
-struct Bed {
-    ebpf: Ebpf,
-    dp: Dataplane<AyaMaps>,
-    pins: PathBuf,
-    dir: PathBuf,
-    socket: PathBuf,
+/// The pinned production object (see `vpnlb_tests::pins`) with this file's state programmed.
+struct Bed(PinnedObject);
+
+impl std::ops::Deref for Bed {
+    type Target = PinnedObject;
+    fn deref(&self) -> &PinnedObject {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut PinnedObject {
+        &mut self.0
+    }
 }
 
 impl Bed {
     fn new() -> Bed {
-        require_root();
-        pin_to_cpu(0);
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let pins = PathBuf::from(format!("/sys/fs/bpf/vpnlb-clitest-{pid}-{n}"));
-        let dir = std::env::temp_dir().join(format!("vpnlb-clitest-{pid}-{n}"));
-        let _ = std::fs::remove_dir_all(&pins);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let obj = loader::object_bytes().unwrap_or_else(|e| panic!("no eBPF object: {e}"));
-        let opts = LoadOptions {
-            pin_dir: Some(pins.clone()),
-            max_sessions: Some(4096),
-            ring_rows: Some(4),
-        };
-        let mut ebpf = loader::load(&obj, &opts).unwrap_or_else(|e| panic!("load: {e:?}"));
-        let prog: &mut Xdp = ebpf
-            .program_mut(prog_names::INGRESS)
-            .expect("vpnlb_ingress")
-            .try_into()
-            .unwrap();
-        prog.load().unwrap_or_else(|e| panic!("verifier: {e:?}"));
-        let maps = AyaMaps::from_ebpf(&mut ebpf).unwrap();
-        let socket = dir.join("control.sock");
-        Bed {
-            ebpf,
-            dp: Dataplane::with_ring_rows(maps, 4),
-            pins,
-            dir,
-            socket,
-        }
+        Bed(PinnedObject::new("clitest", 4))
     }
 
     /// gw1 (weight 100), gw2 (200), gw3 (100) up, gw4 (100) draining; VIP `wg` (udp
@@ -271,15 +242,6 @@ fn pause_at(what: &str) {
     {
         eprintln!("pausing {s}s: {what}");
         std::thread::sleep(Duration::from_secs(s));
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.pins) {
-            eprintln!("removing {}: {e}", self.pins.display());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -10,23 +10,19 @@
 //! --test-threads=1).
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use aya::Ebpf;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use vpnlb::control::Request;
-use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
-use vpnlb::loader::{self, LoadOptions};
-use vpnlb::maps::AyaMaps;
+use vpnlb::dataplane::{BackendSpec, VipSpec};
 use vpnlb_common::*;
 use vpnlb_tests::agent::{AgentBed, INTERFACE, backend as agent_backend, env_path, vip};
-use vpnlb_tests::harness::{XDP_PASS, XDP_TX, pin_to_cpu, require_root, xdp_md};
+use vpnlb_tests::harness::{XDP_PASS, XDP_TX, require_root, xdp_md};
 use vpnlb_tests::packet::Frame;
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
+use vpnlb_tests::pins::PinnedObject;
 
 const WG: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const WG_PORT: u16 = 51820;
@@ -36,40 +32,28 @@ const DEAD_PORT: u16 = 1194;
 
 /// The production object with pinned maps, two VIPs and four backends, an ids.json naming them,
 /// and the ingress program for test runs. Pins and the temp dir are removed on drop.
-struct Bed {
-    ebpf: Ebpf,
-    _dp: Dataplane<AyaMaps>,
-    pins: PathBuf,
-    dir: PathBuf,
-    socket: PathBuf,
+/// Numbers this process's tmux sessions.
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+struct Bed(PinnedObject);
+
+impl std::ops::Deref for Bed {
+    type Target = PinnedObject;
+    fn deref(&self) -> &PinnedObject {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut PinnedObject {
+        &mut self.0
+    }
 }
 
 impl Bed {
     fn new() -> Bed {
-        require_root();
-        pin_to_cpu(0);
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let pins = PathBuf::from(format!("/sys/fs/bpf/vpnlb-toptest-{pid}-{n}"));
-        let dir = std::env::temp_dir().join(format!("vpnlb-toptest-{pid}-{n}"));
-        let _ = std::fs::remove_dir_all(&pins);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let obj = loader::object_bytes().unwrap_or_else(|e| panic!("no eBPF object: {e}"));
-        let opts = LoadOptions {
-            pin_dir: Some(pins.clone()),
-            max_sessions: Some(4096),
-            ring_rows: Some(2),
-        };
-        let mut ebpf = loader::load(&obj, &opts).unwrap_or_else(|e| panic!("load: {e:?}"));
-        let prog: &mut Xdp = ebpf
-            .program_mut(prog_names::INGRESS)
-            .expect("vpnlb_ingress")
-            .try_into()
-            .unwrap();
-        prog.load().unwrap_or_else(|e| panic!("verifier: {e:?}"));
-        let maps = AyaMaps::from_ebpf(&mut ebpf).unwrap();
-        let mut dp = Dataplane::with_ring_rows(maps, 2);
+        let mut obj = PinnedObject::new("toptest", 2);
+        let dp = &mut obj.dp;
         for (id, st) in [
             (1, BACKEND_UP),
             (2, BACKEND_UP),
@@ -109,7 +93,6 @@ impl Bed {
             ..wg
         })
         .unwrap();
-        let socket = dir.join("control.sock");
         let ids = serde_json::json!({
             "backends": {"gw-paris": 1, "gw-lyon": 2, "gw-spare": 3, "gw-dead": 4},
             "vips": {"wg-public": 0, "ovpn-dead": 1},
@@ -118,14 +101,8 @@ impl Bed {
                 {"vip": "ovpn-dead", "class": null, "id": 1},
             ],
         });
-        std::fs::write(vpnlb::agent::ids_path(&socket), ids.to_string()).unwrap();
-        Bed {
-            ebpf,
-            _dp: dp,
-            pins,
-            dir,
-            socket,
-        }
+        std::fs::write(vpnlb::agent::ids_path(&obj.socket), ids.to_string()).unwrap();
+        Bed(obj)
     }
 
     /// One BPF_PROG_TEST_RUN of vpnlb_ingress; returns the XDP action.
@@ -182,15 +159,6 @@ impl Bed {
             let a = self.run(&f.bytes());
             assert!(a != XDP_TX && a != XDP_PASS, "dead vip packet: action {a}");
         }
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.pins) {
-            eprintln!("removing {}: {e}", self.pins.display());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
