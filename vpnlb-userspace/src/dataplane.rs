@@ -339,13 +339,6 @@ impl<W: MapWriter> Dataplane<W> {
         self.rings.get(&ring_id).map(Vec::as_slice)
     }
 
-    /// Rewrites everything this data plane holds (backends, TX ports, VIPs; rings as deltas
-    /// against the installed tables). Runs by itself on the call after a failed write.
-    pub fn resync(&mut self) -> Result<ApplyReport, DataplaneError> {
-        self.dirty = true;
-        self.apply(Plan::default(), self.backends.clone(), self.vips.clone())
-    }
-
     pub fn set_config(&mut self, cfg: GlobalConfig) -> Result<(), DataplaneError> {
         self.writer.set_config(&cfg)?;
         Ok(())

@@ -170,14 +170,3 @@ pub fn detach(pin_dir: &Path, ifname: &str) -> Result<(), AgentError> {
         }),
     }
 }
-
-/// Interfaces with a pinned link.
-pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
-    std::fs::read_dir(pin_dir.join("links"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}

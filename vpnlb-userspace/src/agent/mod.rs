@@ -9,6 +9,7 @@ pub mod neigh;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aya::programs::Xdp;
@@ -99,16 +100,75 @@ struct Agent {
     ifaces: HashMap<String, Iface>,
     macs: HashMap<String, [u8; 6]>,
     checks: BTreeMap<String, Vec<Running>>,
-    neigh: BTreeMap<String, tokio::task::JoinHandle<()>>,
+    /// Backends whose next-hop MAC comes from the neighbour table: name -> (key, generation). One
+    /// watcher task reads the table for all of them (`watch_neighbours`).
+    neigh_wanted: NeighWanted,
+    neigh_gen: u64,
     bfd: Option<BfdManager>,
     hooks: Hooks,
     metrics: Metrics,
     results_tx: mpsc::Sender<CheckResult>,
-    neigh_tx: mpsc::Sender<NeighUpdate>,
     choices: Vec<PoolChoice>,
     started: SystemTime,
     /// Check results arrived since the metrics view was last refreshed.
     view_dirty: bool,
+}
+
+type NeighWanted = Arc<Mutex<BTreeMap<String, (neigh::NeighKey, u64)>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Resolves the next-hop MACs of every backend in `wanted` from one read of the neighbour table
+/// per second (nudging the kernel for missing ones), and reports each change of a backend's MAC,
+/// and the first result of every new entry, on `tx`.
+fn watch_neighbours(
+    wanted: NeighWanted,
+    tx: mpsc::Sender<NeighUpdate>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last: HashMap<(String, u64), Option<[u8; 6]>> = HashMap::new();
+        loop {
+            let snapshot: Vec<(String, (neigh::NeighKey, u64))> = lock(&wanted)
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            if !snapshot.is_empty() {
+                let table = tokio::task::spawn_blocking(neigh::table)
+                    .await
+                    .unwrap_or_default();
+                last.retain(|k, _| snapshot.iter().any(|(n, (_, g))| *n == k.0 && *g == k.1));
+                for (name, (key, generation)) in &snapshot {
+                    let mac = table.get(key).copied();
+                    let (dev, addr) = (&key.0, key.1);
+                    if mac.is_none() {
+                        neigh::nudge(addr);
+                    }
+                    let k = (name.clone(), *generation);
+                    if last.get(&k) == Some(&mac) {
+                        continue;
+                    }
+                    let detail = match mac {
+                        Some(m) => format!("lladdr {} on {dev}", fmt_mac(&m)),
+                        None => format!(
+                            "no neighbour entry for {addr} on {dev}: set mac = ... or make it reachable"
+                        ),
+                    };
+                    let u = NeighUpdate {
+                        backend: name.clone(),
+                        mac,
+                        detail,
+                    };
+                    if tx.send(u).await.is_err() {
+                        return;
+                    }
+                    last.insert(k, mac);
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
 }
 
 /// A neighbour-resolution report for a backend without a configured MAC.
@@ -310,56 +370,15 @@ impl Agent {
         }
         self.checks.insert(b.name.clone(), running);
         if b.mac.is_none() {
-            let tx = self.neigh_tx.clone();
-            let (backend, addr) = (b.name.clone(), b.address);
-            let task = tokio::spawn(async move {
-                let mut last: Option<Option<[u8; 6]>> = None;
-                loop {
-                    let dev = iface.clone();
-                    let mac = tokio::task::spawn_blocking(move || {
-                        neigh::resolve(addr, &dev, Duration::from_millis(500))
-                    })
-                    .await
-                    .ok()
-                    .flatten();
-                    if last != Some(mac) {
-                        let detail = match mac {
-                            Some(m) => format!("lladdr {} on {iface}", fmt_mac(&m)),
-                            None => format!(
-                                "no neighbour entry for {addr} on {iface}: set mac = ... or make it reachable"
-                            ),
-                        };
-                        if tx
-                            .send(NeighUpdate {
-                                backend: backend.clone(),
-                                mac,
-                                detail,
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        last = Some(mac);
-                    }
-                    tokio::time::sleep(if mac.is_some() {
-                        Duration::from_secs(5)
-                    } else {
-                        Duration::from_secs(1)
-                    })
-                    .await;
-                }
-            });
-            self.neigh.insert(b.name.clone(), task);
+            self.neigh_gen += 1;
+            lock(&self.neigh_wanted).insert(b.name.clone(), ((iface, b.address), self.neigh_gen));
         }
         Ok(())
     }
 
     fn stop_checks(&mut self, name: &str) {
         self.checks.remove(name);
-        if let Some(t) = self.neigh.remove(name) {
-            t.abort();
-        }
+        lock(&self.neigh_wanted).remove(name);
         self.macs.remove(name);
     }
 
@@ -800,26 +819,44 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         ifaces,
         macs: HashMap::new(),
         checks: BTreeMap::new(),
-        neigh: BTreeMap::new(),
+        neigh_wanted: NeighWanted::default(),
+        neigh_gen: 0,
         bfd: None,
         hooks,
         metrics: metrics.clone(),
         results_tx,
-        neigh_tx,
         choices: Vec::new(),
         started,
         view_dirty: false,
         cfg,
     };
-    // Resolve MACs up front so the first reconcile does not write zero MACs for adopted backends.
-    for b in agent.cfg.backends.clone() {
-        if b.mac.is_none() {
-            let dev = desired::backend_iface(&agent.cfg, &b).to_string();
-            if let Some(m) = neigh::resolve(b.address, &dev, Duration::from_millis(300)) {
-                agent.macs.insert(b.name.clone(), m);
-                if let Some(st) = adopted.get(&agent.ids.backend(&b.name).expect("assigned")) {
-                    let h = agent.health.backends.get_mut(&b.name).expect("inserted");
-                    h.adopt(*st);
+    // Resolve MACs up front (one table read, one shared wait) so the first reconcile does not
+    // write zero MACs for adopted backends.
+    let unresolved: Vec<(String, neigh::NeighKey)> = agent
+        .cfg
+        .backends
+        .iter()
+        .filter(|b| b.mac.is_none())
+        .map(|b| {
+            (
+                b.name.clone(),
+                (desired::backend_iface(&agent.cfg, b).to_string(), b.address),
+            )
+        })
+        .collect();
+    if !unresolved.is_empty() {
+        let keys: Vec<neigh::NeighKey> = unresolved.iter().map(|(_, k)| k.clone()).collect();
+        let found = neigh::resolve_all(&keys, Duration::from_millis(300));
+        for (name, key) in &unresolved {
+            if let Some(m) = found.get(key) {
+                agent.macs.insert(name.clone(), *m);
+                if let Some(st) = adopted.get(&agent.ids.backend(name).expect("assigned")) {
+                    agent
+                        .health
+                        .backends
+                        .get_mut(name)
+                        .expect("inserted")
+                        .adopt(*st);
                 }
             }
         }
@@ -849,6 +886,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         agent.start_checks(&b)?;
     }
 
+    let neigh_watch = watch_neighbours(agent.neigh_wanted.clone(), neigh_tx);
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Command>(64);
     let ctl_path = agent.cfg.agent.control_socket.clone();
     let ctl = tokio::spawn(async move {
@@ -906,6 +944,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         "exiting: vpnlb_ingress stays attached and the maps pinned; the data plane keeps forwarding"
     );
     ctl.abort();
+    neigh_watch.abort();
     if let Some(m) = metrics_task {
         m.abort();
     }

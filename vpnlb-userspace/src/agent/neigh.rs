@@ -68,24 +68,41 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// States of a usable neighbour entry.
 const USABLE: [&str; 6] = ["REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"];
 
-/// The MAC the kernel has for `addr` on `dev`, if usable.
-pub fn lookup(addr: IpAddr, dev: &str) -> Option<[u8; 6]> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "neigh", "show", "to", &addr.to_string(), "dev", dev])
+/// A (device, address) key of the neighbour table.
+pub type NeighKey = (String, IpAddr);
+
+/// The usable entries of the kernel's neighbour table, all devices and families, from one
+/// `ip -j neigh show`: one process per round however many backends need a MAC.
+pub fn table() -> HashMap<NeighKey, [u8; 6]> {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-j", "neigh", "show"])
         .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.as_array()?.iter().find_map(|e| {
-        let states: Vec<&str> = e["state"]
-            .as_array()?
-            .iter()
-            .filter_map(|s| s.as_str())
-            .collect();
-        if !states.iter().any(|s| USABLE.contains(s)) {
-            return None;
-        }
-        parse_mac(e["lladdr"].as_str()?)
-    })
+    else {
+        return HashMap::new();
+    };
+    parse_table(&out.stdout)
+}
+
+fn parse_table(json: &[u8]) -> HashMap<NeighKey, [u8; 6]> {
+    let Ok(serde_json::Value::Array(entries)) = serde_json::from_slice(json) else {
+        return HashMap::new();
+    };
+    entries
+        .iter()
+        .filter_map(|e| {
+            let usable = e["state"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s.as_str())
+                .any(|s| USABLE.contains(&s));
+            if !usable {
+                return None;
+            }
+            let dst: IpAddr = e["dst"].as_str()?.parse().ok()?;
+            let dev = e["dev"].as_str()?.to_string();
+            Some(((dev, dst), parse_mac(e["lladdr"].as_str()?)?))
+        })
+        .collect()
 }
 
 /// Makes the kernel resolve `addr` (it sends ARP / neighbour solicitation for the datagram).
@@ -101,22 +118,30 @@ pub fn nudge(addr: IpAddr) {
     }
 }
 
-/// Looks `addr` up, nudging the kernel and retrying for up to `wait`.
-pub fn resolve(addr: IpAddr, dev: &str, wait: Duration) -> Option<[u8; 6]> {
-    if let Some(m) = lookup(addr, dev) {
-        return Some(m);
+/// Looks every `wanted` key up; nudges the kernel for the missing ones and polls the table (every
+/// 50 ms, one read for all) for up to `wait`. Returns what was found.
+pub fn resolve_all(wanted: &[NeighKey], wait: Duration) -> HashMap<NeighKey, [u8; 6]> {
+    let found = |t: &HashMap<NeighKey, [u8; 6]>| -> HashMap<NeighKey, [u8; 6]> {
+        wanted
+            .iter()
+            .filter_map(|k| t.get(k).map(|m| (k.clone(), *m)))
+            .collect()
+    };
+    let mut have = found(&table());
+    if have.len() == wanted.len() {
+        return have;
     }
-    nudge(addr);
+    for k in wanted.iter().filter(|k| !have.contains_key(*k)) {
+        nudge(k.1);
+    }
     let step = Duration::from_millis(50);
     let mut waited = Duration::ZERO;
-    while waited < wait {
+    while waited < wait && have.len() < wanted.len() {
         std::thread::sleep(step);
         waited += step;
-        if let Some(m) = lookup(addr, dev) {
-            return Some(m);
-        }
+        have = found(&table());
     }
-    None
+    have
 }
 
 #[cfg(test)]
@@ -129,6 +154,28 @@ mod tests {
         assert_eq!(parse_mac("02:00:00:00:00"), None);
         assert_eq!(parse_mac("02:00:00:00:00:11:22"), None);
         assert_eq!(parse_mac("zz:00:00:00:00:11"), None);
+    }
+
+    #[test]
+    fn the_table_keeps_usable_entries_only() {
+        let json = br#"[
+            {"dst":"10.0.0.11","dev":"eth0","lladdr":"02:00:00:00:00:11","state":["REACHABLE"]},
+            {"dst":"10.0.0.12","dev":"eth0","lladdr":"02:00:00:00:00:12","state":["STALE"]},
+            {"dst":"10.0.0.13","dev":"eth0","state":["FAILED"]},
+            {"dst":"10.0.0.14","dev":"eth0","lladdr":"02:00:00:00:00:14","state":["INCOMPLETE"]},
+            {"dst":"fd00::11","dev":"eth1","lladdr":"02:00:00:00:01:11","state":["DELAY","PROBE"]}
+        ]"#;
+        let t = parse_table(json);
+        assert_eq!(t.len(), 3, "{t:?}");
+        assert_eq!(
+            t[&("eth0".to_string(), "10.0.0.12".parse().unwrap())],
+            [2, 0, 0, 0, 0, 0x12]
+        );
+        assert_eq!(
+            t[&("eth1".to_string(), "fd00::11".parse().unwrap())],
+            [2, 0, 0, 0, 1, 0x11]
+        );
+        assert!(parse_table(b"garbage").is_empty());
     }
 
     #[test]

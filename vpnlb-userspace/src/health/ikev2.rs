@@ -10,10 +10,7 @@ use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
-
-use super::runner::{ProbeOk, bind_socket, io_detail, sock_addr};
+use super::runner::{ProbeOk, io_detail, sock_addr, udp_socket};
 use super::spec::{CheckSpec, CheckTarget};
 
 /// IKE header length.
@@ -352,13 +349,7 @@ impl Ikev2Probe {
 
     async fn exchange(&self) -> Result<ProbeOk, Ikev2Error> {
         let addr = sock_addr(&self.target, self.port);
-        let sock = (|| {
-            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-            s.set_nonblocking(true)?;
-            bind_socket(&s, &self.target)?;
-            UdpSocket::from_std(std::net::UdpSocket::from(s))
-        })()
-        .map_err(|error| Ikev2Error::Socket { error })?;
+        let sock = udp_socket(&self.target, addr).map_err(|error| Ikev2Error::Socket { error })?;
         let io = |error| Ikev2Error::Io { error };
         sock.connect(addr).await.map_err(io)?;
         // A zero initiator SPI is invalid.
@@ -384,6 +375,7 @@ impl Ikev2Probe {
 mod tests {
     use super::*;
     use crate::health::spec::CheckTiming;
+    use tokio::net::UdpSocket;
 
     /// Walks a message's payload chain: (type, offset, length) of each payload.
     fn chain(msg: &[u8]) -> Vec<(u8, usize, usize)> {

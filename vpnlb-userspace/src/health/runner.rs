@@ -298,6 +298,22 @@ pub(crate) fn if_index(name: &str) -> u32 {
 }
 
 /// Applies the target's interface (SO_BINDTODEVICE) and source address to a new socket.
+/// A non-blocking UDP socket for probing `addr`, bound to the target's source/interface when set
+/// (not connected yet).
+pub(crate) fn udp_socket(
+    target: &CheckTarget,
+    addr: SocketAddr,
+) -> io::Result<tokio::net::UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    s.set_nonblocking(true)?;
+    bind_socket(&s, target)?;
+    tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(s))
+}
+
 pub(crate) fn bind_socket(sock: &socket2::Socket, target: &CheckTarget) -> io::Result<()> {
     if let Some(dev) = &target.interface {
         sock.bind_device(Some(dev.as_bytes()))?;

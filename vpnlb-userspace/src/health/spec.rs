@@ -1,7 +1,7 @@
 //! The configuration of one health check and the result it reports. These are the interface
 //! between the config file, the probe tasks and the agent core.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -433,9 +433,4 @@ pub struct CheckResult {
     pub detail: String,
     /// When the result was observed.
     pub at: Instant,
-}
-
-/// Helper for the probes: the socket address of the target on `port`.
-pub fn target_addr(t: &CheckTarget, port: u16) -> SocketAddr {
-    SocketAddr::new(t.addr, port)
 }

@@ -6,10 +6,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
-
-use super::runner::{ProbeOk, bind_socket, io_detail, sock_addr};
+use super::runner::{ProbeOk, io_detail, sock_addr, udp_socket};
 use super::spec::{CheckSpec, CheckTarget};
 
 /// Largest reply read; the rest of a longer datagram is discarded.
@@ -92,13 +89,7 @@ impl UdpProbe {
 
     async fn exchange(&self) -> Result<Vec<u8>, UdpError> {
         let addr = sock_addr(&self.target, self.port);
-        let sock = (|| {
-            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-            s.set_nonblocking(true)?;
-            bind_socket(&s, &self.target)?;
-            UdpSocket::from_std(std::net::UdpSocket::from(s))
-        })()
-        .map_err(|error| UdpError::Socket { error })?;
+        let sock = udp_socket(&self.target, addr).map_err(|error| UdpError::Socket { error })?;
         let io = |error| UdpError::Io { error };
         sock.connect(addr).await.map_err(io)?;
         sock.send(&self.payload).await.map_err(io)?;

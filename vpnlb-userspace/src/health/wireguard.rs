@@ -16,10 +16,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 
-use super::runner::{ProbeOk, bind_socket, io_detail, sock_addr};
+use super::runner::{ProbeOk, io_detail, sock_addr, udp_socket};
 use super::spec::{CheckSpec, CheckTarget};
 
 /// WireGuard message types (first byte, little-endian u32).
@@ -149,13 +147,8 @@ impl WireguardProbe {
 
     async fn handshake(&self) -> Result<ProbeOk, WireguardError> {
         let addr = sock_addr(&self.target, self.port);
-        let sock = (|| {
-            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-            s.set_nonblocking(true)?;
-            bind_socket(&s, &self.target)?;
-            UdpSocket::from_std(std::net::UdpSocket::from(s))
-        })()
-        .map_err(|error| WireguardError::Socket { error })?;
+        let sock =
+            udp_socket(&self.target, addr).map_err(|error| WireguardError::Socket { error })?;
         let io = |error| WireguardError::Io { error };
         sock.connect(addr).await.map_err(io)?;
 
@@ -221,6 +214,7 @@ fn initiation(tunn: &mut Tunn, out: &mut [u8], force: bool) -> Result<Vec<u8>, W
 mod tests {
     use super::*;
     use crate::health::spec::CheckTiming;
+    use tokio::net::UdpSocket;
 
     const KEY_A: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
 
