@@ -7,10 +7,13 @@
 
 pub mod agent;
 pub mod bfd_peer;
+pub mod drill;
 pub mod harness;
+pub mod ipsec;
 pub mod livegen;
 pub mod mutate;
 pub mod netns;
+pub mod openvpn;
 pub mod packet;
 pub mod pcap;
 pub mod pins;

@@ -71,6 +71,11 @@ const RUNTIME_PACKAGES: &[(&str, &str)] = &[
         "bpftool",
         "checks that the pinned maps dump with BTF-typed keys (tests/cli_maps.rs)",
     ),
+    (
+        "openvpn",
+        "OpenVPN 2.6: the real gateways and clients of the OpenVPN end-to-end tests",
+    ),
+    ("easy-rsa", "the OpenVPN test PKI"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -3,6 +3,7 @@
 //! never writes a map.
 
 pub mod ctl;
+pub mod gateway_check;
 pub mod inspect;
 pub mod render;
 pub mod simulate;

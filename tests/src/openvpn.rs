@@ -1,0 +1,1 @@
+//! OpenVPN gateways and clients in network namespaces (filled in by the OpenVPN e2e work).
