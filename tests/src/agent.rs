@@ -973,3 +973,21 @@ backends = ["gw"]
     drop(agent);
     (Percentiles::of(&lat), lat)
 }
+
+/// Runs `$VPNLB_BIN ARGS` in namespace `ns` (nsenter, so /sys/fs/bpf stays visible) with the object
+/// from `$VPNLB_EBPF_OBJ`; returns the exit code, stdout and stderr.
+pub fn vpnlb_in(ns: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(env_path("VPNLB_BIN"))
+        .args(args)
+        .env("VPNLB_EBPF_OBJ", env_path("VPNLB_EBPF_OBJ"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run nsenter vpnlb");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

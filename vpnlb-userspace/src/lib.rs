@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod gateway;
 pub mod health;
 pub mod hooks;
 pub mod loader;

@@ -203,11 +203,218 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
         interval: f64,
     },
+    /// On a gateway behind an `ipip`/`gue` VIP: attach, detach or show `vpnlb_decap`, which unwraps
+    /// the load balancer's encapsulated packets (pins under their own directory).
+    #[command(subcommand)]
+    Decap(DecapCmd),
+    /// On a gateway host: check what DSR or decapsulation needs here (VIP on lo, ARP and rp_filter
+    /// sysctls, the decap program, the daemons) and that a reply to the VIP leaves from the VIP.
+    /// Exits non-zero on any failed check.
+    GatewayCheck(GatewayCheckArgs),
     /// Print a shell completion script: `vpnlb completions bash > /etc/bash_completion.d/vpnlb`.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// Where `vpnlb decap` pins its maps and links (not the LB's `--pin-dir`).
+#[derive(Args, Debug, Clone)]
+struct DecapDir {
+    /// Pin directory of the decap program's maps and links.
+    #[arg(long, value_name = "DIR", default_value_os_t = vpnlb::gateway::decap::default_pin_dir())]
+    decap_pin_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum DecapCmd {
+    /// Attach `vpnlb_decap` to an interface (again: swap the program in place, update the port).
+    Attach {
+        /// The interface the load balancer's encapsulated packets arrive on.
+        #[arg(long)]
+        iface: String,
+        /// GUE destination port to unwrap (the VIP's `gue_port`); 0 = IPIP only.
+        #[arg(long, default_value_t = vpnlb::gateway::decap::DEFAULT_GUE_PORT)]
+        gue_port: u16,
+        /// XDP attach mode: native falls back to generic with a warning.
+        #[arg(long, value_enum, default_value = "native")]
+        mode: XdpAttachMode,
+        #[command(flatten)]
+        dir: DecapDir,
+    },
+    /// Detach it from an interface (the last detach removes the pinned maps).
+    Detach {
+        #[arg(long)]
+        iface: String,
+        #[command(flatten)]
+        dir: DecapDir,
+    },
+    /// Where it is attached, its GUE port and its counters.
+    Status {
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: DecapDir,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum XdpAttachMode {
+    Native,
+    NativeOnly,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EncapArg {
+    None,
+    Ipip,
+    Gue,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProbeArg {
+    Auto,
+    Udp,
+    Ikev2,
+    Wireguard,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CheckProto {
+    Udp,
+    Tcp,
+}
+
+#[derive(Args, Debug)]
+struct GatewayCheckArgs {
+    /// The VIP this gateway serves.
+    #[arg(long)]
+    vip: std::net::IpAddr,
+    /// The VIP's port: sends one probe to VIP:PORT and checks the reply's source.
+    #[arg(long)]
+    port: Option<u16>,
+    #[arg(long, value_enum, default_value = "udp")]
+    proto: CheckProto,
+    /// How the load balancer forwards to this gateway (the VIP's `forwarding`).
+    #[arg(long, value_enum, default_value = "none")]
+    encap: EncapArg,
+    /// Interface the VIP's packets arrive on (repeat); default: every up Ethernet interface with
+    /// an address.
+    #[arg(long)]
+    iface: Vec<String>,
+    /// The VIP's GUE port (with --encap gue).
+    #[arg(long, default_value_t = vpnlb::gateway::decap::DEFAULT_GUE_PORT)]
+    gue_port: u16,
+    #[command(flatten)]
+    dir: DecapDir,
+    /// Probe of the reply test: auto = wireguard with --wg-public-key, ikev2 on 500/4500, else a
+    /// generic UDP payload.
+    #[arg(long, value_enum, default_value = "auto")]
+    probe: ProbeArg,
+    /// The gateway's WireGuard public key (base64).
+    #[arg(long)]
+    wg_public_key: Option<String>,
+    /// A private key (base64) whose public key the gateway lists as a peer (harmless AllowedIPs).
+    #[arg(long, conflicts_with = "wg_probe_private_key_file")]
+    wg_probe_private_key: Option<String>,
+    /// File holding that private key.
+    #[arg(long)]
+    wg_probe_private_key_file: Option<String>,
+    /// Payload of the generic UDP probe (default "vpnlb gateway-check").
+    #[arg(long, conflicts_with = "udp_payload_hex")]
+    udp_payload: Option<String>,
+    /// The same in hex, e.g. an OpenVPN P_CONTROL_HARD_RESET_CLIENT_V2 (tls-auth/tls-crypt off):
+    /// 3801020304050607080000000000.
+    #[arg(long)]
+    udp_payload_hex: Option<String>,
+    /// The probe client's address (in a throw-away namespace; must be unused on this host).
+    #[arg(long, default_value_t = vpnlb::cli::gateway_check::DEFAULT_CLIENT)]
+    client: std::net::Ipv4Addr,
+    /// How long the probe waits for its reply.
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+    /// One JSON document instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn decap(cmd: DecapCmd) -> anyhow::Result<()> {
+    use vpnlb::gateway::decap;
+    match cmd {
+        DecapCmd::Attach {
+            iface,
+            gue_port,
+            mode,
+            dir,
+        } => {
+            init_logging(false);
+            let mode = match mode {
+                XdpAttachMode::Native => vpnlb::config::AttachMode::Native,
+                XdpAttachMode::NativeOnly => vpnlb::config::AttachMode::NativeOnly,
+                XdpAttachMode::Generic => vpnlb::config::AttachMode::Generic,
+            };
+            let how = decap::attach(&dir.decap_pin_dir, &iface, mode, gue_port)?;
+            println!(
+                "vpnlb_decap on {iface}: {how:?} (GUE port {gue_port}, pins {})",
+                dir.decap_pin_dir.display()
+            );
+        }
+        DecapCmd::Detach { iface, dir } => {
+            decap::detach(&dir.decap_pin_dir, &iface)?;
+            println!("vpnlb_decap detached from {iface}");
+        }
+        DecapCmd::Status { json, dir } => {
+            let (j, t) = decap::render(&decap::status(&dir.decap_pin_dir)?);
+            emit(json, &j, &t);
+        }
+    }
+    Ok(())
+}
+
+fn gateway_check(a: GatewayCheckArgs) -> anyhow::Result<bool> {
+    use vpnlb::cli::gateway_check::{self as gc, Encap, Options, ProbeKind};
+    let kind = match a.probe {
+        ProbeArg::Auto => ProbeKind::Auto,
+        ProbeArg::Udp => ProbeKind::Udp,
+        ProbeArg::Ikev2 => ProbeKind::Ikev2,
+        ProbeArg::Wireguard => ProbeKind::Wireguard,
+        ProbeArg::None => ProbeKind::None,
+    };
+    let probe = match a.port {
+        Some(port) => gc::probe_spec(
+            kind,
+            port,
+            a.wg_public_key,
+            a.wg_probe_private_key,
+            a.wg_probe_private_key_file,
+            a.udp_payload,
+            a.udp_payload_hex,
+        )?,
+        None => None,
+    };
+    let opts = Options {
+        vip: a.vip,
+        port: a.port,
+        proto: format!("{:?}", a.proto).to_lowercase(),
+        encap: match a.encap {
+            EncapArg::None => Encap::None,
+            EncapArg::Ipip => Encap::Ipip,
+            EncapArg::Gue => Encap::Gue,
+        },
+        ifaces: a.iface,
+        gue_port: a.gue_port,
+        decap_pin_dir: a.dir.decap_pin_dir,
+        probe,
+        client: a.client,
+        timeout: std::time::Duration::from_millis(a.timeout_ms),
+    };
+    let findings = gc::run(&opts)?;
+    let (j, t) = gc::render(&opts, &findings);
+    emit(a.json, &j, &t);
+    Ok(gc::worst(&findings) != gc::Level::Fail)
 }
 
 fn init_logging(json: bool) {
@@ -385,6 +592,18 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Cmd::Decap(cmd) => match decap(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Cmd::GatewayCheck(a) => match gateway_check(a) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("vpnlb: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vpnlb", &mut std::io::stdout());
             ExitCode::SUCCESS
