@@ -226,6 +226,71 @@ fn run(mode: &str) {
             gw.name()
         );
     }
+
+    // The decap program does the work: without it gw1's clients get nothing through, the others
+    // carry on; attached again, gw1's tunnels carry traffic at once.
+    let gw1 = bed.topo.gws[0].name().to_string();
+    let on_gw1: Vec<usize> = (0..CLIENTS).filter(|&n| now[n][0].0 == 0).collect();
+    let detach = [
+        "decap",
+        "detach",
+        "--iface",
+        "eth0",
+        "--decap-pin-dir",
+        &pin_dirs[0],
+    ];
+    let (code, _, err) = vpnlb_in(&gw1, &detach);
+    assert_eq!(code, Some(0), "decap detach: {err}");
+    let (code, out, _) = vpnlb_in(
+        &gw1,
+        &[
+            "gateway-check",
+            "--vip",
+            &VIP.to_string(),
+            "--encap",
+            mode,
+            "--iface",
+            "eth0",
+        ],
+    );
+    assert_eq!(code, Some(1), "gateway-check without decap: {out}");
+    assert!(out.contains("FAIL decap [eth0]"), "{out}");
+    let replies = |what: &str| -> Vec<usize> {
+        let mut p = wg.ping_all(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(1500));
+        let got: Vec<usize> = p.iter_mut().map(|x| x.stop().replies.len()).collect();
+        println!("{mode}: ping replies per client {what}: {got:?}");
+        got
+    };
+    let without = replies("with gw1's decap detached");
+    for n in 0..CLIENTS {
+        if on_gw1.contains(&n) {
+            assert_eq!(without[n], 0, "client {n} on gw1 got replies without decap");
+        } else {
+            assert!(
+                without[n] > 0,
+                "client {n} on a healthy gateway got no reply"
+            );
+        }
+    }
+    let attach = [
+        "decap",
+        "attach",
+        "--iface",
+        "eth0",
+        "--decap-pin-dir",
+        &pin_dirs[0],
+    ];
+    let (code, _, err) = vpnlb_in(&gw1, &attach);
+    assert_eq!(code, Some(0), "decap attach again: {err}");
+    let with = replies("with gw1's decap attached again");
+    for &n in &on_gw1 {
+        assert!(
+            with[n] > 0,
+            "client {n} on gw1: no reply after re-attaching decap"
+        );
+    }
+
     println!(
         "{mode}: whole test {:.1} s",
         t_start.elapsed().as_secs_f64()
