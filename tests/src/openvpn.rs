@@ -1,1 +1,490 @@
-//! OpenVPN gateways and clients in network namespaces (filled in by the OpenVPN e2e work).
+//! Real OpenVPN gateways and clients (Debian `openvpn` 2.6 + `easy-rsa`) over the [`Topology`]:
+//! - [`Pki::generate`]: a throw-away easy-rsa PKI per run (EC keys: under a second): one CA, one
+//!   server certificate that every gateway shares (so any gateway accepts any client and the LB can
+//!   move clients between them), one client certificate that all clients share (`duplicate-cn` on
+//!   the gateways), and a `tls-crypt` key;
+//! - every gateway runs `openvpn` in server mode on UDP VIP:51820 with `--multihome`, so it answers
+//!   from the address the packet reached it at (the VIP, L2 DSR) instead of its own address, which
+//!   the client would reject; its tun is 10.8.0.1 in every gateway, so a client that moves keeps its
+//!   ping target; `keepalive 1 5` pushes `ping 1` / `ping-restart 5` to the clients, which bounds
+//!   how long a client of a dead gateway waits before it reconnects (through the VIP, elsewhere);
+//!   the management interface listens on the gateway's own address (what a `tcp` check probes);
+//! - every client gets its own namespace cabled to the switch (an OpenVPN client owns its tun's
+//!   10.8.0.0/24 route, so two clients in one namespace would fight over it), with its own source
+//!   address and port (`--local`/`--lport`), the VIP routed to the LB, and nftables counters that
+//!   split its UDP traffic into "to/from the VIP" and "to/from anywhere else";
+//! - which gateway a client is on is read from the gateways' status files (`CLIENT_LIST` rows with
+//!   the client's real address and peer id).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::agent::wait_for;
+use crate::netns::{Netns, cable};
+use crate::testbed::{Topology, VIP, VIP_PORT, gw_addr};
+use crate::wg::{Pinger, die_with_parent};
+
+/// The gateways' tun address (the same in every gateway): what clients ping through the tunnel.
+pub const GW_TUNNEL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 8, 0, 1);
+/// The OpenVPN management interface on each gateway's own address.
+pub const MGMT_PORT: u16 = 7505;
+/// `keepalive` of the gateways (seconds): pushed to clients as `ping` and `ping-restart`.
+pub const PING_S: u32 = 1;
+pub const PING_RESTART_S: u32 = 5;
+/// First client source port (client `n` sends from `CLIENT_PORT0 + n`).
+pub const CLIENT_PORT0: u16 = 40000;
+
+/// Address of client `n` (each in its own namespace on the switch).
+pub fn client_addr(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, 20 + n as u8)
+}
+
+/// Runs a command to completion; Err with its stderr on failure.
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The files of a throw-away PKI.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub tls_crypt: PathBuf,
+}
+
+impl Pki {
+    /// easy-rsa in batch mode under `dir` (EC P-256: no slow RSA or DH generation), and
+    /// `openvpn --genkey tls-crypt`.
+    pub fn generate(dir: &Path) -> Pki {
+        let pki = dir.join("pki");
+        let easyrsa = |args: &[&str]| {
+            run(Command::new("/usr/share/easy-rsa/easyrsa")
+                .args(args)
+                .env("EASYRSA_PKI", &pki)
+                .env("EASYRSA_BATCH", "1")
+                .env("EASYRSA_ALGO", "ec")
+                .env("EASYRSA_CURVE", "prime256v1")
+                .current_dir(dir))
+            .unwrap_or_else(|e| panic!("easy-rsa (apt-get install easy-rsa): {e}"));
+        };
+        easyrsa(&["init-pki"]);
+        easyrsa(&["--req-cn=vpnlb-test-ca", "build-ca", "nopass"]);
+        easyrsa(&["build-server-full", "server", "nopass"]);
+        easyrsa(&["build-client-full", "client", "nopass"]);
+        let tls_crypt = dir.join("tls-crypt.key");
+        run(Command::new("openvpn")
+            .args(["--genkey", "tls-crypt"])
+            .arg(&tls_crypt))
+        .unwrap_or_else(|e| panic!("openvpn --genkey (apt-get install openvpn): {e}"));
+        Pki {
+            ca: pki.join("ca.crt"),
+            server_cert: pki.join("issued/server.crt"),
+            server_key: pki.join("private/server.key"),
+            client_cert: pki.join("issued/client.crt"),
+            client_key: pki.join("private/client.key"),
+            tls_crypt,
+        }
+    }
+}
+
+/// One `openvpn --config FILE` in a namespace (entered with nsenter, which execs it: the child's PID
+/// is the daemon's), logging to a file, killed by PID on drop.
+pub struct OvpnDaemon {
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl OvpnDaemon {
+    /// Writes `conf` to `DIR/NAME.conf` and starts it in `ns`.
+    pub fn start(ns: &str, name: &str, conf: &str, dir: &Path) -> OvpnDaemon {
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(&config, conf).expect("write openvpn config");
+        let log = dir.join(format!("{name}.log"));
+        let mut d = OvpnDaemon {
+            config,
+            log,
+            child: None,
+        };
+        d.spawn(ns);
+        d
+    }
+
+    fn spawn(&mut self, ns: &str) {
+        assert!(self.child.is_none(), "openvpn already running");
+        let f = File::create(&self.log).expect("openvpn log");
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
+            .arg("openvpn")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f);
+        die_with_parent(&mut cmd);
+        self.child = Some(
+            cmd.spawn()
+                .expect("spawn openvpn (apt-get install openvpn)"),
+        );
+    }
+
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// SIGKILL by PID and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Lines of the log containing `what`.
+    pub fn count(&self, what: &str) -> usize {
+        self.log_text().lines().filter(|l| l.contains(what)).count()
+    }
+}
+
+impl Drop for OvpnDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One connected client as a gateway's status file lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OvpnSession {
+    /// Where the gateway sees the client (its own address: DSR keeps it).
+    pub real: SocketAddr,
+    pub virt: Ipv4Addr,
+    /// When the session was established (epoch seconds).
+    pub since: u64,
+    /// The P_DATA_V2 peer id the gateway gave this client.
+    pub peer_id: u32,
+}
+
+/// The `CLIENT_LIST` rows of a complete `status-version 2` file (None while it is being rewritten
+/// or absent).
+pub fn read_status(path: &Path) -> Option<Vec<OvpnSession>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    if !text.trim_end().ends_with("END") {
+        return None;
+    }
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                if f.first() != Some(&"CLIENT_LIST") || f.len() < 12 {
+                    return None;
+                }
+                Some(OvpnSession {
+                    real: f[2].parse().ok()?,
+                    virt: f[3].parse().ok()?,
+                    since: f[8].parse().ok()?,
+                    peer_id: f[11].parse().ok()?,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A gateway's `openvpn` server.
+pub struct OvpnGateway {
+    pub daemon: OvpnDaemon,
+    pub ns: String,
+    pub status: PathBuf,
+}
+
+impl OvpnGateway {
+    /// The current sessions (waits up to 2 s for a complete status file; empty if there is none).
+    pub fn sessions(&self) -> Vec<OvpnSession> {
+        wait_for(Duration::from_secs(2), || read_status(&self.status)).unwrap_or_default()
+    }
+}
+
+/// One client in its own namespace.
+pub struct OvpnClient {
+    pub n: usize,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    // Field order is drop order: the daemon dies before its namespace.
+    pub daemon: OvpnDaemon,
+    pub ns: Netns,
+}
+
+impl OvpnClient {
+    pub fn underlay(&self) -> SocketAddr {
+        SocketAddr::from((self.addr, self.port))
+    }
+
+    /// The client's UDP packets so far: (to the VIP, from the VIP, to elsewhere, from elsewhere).
+    pub fn udp_counters(&self) -> VipCounters {
+        let text = self.ns.sh("nft -j list counters table inet vpnlb_ovp");
+        let v: Value = serde_json::from_str(&text).expect("nft -j output");
+        let mut m = BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let c = &item["counter"];
+            if let Some(name) = c["name"].as_str() {
+                m.insert(name.to_string(), c["packets"].as_u64().unwrap_or(0));
+            }
+        }
+        let get = |k: &str| m.get(k).copied().unwrap_or(0);
+        VipCounters {
+            to_vip: get("to_vip"),
+            from_vip: get("from_vip"),
+            to_other: get("to_other"),
+            from_other: get("from_other"),
+        }
+    }
+}
+
+/// Packet counts of a client's OpenVPN socket, split by whether the peer is the VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VipCounters {
+    pub to_vip: u64,
+    pub from_vip: u64,
+    pub to_other: u64,
+    pub from_other: u64,
+}
+
+/// The OpenVPN layer over a [`Topology`] (whose echo sinks must be gone: they hold VIP:51820).
+/// Drop it before the topology.
+pub struct OvpnBed {
+    // Field order is drop order: clients (and their namespaces), then gateways.
+    pub clients: Vec<OvpnClient>,
+    pub gws: Vec<OvpnGateway>,
+    pub pki: Pki,
+    /// Namespace prefix of the clients.
+    pub prefix: String,
+    pub dir: PathBuf,
+    /// PKI, gateways, and clients until each completed its first connection.
+    pub setup: Duration,
+}
+
+impl OvpnBed {
+    /// Generates the PKI and starts one server per gateway namespace (clients: [`OvpnBed::connect`],
+    /// once the agent has every gateway up, so the first packets meet the full ring).
+    pub fn up(topo: &Topology, prefix: &str) -> OvpnBed {
+        let t0 = Instant::now();
+        assert!(
+            topo.sinks.is_empty(),
+            "clear the topology's echo sinks first (they hold VIP:51820)"
+        );
+        let dir = std::env::temp_dir().join(format!("vpnlb-ovpn-{}-{prefix}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("openvpn scratch dir");
+        let pki = Pki::generate(&dir);
+        let gws = topo
+            .gws
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let status = dir.join(format!("gw{}.status", i + 1));
+                let conf = gateway_conf(&pki, i, &status);
+                OvpnGateway {
+                    daemon: OvpnDaemon::start(ns.name(), &format!("gw{}", i + 1), &conf, &dir),
+                    ns: ns.name().to_string(),
+                    status,
+                }
+            })
+            .collect();
+        OvpnBed {
+            clients: Vec::new(),
+            gws,
+            pki,
+            prefix: prefix.to_string(),
+            dir,
+            setup: t0.elapsed(),
+        }
+    }
+
+    /// Starts `n` more clients (client `k` in namespace `<prefix>-c<k>`, cabled to the topology's
+    /// switch) and waits until every one has completed its connection. Adds the time to `setup`.
+    pub fn connect(&mut self, topo: &Topology, n: usize) {
+        let t0 = Instant::now();
+        let lb_mac = crate::netns::fmt_mac(&topo.lb_mac);
+        let first = self.clients.len();
+        for k in first..first + n {
+            let ns = Netns::new(&format!("{}-c{k}", self.prefix));
+            let addr = client_addr(k);
+            let port = CLIENT_PORT0 + k as u16;
+            cable(&topo.sw, &format!("oc{k}"), &ns, &format!("{addr}/24"));
+            // The VIP is routed to the LB (a static neighbour entry), and the counters.
+            ns.sh(&format!(
+                "ip neigh replace {VIP} lladdr {lb_mac} dev eth0 nud permanent && nft -f - <<'EOF'\n{}\nEOF",
+                counters_ruleset(port)
+            ));
+            let daemon = OvpnDaemon::start(
+                ns.name(),
+                &format!("client{k}"),
+                &client_conf(&self.pki, addr, port),
+                &self.dir,
+            );
+            self.clients.push(OvpnClient {
+                n: k,
+                addr,
+                port,
+                daemon,
+                ns,
+            });
+        }
+        let connected = |c: &OvpnClient| c.daemon.count("Initialization Sequence Completed") > 0;
+        if wait_for(Duration::from_secs(30), || {
+            self.clients.iter().all(connected).then_some(())
+        })
+        .is_none()
+        {
+            let stuck: Vec<usize> = self
+                .clients
+                .iter()
+                .filter(|c| !connected(c))
+                .map(|c| c.n)
+                .collect();
+            panic!(
+                "OpenVPN clients {stuck:?} not connected within 30 s:\n{}",
+                self.logs()
+            );
+        }
+        self.setup += t0.elapsed();
+    }
+
+    /// For each client: the gateways among `gws` that list it (by its real address), with the session.
+    pub fn placement(&self, gws: &[usize]) -> Vec<Vec<(usize, OvpnSession)>> {
+        let tables: Vec<(usize, Vec<OvpnSession>)> =
+            gws.iter().map(|&g| (g, self.gws[g].sessions())).collect();
+        self.clients
+            .iter()
+            .map(|c| {
+                tables
+                    .iter()
+                    .filter_map(|(g, t)| {
+                        t.iter()
+                            .find(|s| s.real == c.underlay())
+                            .map(|s| (*g, s.clone()))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Kills gateway `g`'s `openvpn` with SIGKILL.
+    pub fn kill_gateway(&mut self, g: usize) {
+        self.gws[g].daemon.kill();
+    }
+
+    /// A steady ping from every client to [`GW_TUNNEL_ADDR`] through its tunnel.
+    pub fn ping_all(&self, interval: Duration) -> Vec<Pinger> {
+        self.clients
+            .iter()
+            .map(|c| Pinger::start(c.ns.name(), GW_TUNNEL_ADDR, interval, &self.dir, c.n))
+            .collect()
+    }
+
+    /// Every client's and gateway's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, g) in self.gws.iter().enumerate() {
+            s.push_str(&format!("--- gw{} ---\n{}\n", i + 1, g.daemon.log_text()));
+        }
+        for c in &self.clients {
+            s.push_str(&format!(
+                "--- client {} ---\n{}\n",
+                c.n,
+                c.daemon.log_text()
+            ));
+        }
+        s
+    }
+}
+
+impl Drop for OvpnBed {
+    fn drop(&mut self) {
+        self.clients.clear();
+        self.gws.clear();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A gateway's server config: shared certificate, tls-crypt, UDP 51820 on every address with
+/// `multihome` (replies leave from the VIP the client sent to), one client certificate for all
+/// (`duplicate-cn`), status file rewritten every second, management on the gateway's own address.
+fn gateway_conf(pki: &Pki, i: usize, status: &Path) -> String {
+    format!(
+        "dev ovpg{n}\ndev-type tun\nproto udp\nport {VIP_PORT}\nmultihome\n\
+         server 10.8.0.0 255.255.255.0\ntopology subnet\n\
+         ca {ca}\ncert {cert}\nkey {key}\ndh none\ntls-crypt {tc}\nduplicate-cn\n\
+         keepalive {PING_S} {PING_RESTART_S}\nstatus {status} 1\nstatus-version 2\n\
+         management {addr} {MGMT_PORT}\nverb 3\n",
+        n = i + 1,
+        ca = pki.ca.display(),
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
+        tc = pki.tls_crypt.display(),
+        status = status.display(),
+        addr = gw_addr(i),
+    )
+}
+
+/// A client config: remote = the VIP, fixed source address and port, and (pushed by the gateway)
+/// `ping 1` / `ping-restart 5`.
+fn client_conf(pki: &Pki, addr: Ipv4Addr, port: u16) -> String {
+    format!(
+        "client\ndev ovpc\ndev-type tun\nproto udp\nremote {VIP} {VIP_PORT}\nlocal {addr}\nlport {port}\n\
+         ca {ca}\ncert {cert}\nkey {key}\ntls-crypt {tc}\nremote-cert-tls server\nverb 3\n",
+        ca = pki.ca.display(),
+        cert = pki.client_cert.display(),
+        key = pki.client_key.display(),
+        tc = pki.tls_crypt.display(),
+    )
+}
+
+/// nftables counters of the client's socket (source/destination port `port`): to/from the VIP and
+/// to/from anywhere else (a client that roamed away from the LB).
+fn counters_ruleset(port: u16) -> String {
+    format!(
+        "table inet vpnlb_ovp {{
+  counter to_vip {{}}
+  counter from_vip {{}}
+  counter to_other {{}}
+  counter from_other {{}}
+  chain out {{
+    type filter hook output priority 0;
+    udp sport {port} ip daddr {VIP} udp dport {VIP_PORT} counter name to_vip
+    udp sport {port} ip daddr != {VIP} counter name to_other
+  }}
+  chain in {{
+    type filter hook input priority 0;
+    udp dport {port} ip saddr {VIP} udp sport {VIP_PORT} counter name from_vip
+    udp dport {port} ip saddr != {VIP} counter name from_other
+  }}
+}}"
+    )
+}

@@ -100,7 +100,7 @@ fn uapi_socket(ifname: &str) -> PathBuf {
 }
 
 /// Sets PR_SET_PDEATHSIG so a child dies with the thread that started it.
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
@@ -266,6 +266,60 @@ impl WgClient {
     pub fn underlay(&self) -> SocketAddr {
         SocketAddr::from((self.addr, self.port))
     }
+
+    /// The fwmark of its interface (policy routing picks its own source address by it).
+    pub fn fwmark(&self) -> usize {
+        0x1000 + self.n
+    }
+
+    /// The routing table that its fwmark selects.
+    pub fn table(&self) -> usize {
+        1000 + self.n
+    }
+
+    /// Shell lines for the client namespace: its fwmark looks up a table that sends from `addr`.
+    fn policy_routing(&self) -> String {
+        format!(
+            "ip rule add fwmark {mark:#x} lookup {table} && ip route add 10.77.0.0/24 dev eth0 src {a} table {table}\n",
+            mark = self.fwmark(),
+            table = self.table(),
+            a = self.addr
+        )
+    }
+
+    /// Its `wg setconf` text: own key, port and fwmark, the gateways' key behind the VIP.
+    fn conf(&self, server: &Keypair) -> String {
+        format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = {}\nFwMark = {:#x}\n\n[Peer]\nPublicKey = {}\nEndpoint = {VIP}:{VIP_PORT}\nAllowedIPs = {}/24\nPersistentKeepalive = {KEEPALIVE}\n",
+            self.keys.private,
+            self.port,
+            self.fwmark(),
+            server.public,
+            self.target_net(),
+        )
+    }
+
+    fn target_net(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.target) & 0xffff_ff00)
+    }
+
+    /// Shell line: tunnel address, link up, route to its target through the tunnel.
+    fn tunnel_setup(&self) -> String {
+        format!(
+            "ip addr add {ta}/32 dev {ifn} && ip link set {ifn} up && ip route add {net}/24 dev {ifn}\n",
+            ta = self.tunnel_addr,
+            ifn = self.ifname,
+            net = self.target_net(),
+        )
+    }
+
+    /// Its `[Peer]` section in the gateways' config.
+    fn gateway_peer(&self) -> String {
+        format!(
+            "\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n",
+            self.keys.public, self.tunnel_addr
+        )
+    }
 }
 
 /// The WireGuard layer over a [`Topology`]: one `wireguard-go` per gateway (same key), one per
@@ -319,10 +373,7 @@ impl WgBed {
             server.private
         );
         for c in &clients {
-            gw_conf.push_str(&format!(
-                "\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n",
-                c.keys.public, c.tunnel_addr
-            ));
+            gw_conf.push_str(&c.gateway_peer());
         }
         let gws = topo
             .gws
@@ -336,36 +387,14 @@ impl WgBed {
             .sh("sysctl -qw net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.all.rp_filter=0");
         // Policy routing first: each client's fwmark picks its own source address (so even the
         // first handshake leaves from it).
-        let rules: String = clients
-            .iter()
-            .map(|c| {
-                format!(
-                    "ip rule add fwmark {mark:#x} lookup {table} && ip route add 10.77.0.0/24 dev eth0 src {a} table {table}\n",
-                    mark = 0x1000 + c.n,
-                    table = 1000 + c.n,
-                    a = c.addr
-                )
-            })
-            .collect();
+        let rules: String = clients.iter().map(WgClient::policy_routing).collect();
         topo.client.sh(&format!("set -e\n{rules}"));
         let mut client_daemons = Vec::new();
         let mut script = String::new();
         for c in &clients {
             let d = WgDaemon::start(topo.client.name(), &c.ifname, &dir);
-            let mark = 0x1000 + c.n;
-            d.setconf(&format!(
-                "[Interface]\nPrivateKey = {}\nListenPort = {}\nFwMark = {mark:#x}\n\n[Peer]\nPublicKey = {}\nEndpoint = {VIP}:{VIP_PORT}\nAllowedIPs = {}/24\nPersistentKeepalive = {KEEPALIVE}\n",
-                c.keys.private,
-                c.port,
-                server.public,
-                Ipv4Addr::from(u32::from(c.target) & 0xffff_ff00),
-            ));
-            script.push_str(&format!(
-                "ip addr add {ta}/32 dev {ifn} && ip link set {ifn} up && ip route add {net}/24 dev {ifn}\n",
-                ta = c.tunnel_addr,
-                ifn = c.ifname,
-                net = Ipv4Addr::from(u32::from(c.target) & 0xffff_ff00),
-            ));
+            d.setconf(&c.conf(&server));
+            script.push_str(&c.tunnel_setup());
             client_daemons.push(d);
         }
         topo.client.sh(&format!("set -e\n{script}"));
@@ -418,6 +447,44 @@ impl WgBed {
         let fresh = gateway(&topo.gws[g], &ifname, &self.gw_conf, &self.dir);
         // The old one (already reaped) is dropped here without touching the new socket.
         drop(std::mem::replace(&mut self.gws[g], fresh));
+    }
+
+    /// Adds a client (a new user) after start-up, on address `addr` (added to the client
+    /// namespace) with interface `<client_prefix><n>`, `n` = the next index: its peer goes into
+    /// every running gateway (`wg set`) and into `gw_conf` (a restarted gateway keeps it). Returns `n`.
+    pub fn add_client(&mut self, topo: &Topology, client_prefix: &str, addr: Ipv4Addr) -> usize {
+        let n = self.clients.len();
+        let c = WgClient {
+            n,
+            ifname: format!("{client_prefix}{n}"),
+            keys: Keypair::generate(),
+            addr,
+            port: CLIENT_PORT0 + n as u16,
+            tunnel_addr: client_tunnel_addr(n),
+            target: client_target(n),
+        };
+        for g in self.gws.iter_mut().filter_map(|g| g.alive().then_some(&*g)) {
+            run(Command::new("wg").args([
+                "set",
+                &g.ifname,
+                "peer",
+                &c.keys.public,
+                "allowed-ips",
+                &format!("{}/32", c.tunnel_addr),
+            ]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        self.gw_conf.push_str(&c.gateway_peer());
+        topo.client.sh(&format!(
+            "set -e\nip addr add {addr}/24 dev eth0\n{}",
+            c.policy_routing()
+        ));
+        let d = WgDaemon::start(topo.client.name(), &c.ifname, &self.dir);
+        d.setconf(&c.conf(&self.server));
+        topo.client.sh(&format!("set -e\n{}", c.tunnel_setup()));
+        self.clients.push(c);
+        self.client_daemons.push(d);
+        n
     }
 
     /// Kills gateway `g`'s `wireguard-go` (by PID).

@@ -1,0 +1,258 @@
+//! End to end with real OpenVPN: the real agent (`vpnlb run`) balances the UDP VIP 51820 (L2 DSR)
+//! over three `openvpn` 2.6 gateways sharing one server certificate (tls-crypt, `--multihome`);
+//! 12 clients, each in its own namespace, ping the gateways' tunnel address through it.
+//! Checks: every tunnel carries traffic, every gateway gets a share, every client stays on one
+//! gateway, the gateways see the clients' own addresses, and every client's packets go to the VIP
+//! and its replies come from it (nftables counters in each client namespace). Then one gateway fails
+//! (its `openvpn` killed with SIGKILL, or separately its cable cut): the agent marks it down, its
+//! clients reconnect through the VIP to healthy gateways after `ping-restart` (5 s), and the other
+//! tunnels lose no ping.
+//!
+//! Health checks: `icmp` (the host) and `tcp` to OpenVPN's management port, which the openvpn process
+//! itself listens on: a killed daemon refuses the connection. Neither catches a wedged openvpn
+//! (SIGSTOP, deadlock): the kernel still answers pings and completes TCP handshakes from the listen
+//! backlog. With tls-crypt, openvpn silently drops anything not wrapped with the key, so a plain
+//! `udp` check never gets an answer either. What would catch it: a `udp` check whose payload is a
+//! tls-crypt-wrapped P_CONTROL_HARD_RESET_CLIENT_V2 (openvpn 2.6 answers it statelessly with
+//! HARD_RESET_SERVER_V2 only while its event loop runs), i.e. an `openvpn` check type in the agent
+//! that holds the tls-crypt key.
+//!
+//! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
+//! openvpn, easy-rsa, nftables and iputils-ping.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use vpnlb_tests::agent::{
+    AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, vip, wait_for,
+};
+use vpnlb_tests::openvpn::{MGMT_PORT, OvpnBed, PING_RESTART_S};
+use vpnlb_tests::wg::now_epoch;
+
+const CLIENTS: usize = 12;
+const GWS: [&str; 3] = ["gw1", "gw2", "gw3"];
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// How a gateway fails.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Failure {
+    /// `kill -9` of its openvpn (the host still answers pings).
+    Kill,
+    /// Its cable cut at the switch.
+    Cut,
+}
+
+/// A `tcp` check of the gateway's OpenVPN management port, with the agent tests' timing.
+fn mgmt_check() -> String {
+    format!(
+        "[[backend.check]]\ntype = \"tcp\"\nport = {MGMT_PORT}\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n"
+    )
+}
+
+fn failover(failure: Failure) {
+    let t_start = Instant::now();
+    let mut bed = AgentBed::up("vpnlb-ovp", 3, 0, |t, _| {
+        let mut s = String::from(INTERFACE);
+        for (i, g) in t.gws.iter().enumerate() {
+            s.push_str(&backend(i, Some(g.mac("eth0")), 1, &["icmp"]));
+            s.push_str(&mgmt_check());
+        }
+        s.push_str(&vip(&[("all", 0, &GWS)]));
+        s
+    });
+    // The echo sinks hold VIP:51820: OpenVPN takes the port.
+    bed.topo.sinks.clear();
+    let mut ovpn = OvpnBed::up(&bed.topo, "vpnlb-ovp");
+    bed.agent.wait_all_up(&GWS, Duration::from_secs(15));
+    ovpn.connect(&bed.topo, CLIENTS);
+    println!(
+        "openvpn: PKI + 3 gateways + {CLIENTS} clients, all connected through the VIP in {:.0} ms \
+         (not counting the wait for the agent's checks)",
+        ms(ovpn.setup)
+    );
+
+    let mut pingers = ovpn.ping_all(Duration::from_millis(50));
+    let all = [0usize, 1, 2];
+    let placed = wait_for(Duration::from_secs(10), || {
+        let p = ovpn.placement(&all);
+        p.iter().all(|g| g.len() == 1).then_some(p)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not every client is on exactly one gateway: {:?}\n{}",
+            ovpn.placement(&all),
+            ovpn.logs()
+        )
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Same gateway and same session (connected-since) two seconds later.
+    let first = ovpn.placement(&all);
+    let owner: Vec<usize> = first
+        .iter()
+        .enumerate()
+        .map(|(n, g)| {
+            assert_eq!(g, &placed[n], "client {n} changed gateway or session");
+            g[0].0
+        })
+        .collect();
+    let mut share: BTreeMap<usize, usize> = BTreeMap::new();
+    for g in &owner {
+        *share.entry(*g).or_default() += 1;
+    }
+    let spread: Vec<String> = (0..3)
+        .map(|g| format!("gw{}: {}", g + 1, share.get(&g).copied().unwrap_or(0)))
+        .collect();
+    println!(
+        "share over 3 gateways ({CLIENTS} clients): {}",
+        spread.join(", ")
+    );
+    for g in 0..3 {
+        let k = share.get(&g).copied().unwrap_or(0);
+        assert!(
+            k >= CLIENTS / 6,
+            "gateway {} got {k} of {CLIENTS} clients: not a fair share",
+            g + 1
+        );
+    }
+
+    // Fail the busiest gateway.
+    let dead = (0..3)
+        .max_by_key(|g| share.get(g).copied().unwrap_or(0))
+        .unwrap();
+    let moved: Vec<usize> = (0..CLIENTS).filter(|&n| owner[n] == dead).collect();
+    let stayed: Vec<usize> = (0..CLIENTS).filter(|&n| owner[n] != dead).collect();
+    let kill_epoch = now_epoch();
+    let t_kill = Instant::now();
+    match failure {
+        Failure::Kill => ovpn.kill_gateway(dead),
+        Failure::Cut => bed.topo.cut(dead),
+    }
+    let detect = bed
+        .agent
+        .wait_state(GWS[dead], "down", Duration::from_secs(5));
+    println!(
+        "gw{} {failure:?}: agent marked it down after {:.0} ms",
+        dead + 1,
+        ms(detect)
+    );
+    let healthy: Vec<usize> = all.iter().copied().filter(|&g| g != dead).collect();
+    let mut back: BTreeMap<usize, (usize, Duration)> = BTreeMap::new();
+    let deadline = t_kill + Duration::from_secs(30);
+    while back.len() < moved.len() && Instant::now() < deadline {
+        let p = ovpn.placement(&healthy);
+        for &n in &moved {
+            if let Some((g, _)) = p[n].first()
+                && !back.contains_key(&n)
+            {
+                back.insert(n, (*g, t_kill.elapsed()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let the moved tunnels carry pings for a while, then stop all pings.
+    std::thread::sleep(Duration::from_secs(2));
+    let logs: Vec<_> = pingers.iter_mut().map(|p| p.stop()).collect();
+    let window = t_kill.elapsed();
+
+    let not_back: Vec<usize> = moved
+        .iter()
+        .copied()
+        .filter(|n| !back.contains_key(n))
+        .collect();
+    assert!(
+        not_back.is_empty(),
+        "clients {not_back:?} did not reconnect to a healthy gateway within 30 s\n{}",
+        ovpn.logs()
+    );
+    let mut rec = Vec::new();
+    for &n in &moved {
+        let (g, seen) = back[&n];
+        let first_reply = logs[n]
+            .first_after(kill_epoch + 0.5)
+            .unwrap_or_else(|| panic!("client {n}: no ping reply after moving to gw{}", g + 1));
+        let (lost, span) = logs[n].lost_after(kill_epoch);
+        println!(
+            "  moved client {n:>2}: on gw{} after {:.1} s, first ping reply after {:.1} s, {lost} of {span} pings lost",
+            g + 1,
+            seen.as_secs_f64(),
+            first_reply - kill_epoch
+        );
+        rec.push(first_reply - kill_epoch);
+    }
+    let mut lost_total = 0;
+    let mut span_total = 0;
+    for &n in &stayed {
+        let (lost, span) = logs[n].lost_after(kill_epoch);
+        assert!(span > 0, "client {n}: no reply after the failure");
+        lost_total += lost;
+        span_total += span;
+        assert_eq!(
+            lost,
+            0,
+            "client {n} on healthy gw{} lost {lost} of {span} pings during the failover",
+            owner[n] + 1
+        );
+    }
+    rec.sort_by(f64::total_cmp);
+    println!(
+        "failover ({failure:?}): detection {:.0} ms; {} clients moved, tunnel recovery (first ping reply) \
+         min {:.1} s, max {:.1} s (ping-restart {PING_RESTART_S} s); {} undisturbed clients lost \
+         {lost_total} of {span_total} pings over {:.1} s",
+        ms(detect),
+        moved.len(),
+        rec[0],
+        rec[rec.len() - 1],
+        stayed.len(),
+        window.as_secs_f64()
+    );
+
+    // End state: undisturbed clients kept their gateway and session, moved ones are on exactly one
+    // healthy gateway, and every client still talks to the VIP only (replies from the VIP too).
+    let end = ovpn.placement(&healthy);
+    for n in 0..CLIENTS {
+        let want = if owner[n] == dead {
+            back[&n].0
+        } else {
+            owner[n]
+        };
+        let gws: Vec<usize> = end[n].iter().map(|(g, _)| *g).collect();
+        assert_eq!(gws, vec![want], "client {n}: gateways listing it");
+        if owner[n] != dead {
+            assert_eq!(end[n][0].1, first[n][0].1, "client {n}: session changed");
+        }
+    }
+    let before: Vec<_> = ovpn.clients.iter().map(|c| c.udp_counters()).collect();
+    // Keepalives (ping 1 s) flow both ways.
+    std::thread::sleep(Duration::from_millis(2500));
+    for (n, c) in ovpn.clients.iter().enumerate() {
+        let now = c.udp_counters();
+        assert_eq!(
+            (now.to_other, now.from_other),
+            (0, 0),
+            "client {n} exchanged packets with something other than the VIP: {now:?}"
+        );
+        assert!(
+            now.to_vip > before[n].to_vip && now.from_vip > before[n].from_vip,
+            "client {n}: no packets to and from the VIP at the end: {:?} -> {now:?}",
+            before[n]
+        );
+    }
+    println!("whole test {:.1} s", t_start.elapsed().as_secs_f64());
+    drop(ovpn);
+}
+
+#[test]
+#[ignore = "needs root and openvpn: run cargo xtask test"]
+fn openvpn_clients_balanced_and_moved_off_a_killed_gateway() {
+    failover(Failure::Kill);
+}
+
+#[test]
+#[ignore = "needs root and openvpn: run cargo xtask test"]
+fn openvpn_clients_moved_off_a_gateway_whose_link_is_cut() {
+    failover(Failure::Cut);
+}
