@@ -5,7 +5,9 @@
 //! - the reply test: daemons that answer from the gateway's own address (a UDP server bound to
 //!   0.0.0.0 replying without pktinfo, OpenVPN without `--multihome`) fail; daemons that answer
 //!   from the VIP (a server bound to the VIP, `openvpn --multihome`, wireguard-go with the probe key
-//!   as a peer) pass. Exit codes: 0 without a fail, 1 with one.
+//!   as a peer, a 0.0.0.0 server behind policy routing by source port with `src VIP`: boringtun's
+//!   fix) pass, also when the reply leaves by another interface. Exit codes: 0 without a fail, 1
+//!   with one.
 //!
 //! Needs root, $VPNLB_BIN and $VPNLB_EBPF_OBJ (see tests/src/agent.rs), and the Debian packages
 //! openvpn, openssl, wireguard-go and wireguard-tools.
@@ -372,6 +374,32 @@ fn reply_source_own_address_fails_vip_passes() {
     let _vip = Sink::start(&bed.gw, "vip", SocketAddr::from((VIP, 7001)));
     let (code, f) = bed.check(&["--port", "7001"]);
     assert_eq!((code, f.level("reply_source").as_str()), (Some(0), "ok"));
+
+    // Policy routing by source port (the boringtun fix) sends replies out of eth0: the packet
+    // socket sees them there. With `src VIP` in the table they are right, without it they are not.
+    let _routed = Sink::start(&bed.gw, "routed", SocketAddr::from(([0, 0, 0, 0], 7002)));
+    bed.gw.sh(
+        "ip rule add ipproto udp sport 7002 lookup 100 && ip neigh replace 198.18.0.2 lladdr 02:00:00:00:00:01 dev eth0 nud permanent",
+    );
+    bed.gw.sh("ip route add 198.18.0.0/15 dev eth0 table 100");
+    let (code, f) = bed.check(&["--port", "7002"]);
+    assert_eq!((code, f.level("reply_source").as_str()), (Some(1), "fail"));
+    assert!(
+        f.message("reply_source")
+            .contains(&format!("from {OWN}:7002 (leaving by eth0)")),
+        "{:#}",
+        f.0
+    );
+    bed.gw.sh(&format!(
+        "ip route replace 198.18.0.0/15 dev eth0 src {VIP} table 100"
+    ));
+    let (code, f) = bed.check(&["--port", "7002"]);
+    assert_eq!(
+        (code, f.level("reply_source").as_str()),
+        (Some(0), "ok"),
+        "{:#}",
+        f.0
+    );
 
     // OpenVPN: answers the hard reset from its own address unless --multihome.
     let reset = ["--port", "1194", "--udp-payload-hex", OPENVPN_RESET];

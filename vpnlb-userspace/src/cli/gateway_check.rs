@@ -627,11 +627,14 @@ fn check_reply(opts: &Options, ifaces: &[Iface], running: &[Daemon], r: &mut Rep
             format!("a {label} probe to {to} was answered from the VIP ({detail})"),
             None,
         ),
-        (Err(e), Some(s)) => r.add(
+        (Err(_), Some(s)) => r.add(
             "reply_source",
             Some(&s.iface),
             Level::Ok,
-            format!("a {label} probe to {to} drew a reply from the VIP ({e})"),
+            format!(
+                "a {label} probe to {to} was answered from the VIP, leaving by {} (policy routing sent it away from the probe's link)",
+                s.iface
+            ),
             None,
         ),
         (Err(e), None) => {

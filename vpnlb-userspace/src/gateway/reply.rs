@@ -4,17 +4,18 @@
 //! nothing else uses. This namespace gets a /32 route to that client carrying the source the host
 //! would pick towards its real clients, so a daemon that lets the kernel choose (no pktinfo) answers
 //! from the same address it would use for real clients. The probe is one of vpnlb's health probes
-//! (UDP, IKEv2, WireGuard handshake) run inside the client namespace; a packet socket here records
-//! the source of every reply to the client, whatever interface it leaves by. Everything is removed
+//! (UDP, IKEv2, WireGuard handshake) run inside the client namespace; a filtered packet socket here
+//! records the source of every reply to the client, whatever interface it leaves by. Everything is removed
 //! on return (also on error); real traffic is never touched.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use socket2::{Domain, Protocol, SockFilter, Socket, Type};
 
 use crate::health::ikev2::Ikev2Probe;
 use crate::health::udp::UdpProbe;
@@ -42,8 +43,6 @@ pub struct Outcome {
     pub probe: Result<String, String>,
     /// Every reply from `port` to the probe client that left this namespace.
     pub replies: Vec<Seen>,
-    /// The source the probe client's route carries (what an address-agnostic daemon replies from).
-    pub route_src: Ipv4Addr,
 }
 
 /// Deletes the temporary namespace (and with it the veth pair, route and neighbour entry).
@@ -85,7 +84,7 @@ fn mac_of(args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Builds the client namespace; `route_src` is the source of this namespace's route to `client`.
-fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<(ProbeNs, String)> {
+fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<ProbeNs> {
     remove_stale();
     let pid = std::process::id();
     let ns = ProbeNs {
@@ -132,38 +131,48 @@ fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<
         "nud",
         "permanent",
     ])?;
-    Ok((ns, host_if))
+    Ok(ns)
 }
 
-/// A packet socket seeing every packet this namespace sends (ETH_P_ALL: protocol-specific packet
-/// sockets never see outgoing packets).
-fn capture_socket() -> anyhow::Result<OwnedFd> {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("AF_PACKET socket (needs root)");
-    }
-    // SAFETY: fd is a new, valid descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 50_000,
+/// A packet socket seeing the packets this namespace sends to `client` from UDP `port` (ETH_P_ALL:
+/// protocol-specific packet sockets never see outgoing packets). A classic BPF filter drops
+/// everything else in the kernel, so a busy gateway's traffic is not copied to us.
+fn capture_socket(client: Ipv4Addr, port: u16) -> anyhow::Result<Socket> {
+    use libc::{
+        BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX, BPF_MSH, BPF_RET,
+        BPF_W, SKF_AD_OFF, SKF_AD_PROTOCOL,
     };
-    // SAFETY: setsockopt with a timeval of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_RCVTIMEO");
-    }
-    Ok(fd)
+    let op = |code: u32| code as u16;
+    // Offsets are from the network header (SOCK_DGRAM); every failed test jumps to "drop" (10).
+    let filter = [
+        SockFilter::new(
+            op(BPF_LD | BPF_W | BPF_ABS),
+            0,
+            0,
+            (SKF_AD_OFF + SKF_AD_PROTOCOL) as u32,
+        ),
+        SockFilter::new(op(BPF_JMP | BPF_JEQ | BPF_K), 0, 8, libc::ETH_P_IP as u32),
+        SockFilter::new(op(BPF_LD | BPF_B | BPF_ABS), 0, 0, 9),
+        SockFilter::new(
+            op(BPF_JMP | BPF_JEQ | BPF_K),
+            0,
+            6,
+            libc::IPPROTO_UDP as u32,
+        ),
+        SockFilter::new(op(BPF_LD | BPF_W | BPF_ABS), 0, 0, 16),
+        SockFilter::new(op(BPF_JMP | BPF_JEQ | BPF_K), 0, 4, u32::from(client)),
+        SockFilter::new(op(BPF_LDX | BPF_B | BPF_MSH), 0, 0, 0),
+        SockFilter::new(op(BPF_LD | BPF_H | BPF_IND), 0, 0, 0),
+        SockFilter::new(op(BPF_JMP | BPF_JEQ | BPF_K), 0, 1, u32::from(port)),
+        SockFilter::new(op(BPF_RET | BPF_K), 0, 0, 0xffff),
+        SockFilter::new(op(BPF_RET | BPF_K), 0, 0, 0),
+    ];
+    let proto = Protocol::from(i32::from((libc::ETH_P_ALL as u16).to_be()));
+    let sock = Socket::new(Domain::PACKET, Type::DGRAM, Some(proto))
+        .context("AF_PACKET socket (needs root)")?;
+    sock.attach_filter(&filter).context("SO_ATTACH_FILTER")?;
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    Ok(sock)
 }
 
 /// The UDP source and source port of an outgoing IPv4 packet to `client`.
@@ -194,7 +203,7 @@ fn ifname(index: u32) -> String {
 }
 
 /// Reads outgoing UDP packets to `client` from `port` until `stop`.
-fn capture(fd: OwnedFd, client: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> Vec<Seen> {
+fn capture(sock: Socket, client: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> Vec<Seen> {
     let mut seen = Vec::new();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
@@ -204,7 +213,7 @@ fn capture(fd: OwnedFd, client: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> V
         // SAFETY: buf and sll are valid for the lengths passed.
         let n = unsafe {
             libc::recvfrom(
-                fd.as_raw_fd(),
+                sock.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 0,
@@ -292,12 +301,12 @@ pub fn run(
     route_src: Ipv4Addr,
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
-    let fd = capture_socket()?;
-    let (ns, _host_if) = wire(vip, client, route_src)?;
+    let sock = capture_socket(client, port)?;
+    let ns = wire(vip, client, route_src)?;
     let stop = Arc::new(AtomicBool::new(false));
     let cap = {
         let stop = stop.clone();
-        std::thread::spawn(move || capture(fd, client, port, stop))
+        std::thread::spawn(move || capture(sock, client, port, stop))
     };
     let probe = probe_in(&ns.name, spec, vip, client, timeout);
     // Replies from a wrong address miss the probe's connected socket: give them a moment to pass.
@@ -305,11 +314,7 @@ pub fn run(
     stop.store(true, Ordering::Relaxed);
     let replies = cap.join().unwrap_or_default();
     drop(ns);
-    Ok(Outcome {
-        probe,
-        replies,
-        route_src,
-    })
+    Ok(Outcome { probe, replies })
 }
 
 #[cfg(test)]
