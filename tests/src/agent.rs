@@ -471,6 +471,33 @@ impl AgentProcess {
         in_netns(&self.ns, move || http_get(addr, "/metrics"))
             .unwrap_or_else(|e| panic!("GET http://{addr}/metrics: {e}; log:\n{}", self.log()))
     }
+
+    /// Runs the CLI (`$VPNLB_BIN ARGS --json`) against this agent's pins and control socket and
+    /// parses its JSON answer, e.g. `cli_json(&["inspect", "sessions"])`.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let out = Command::new(env_path("VPNLB_BIN"))
+            .args(args)
+            .arg("--json")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run the vpnlb CLI");
+        assert!(
+            out.status.success(),
+            "vpnlb {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "vpnlb {}: not JSON ({e}): {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
 }
 
 fn wait_child(c: &mut Child, timeout: Duration) -> Option<ExitStatus> {

@@ -8,9 +8,9 @@
 //! - wireguard-go on `vvpg0` (the UAPI socket path is global, so the name is unique to this file),
 //!   configured with `wg set`: the probe's public key is a peer with AllowedIPs 10.219.9.77/32,
 //!   an address nobody uses.
-//! - charon (strongSwan) with its own /run (bind mount in a private mount namespace), its own
-//!   strongswan.conf and vici socket in a temporary directory, one IKEv2 PSK connection loaded
-//!   with `swanctl --load-all`.
+//! - charon (strongSwan) as [`vpnlb_tests::ipsec::Charon`] runs it: its own /run (bind mount in a
+//!   private mount namespace), strongswan.conf and vici socket in the lab's temporary directory,
+//!   one IKEv2 PSK connection loaded with `swanctl --load-all`.
 //!
 //! Each daemon is shown answering, then frozen with SIGSTOP (the VPN probe fails with its timeout
 //! detail while an ICMP probe of the same address still succeeds: the host is up, the VPN daemon is
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use vpnlb::health::runner;
 use vpnlb::health::spec::{CheckResult, CheckSpec, CheckTarget, CheckTiming};
 use vpnlb::health::wireguard::public_key_of;
+use vpnlb_tests::ipsec::Charon;
 use vpnlb_tests::netns::{Netns, ip};
 
 const PROBER_V4: &str = "10.219.0.1";
@@ -471,30 +472,6 @@ fn wireguard_probe_against_wireguard_go() {
     lab.icmp_ok();
 }
 
-/// strongswan.conf for a charon of our own: plugins, vici socket and log in `dir`.
-fn strongswan_conf(dir: &Path) -> String {
-    let d = dir.display();
-    format!(
-        "charon {{
-  load = random nonce openssl kdf sha1 sha2 aes gcm pem pkcs1 x509 pubkey revocation constraints curve25519 hmac kernel-libipsec kernel-netlink socket-default vici updown
-  install_routes = no
-  filelog {{
-    vplog {{
-      path = {d}/charon.log
-      default = 1
-      ike = 2
-    }}
-  }}
-  plugins {{
-    vici {{
-      socket = unix://{d}/charon.vici
-    }}
-  }}
-}}
-"
-    )
-}
-
 /// One IKEv2 PSK connection; it proposes x25519 only, so our KE (MODP-1024) draws
 /// INVALID_KE_PAYLOAD asking for group 31.
 const SWANCTL_CONF: &str = r#"connections {
@@ -523,19 +500,11 @@ secrets {
 }
 "#;
 
-/// `swanctl` against our charon's vici socket.
-fn swanctl(dir: &Path, args: &[&str]) -> String {
-    let uri = format!("unix://{}/charon.vici", dir.display());
-    let mut all = args.to_vec();
-    all.extend(["--uri", &uri]);
-    run("swanctl", &all)
-}
-
 /// charon holds no IKE_SA, not even a half-open one.
-fn no_ike_sa(dir: &Path) {
-    let sas = swanctl(dir, &["--list-sas"]);
+fn no_ike_sa(charon: &Charon) {
+    let sas = charon.swanctl(&["--list-sas"]).expect("list-sas");
     assert!(sas.trim().is_empty(), "charon holds SAs:\n{sas}");
-    let stats = swanctl(dir, &["--stats"]);
+    let stats = charon.swanctl(&["--stats"]).expect("stats");
     assert!(
         stats.contains("IKE_SAs: 0 total, 0 half-open"),
         "charon stats:\n{stats}"
@@ -548,39 +517,9 @@ fn ikev2_probe_against_charon() {
     let _serial = serial();
     let lab = Lab::new("ike");
     let dir = lab.dir.path();
-    let run_dir = dir.join("run");
-    std::fs::create_dir_all(&run_dir).expect("run dir");
-    std::fs::write(dir.join("strongswan.conf"), strongswan_conf(dir)).expect("conf");
-    std::fs::write(dir.join("swanctl.conf"), SWANCTL_CONF).expect("swanctl.conf");
-    let script = format!(
-        "mount --bind {} /run && STRONGSWAN_CONF={}/strongswan.conf exec /usr/lib/ipsec/charon",
-        run_dir.display(),
-        dir.display()
-    );
-    let mut charon = Daemon::spawn(
-        &lab.gateway,
-        &[
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ],
-        &dir.join("charon.out"),
-        "charon",
-    );
-    charon.wait_comm("charon");
-    wait_for(&dir.join("charon.vici"), "charon vici socket");
-    let loaded = swanctl(
-        dir,
-        &[
-            "--load-all",
-            "--file",
-            dir.join("swanctl.conf").to_str().expect("utf-8"),
-        ],
-    );
+    // Routes are never needed: no CHILD_SA is built here.
+    let mut charon = Charon::start(lab.gateway.name(), dir, "  install_routes = no");
+    let loaded = charon.load(SWANCTL_CONF);
     assert!(loaded.contains("loaded connection 'probe-gw'"), "{loaded}");
 
     let spec = CheckSpec::Ikev2 {
@@ -619,7 +558,7 @@ fn ikev2_probe_against_charon() {
         "port 4500: {}",
         r.detail
     );
-    no_ike_sa(dir);
+    no_ike_sa(&charon);
     // The periodic runner, as the agent runs it.
     let periodic = CheckSpec::Ikev2 {
         port: 500,
@@ -632,19 +571,10 @@ fn ikev2_probe_against_charon() {
     for r in lab.run_checks(&periodic, 5) {
         assert!(r.ok && r.latency.is_some(), "runner: {}", r.detail);
     }
-    no_ike_sa(dir);
+    no_ike_sa(&charon);
 
     // A gateway that only takes MODP-2048 asks for group 14 instead.
-    let modp = dir.join("swanctl-modp.conf");
-    std::fs::write(
-        &modp,
-        SWANCTL_CONF.replace("aes256-sha256-x25519", "aes128-sha256-modp2048"),
-    )
-    .expect("conf");
-    swanctl(
-        dir,
-        &["--load-all", "--file", modp.to_str().expect("utf-8")],
-    );
+    charon.load(&SWANCTL_CONF.replace("aes256-sha256-x25519", "aes128-sha256-modp2048"));
     let r = lab.probe(&spec);
     assert!(
         r.ok && r.detail.starts_with("INVALID_KE_PAYLOAD (group 14) "),
@@ -652,16 +582,7 @@ fn ikev2_probe_against_charon() {
         r.detail
     );
     // One that takes nothing we propose still answers: alive, NO_PROPOSAL_CHOSEN.
-    let none = dir.join("swanctl-none.conf");
-    std::fs::write(
-        &none,
-        SWANCTL_CONF.replace("aes256-sha256-x25519", "aes128-sha256-ecp224"),
-    )
-    .expect("conf");
-    swanctl(
-        dir,
-        &["--load-all", "--file", none.to_str().expect("utf-8")],
-    );
+    charon.load(&SWANCTL_CONF.replace("aes256-sha256-x25519", "aes128-sha256-ecp224"));
     let r = lab.probe(&spec);
     println!("ikev2 against a proposal mismatch: {}", r.detail);
     assert!(
@@ -669,15 +590,8 @@ fn ikev2_probe_against_charon() {
         "{}",
         r.detail
     );
-    no_ike_sa(dir);
-    swanctl(
-        dir,
-        &[
-            "--load-all",
-            "--file",
-            dir.join("swanctl.conf").to_str().expect("utf-8"),
-        ],
-    );
+    no_ike_sa(&charon);
+    charon.load(SWANCTL_CONF);
 
     // Wedged daemon: ping says up, the IKE probe says down.
     charon.signal(libc::SIGSTOP);
@@ -693,7 +607,7 @@ fn ikev2_probe_against_charon() {
     let (r, tries) = lab.probe_until_ok(&spec, 5, Duration::from_millis(200));
     println!("ikev2 after SIGCONT: {} (try {tries})", r.detail);
     assert!(r.detail.starts_with("INVALID_KE_PAYLOAD (group 31) "));
-    no_ike_sa(dir);
+    no_ike_sa(&charon);
 
     // Dead: port 500 closed.
     charon.kill();
