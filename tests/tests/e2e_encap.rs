@@ -263,14 +263,11 @@ fn run(mode: &str) {
         got
     };
     let without = replies("with gw1's decap detached");
-    for n in 0..CLIENTS {
+    for (n, &got) in without.iter().enumerate() {
         if on_gw1.contains(&n) {
-            assert_eq!(without[n], 0, "client {n} on gw1 got replies without decap");
+            assert_eq!(got, 0, "client {n} on gw1 got replies without decap");
         } else {
-            assert!(
-                without[n] > 0,
-                "client {n} on a healthy gateway got no reply"
-            );
+            assert!(got > 0, "client {n} on a healthy gateway got no reply");
         }
     }
     let attach = [
