@@ -2,13 +2,13 @@
 //! - [`Pki::generate`]: a throw-away easy-rsa PKI per run (EC keys: under a second): one CA, one
 //!   server certificate that every gateway shares (so any gateway accepts any client and the LB can
 //!   move clients between them), one client certificate that all clients share (`duplicate-cn` on
-//!   the gateways), and a `tls-crypt` key;
+//!   the gateways), and a `tls-crypt` key; [`Pki::hard_reset_probe`] records a client's first
+//!   datagram, which makes a `udp` health check that only a running openvpn answers;
 //! - every gateway runs `openvpn` in server mode on UDP VIP:51820 with `--multihome`, so it answers
 //!   from the address the packet reached it at (the VIP, L2 DSR) instead of its own address, which
 //!   the client would reject; its tun is 10.8.0.1 in every gateway, so a client that moves keeps its
 //!   ping target; `keepalive 1 5` pushes `ping 1` / `ping-restart 5` to the clients, which bounds
 //!   how long a client of a dead gateway waits before it reconnects (through the VIP, elsewhere);
-//!   the management interface listens on the gateway's own address (what a `tcp` check probes);
 //! - every client gets its own namespace cabled to the switch (an OpenVPN client owns its tun's
 //!   10.8.0.0/24 route, so two clients in one namespace would fight over it), with its own source
 //!   address and port (`--local`/`--lport`), the VIP routed to the LB, and nftables counters that
@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,13 +27,11 @@ use serde_json::Value;
 
 use crate::agent::wait_for;
 use crate::netns::{Netns, cable};
-use crate::testbed::{Topology, VIP, VIP_PORT, gw_addr};
+use crate::testbed::{Topology, VIP, VIP_PORT};
 use crate::wg::{Pinger, die_with_parent};
 
 /// The gateways' tun address (the same in every gateway): what clients ping through the tunnel.
 pub const GW_TUNNEL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 8, 0, 1);
-/// The OpenVPN management interface on each gateway's own address.
-pub const MGMT_PORT: u16 = 7505;
 /// `keepalive` of the gateways (seconds): pushed to clients as `ping` and `ping-restart`.
 pub const PING_S: u32 = 1;
 pub const PING_RESTART_S: u32 = 5;
@@ -59,9 +57,10 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The files of a throw-away PKI.
+/// The files of a throw-away PKI, in a scratch dir that the [`OvpnBed`] using it removes.
 #[derive(Debug, Clone)]
 pub struct Pki {
+    pub dir: PathBuf,
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
@@ -71,9 +70,12 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// easy-rsa in batch mode under `dir` (EC P-256: no slow RSA or DH generation), and
-    /// `openvpn --genkey tls-crypt`.
-    pub fn generate(dir: &Path) -> Pki {
+    /// easy-rsa in batch mode (EC P-256: no slow RSA or DH generation) and `openvpn --genkey
+    /// tls-crypt`, in a fresh scratch dir named after `prefix`.
+    pub fn generate(prefix: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("vpnlb-ovpn-{}-{prefix}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("openvpn scratch dir");
         let pki = dir.join("pki");
         let easyrsa = |args: &[&str]| {
             run(Command::new("/usr/share/easy-rsa/easyrsa")
@@ -82,7 +84,7 @@ impl Pki {
                 .env("EASYRSA_BATCH", "1")
                 .env("EASYRSA_ALGO", "ec")
                 .env("EASYRSA_CURVE", "prime256v1")
-                .current_dir(dir))
+                .current_dir(&dir))
             .unwrap_or_else(|e| panic!("easy-rsa (apt-get install easy-rsa): {e}"));
         };
         easyrsa(&["init-pki"]);
@@ -95,6 +97,7 @@ impl Pki {
             .arg(&tls_crypt))
         .unwrap_or_else(|e| panic!("openvpn --genkey (apt-get install openvpn): {e}"));
         Pki {
+            dir,
             ca: pki.join("ca.crt"),
             server_cert: pki.join("issued/server.crt"),
             server_key: pki.join("private/server.key"),
@@ -102,6 +105,37 @@ impl Pki {
             client_key: pki.join("private/client.key"),
             tls_crypt,
         }
+    }
+}
+
+impl Pki {
+    /// The first datagram a client of this PKI sends: its P_CONTROL_HARD_RESET_CLIENT_V2, wrapped
+    /// with the tls-crypt key. Recorded from a real `openvpn` client pointed at a UDP socket of ours
+    /// (in a throw-away namespace `<prefix>-rec`). A gateway answers this datagram, replayed as is
+    /// and as often as wanted, with a P_CONTROL_HARD_RESET_SERVER_V2 and keeps no state (openvpn 2.6
+    /// resets are stateless until the client's third packet; verified also 75 s after recording,
+    /// beyond hand-window) — but only while its event loop runs: as the payload of a `udp` health
+    /// check it tells a live openvpn from a dead, stopped or wedged one, and needs no key in the agent.
+    pub fn hard_reset_probe(&self, prefix: &str) -> Vec<u8> {
+        let ns = Netns::new(&format!("{prefix}-rec"));
+        let sock = ns.run(|| UdpSocket::bind("127.0.0.1:0").expect("bind recorder"));
+        let at = sock.local_addr().expect("recorder address");
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let conf = client_conf(self, at, "nobind\n");
+        let mut client = OvpnDaemon::start(ns.name(), "recorder", &conf, &self.dir);
+        let mut buf = [0u8; 2048];
+        let got = sock.recv_from(&mut buf);
+        client.kill();
+        let (n, _) = got.unwrap_or_else(|e| {
+            panic!(
+                "no datagram from the recording openvpn client: {e}\n{}",
+                client.log_text()
+            )
+        });
+        // Opcode in the top 5 bits: 7 = P_CONTROL_HARD_RESET_CLIENT_V2.
+        assert_eq!(buf[0] >> 3, 7, "not a hard reset: {:02x?}", &buf[..n]);
+        buf[..n].to_vec()
     }
 }
 
@@ -153,7 +187,15 @@ impl OvpnDaemon {
         }
     }
 
-    /// SIGKILL by PID and reap.
+    /// Sends `sig` (e.g. SIGSTOP to wedge it) to the daemon's PID.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("openvpn not running").id();
+        // SAFETY: kill(2) on our own child's PID.
+        let rc = unsafe { libc::kill(pid as i32, sig) };
+        assert_eq!(rc, 0, "kill {sig}: {}", std::io::Error::last_os_error());
+    }
+
+    /// SIGKILL by PID and reap (also when stopped).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -288,18 +330,16 @@ pub struct OvpnBed {
 }
 
 impl OvpnBed {
-    /// Generates the PKI and starts one server per gateway namespace (clients: [`OvpnBed::connect`],
-    /// once the agent has every gateway up, so the first packets meet the full ring).
-    pub fn up(topo: &Topology, prefix: &str) -> OvpnBed {
+    /// Starts one server per gateway namespace with `pki` (clients: [`OvpnBed::connect`], once the
+    /// agent has every gateway up, so the first packets meet the full ring). Client namespaces are
+    /// named `<prefix>-c<n>`.
+    pub fn up(topo: &Topology, prefix: &str, pki: Pki) -> OvpnBed {
         let t0 = Instant::now();
         assert!(
             topo.sinks.is_empty(),
             "clear the topology's echo sinks first (they hold VIP:51820)"
         );
-        let dir = std::env::temp_dir().join(format!("vpnlb-ovpn-{}-{prefix}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("openvpn scratch dir");
-        let pki = Pki::generate(&dir);
+        let dir = pki.dir.clone();
         let gws = topo
             .gws
             .iter()
@@ -343,7 +383,11 @@ impl OvpnBed {
             let daemon = OvpnDaemon::start(
                 ns.name(),
                 &format!("client{k}"),
-                &client_conf(&self.pki, addr, port),
+                &client_conf(
+                    &self.pki,
+                    SocketAddr::from((VIP, VIP_PORT)),
+                    &format!("local {addr}\nlport {port}\n"),
+                ),
                 &self.dir,
             );
             self.clients.push(OvpnClient {
@@ -435,30 +479,30 @@ impl Drop for OvpnBed {
 
 /// A gateway's server config: shared certificate, tls-crypt, UDP 51820 on every address with
 /// `multihome` (replies leave from the VIP the client sent to), one client certificate for all
-/// (`duplicate-cn`), status file rewritten every second, management on the gateway's own address.
+/// (`duplicate-cn`), status file rewritten every second.
 fn gateway_conf(pki: &Pki, i: usize, status: &Path) -> String {
     format!(
         "dev ovpg{n}\ndev-type tun\nproto udp\nport {VIP_PORT}\nmultihome\n\
          server 10.8.0.0 255.255.255.0\ntopology subnet\n\
          ca {ca}\ncert {cert}\nkey {key}\ndh none\ntls-crypt {tc}\nduplicate-cn\n\
-         keepalive {PING_S} {PING_RESTART_S}\nstatus {status} 1\nstatus-version 2\n\
-         management {addr} {MGMT_PORT}\nverb 3\n",
+         keepalive {PING_S} {PING_RESTART_S}\nstatus {status} 1\nstatus-version 2\nverb 3\n",
         n = i + 1,
         ca = pki.ca.display(),
         cert = pki.server_cert.display(),
         key = pki.server_key.display(),
         tc = pki.tls_crypt.display(),
         status = status.display(),
-        addr = gw_addr(i),
     )
 }
 
-/// A client config: remote = the VIP, fixed source address and port, and (pushed by the gateway)
-/// `ping 1` / `ping-restart 5`.
-fn client_conf(pki: &Pki, addr: Ipv4Addr, port: u16) -> String {
+/// A client config for `remote` (the VIP), with `bind` (`local`/`lport`, or `nobind`); `ping 1` /
+/// `ping-restart 5` come pushed by the gateway.
+fn client_conf(pki: &Pki, remote: SocketAddr, bind: &str) -> String {
     format!(
-        "client\ndev ovpc\ndev-type tun\nproto udp\nremote {VIP} {VIP_PORT}\nlocal {addr}\nlport {port}\n\
+        "client\ndev ovpc\ndev-type tun\nproto udp\nremote {} {}\n{bind}\
          ca {ca}\ncert {cert}\nkey {key}\ntls-crypt {tc}\nremote-cert-tls server\nverb 3\n",
+        remote.ip(),
+        remote.port(),
         ca = pki.ca.display(),
         cert = pki.client_cert.display(),
         key = pki.client_key.display(),

@@ -4,18 +4,17 @@
 //! Checks: every tunnel carries traffic, every gateway gets a share, every client stays on one
 //! gateway, the gateways see the clients' own addresses, and every client's packets go to the VIP
 //! and its replies come from it (nftables counters in each client namespace). Then one gateway fails
-//! (its `openvpn` killed with SIGKILL, or separately its cable cut): the agent marks it down, its
-//! clients reconnect through the VIP to healthy gateways after `ping-restart` (5 s), and the other
-//! tunnels lose no ping.
+//! (three tests: its `openvpn` killed with SIGKILL, wedged with SIGSTOP, or its cable cut): the
+//! agent marks it down, its clients reconnect through the VIP to healthy gateways after
+//! `ping-restart` (5 s), and the other tunnels lose no ping.
 //!
-//! Health checks: `icmp` (the host) and `tcp` to OpenVPN's management port, which the openvpn process
-//! itself listens on: a killed daemon refuses the connection. Neither catches a wedged openvpn
-//! (SIGSTOP, deadlock): the kernel still answers pings and completes TCP handshakes from the listen
-//! backlog. With tls-crypt, openvpn silently drops anything not wrapped with the key, so a plain
-//! `udp` check never gets an answer either. What would catch it: a `udp` check whose payload is a
-//! tls-crypt-wrapped P_CONTROL_HARD_RESET_CLIENT_V2 (openvpn 2.6 answers it statelessly with
-//! HARD_RESET_SERVER_V2 only while its event loop runs), i.e. an `openvpn` check type in the agent
-//! that holds the tls-crypt key.
+//! Health checks: `icmp` (the host) and a `udp` check to the gateway's own address, port 51820, whose
+//! payload is a recorded client hard reset ([`Pki::hard_reset_probe`]): openvpn answers it with a
+//! server hard reset, statelessly, while its event loop runs. So the check catches a killed openvpn
+//! (ICMP port unreachable) and a wedged one (no answer) while `icmp` still says up. (A plain `udp`
+//! or `tcp` check would not do: with tls-crypt, openvpn silently drops anything not wrapped with the
+//! key, and it has no TCP socket of its own on a UDP server but the optional management port, whose
+//! handshakes the kernel completes from the listen backlog even for a stopped daemon.)
 //!
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! openvpn, easy-rsa, nftables and iputils-ping.
@@ -23,10 +22,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use vpnlb_tests::agent::{
-    AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, vip, wait_for,
+    AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, backend_in, vip, wait_for,
 };
-use vpnlb_tests::openvpn::{MGMT_PORT, OvpnBed, PING_RESTART_S};
+use vpnlb_tests::openvpn::{OvpnBed, PING_RESTART_S, Pki};
+use vpnlb_tests::testbed::VIP_PORT;
 use vpnlb_tests::wg::now_epoch;
 
 const CLIENTS: usize = 12;
@@ -41,35 +42,58 @@ fn ms(d: Duration) -> f64 {
 enum Failure {
     /// `kill -9` of its openvpn (the host still answers pings).
     Kill,
+    /// SIGSTOP of its openvpn: wedged, its socket still open, the host still answers pings.
+    Stop,
     /// Its cable cut at the switch.
     Cut,
 }
 
-/// A `tcp` check of the gateway's OpenVPN management port, with the agent tests' timing.
-fn mgmt_check() -> String {
+/// A `udp` check of the gateway's openvpn (port 51820 on its own address) that sends `probe` (a
+/// recorded client hard reset) and wants any answer, with the agent tests' timing.
+fn openvpn_check(probe: &[u8]) -> String {
+    let hex: String = probe.iter().map(|b| format!("{b:02x}")).collect();
     format!(
-        "[[backend.check]]\ntype = \"tcp\"\nport = {MGMT_PORT}\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n"
+        "[[backend.check]]\ntype = \"udp\"\nport = {VIP_PORT}\npayload_hex = \"{hex}\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n"
     )
+}
+
+/// `up` of backend `name`'s check whose label starts with `kind`.
+fn check_up(status: &Value, name: &str, kind: &str) -> bool {
+    backend_in(status, name).expect("backend in status")["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"].as_str().is_some_and(|l| l.starts_with(kind)))
+        .unwrap_or_else(|| panic!("{name}: no {kind} check in {status:#}"))["up"]
+        .as_bool()
+        .unwrap_or(false)
 }
 
 fn failover(failure: Failure) {
     let t_start = Instant::now();
+    let pki = Pki::generate("vpnlb-ovp");
+    let probe = pki.hard_reset_probe("vpnlb-ovp");
+    println!(
+        "PKI and a {}-byte hard-reset probe in {:.0} ms",
+        probe.len(),
+        ms(t_start.elapsed())
+    );
     let mut bed = AgentBed::up("vpnlb-ovp", 3, 0, |t, _| {
         let mut s = String::from(INTERFACE);
         for (i, g) in t.gws.iter().enumerate() {
             s.push_str(&backend(i, Some(g.mac("eth0")), 1, &["icmp"]));
-            s.push_str(&mgmt_check());
+            s.push_str(&openvpn_check(&probe));
         }
         s.push_str(&vip(&[("all", 0, &GWS)]));
         s
     });
     // The echo sinks hold VIP:51820: OpenVPN takes the port.
     bed.topo.sinks.clear();
-    let mut ovpn = OvpnBed::up(&bed.topo, "vpnlb-ovp");
+    let mut ovpn = OvpnBed::up(&bed.topo, "vpnlb-ovp", pki);
     bed.agent.wait_all_up(&GWS, Duration::from_secs(15));
     ovpn.connect(&bed.topo, CLIENTS);
     println!(
-        "openvpn: PKI + 3 gateways + {CLIENTS} clients, all connected through the VIP in {:.0} ms \
+        "openvpn: 3 gateways + {CLIENTS} clients, all connected through the VIP in {:.0} ms \
          (not counting the wait for the agent's checks)",
         ms(ovpn.setup)
     );
@@ -129,6 +153,7 @@ fn failover(failure: Failure) {
     let t_kill = Instant::now();
     match failure {
         Failure::Kill => ovpn.kill_gateway(dead),
+        Failure::Stop => ovpn.gws[dead].daemon.signal(libc::SIGSTOP),
         Failure::Cut => bed.topo.cut(dead),
     }
     let detect = bed
@@ -139,6 +164,13 @@ fn failover(failure: Failure) {
         dead + 1,
         ms(detect)
     );
+    if failure != Failure::Cut {
+        let st = bed.agent.status();
+        assert!(
+            check_up(&st, GWS[dead], "icmp") && !check_up(&st, GWS[dead], "udp"),
+            "the openvpn check, not icmp, should have taken it down: {st:#}"
+        );
+    }
     let healthy: Vec<usize> = all.iter().copied().filter(|&g| g != dead).collect();
     let mut back: BTreeMap<usize, (usize, Duration)> = BTreeMap::new();
     let deadline = t_kill + Duration::from_secs(30);
@@ -249,6 +281,12 @@ fn failover(failure: Failure) {
 #[ignore = "needs root and openvpn: run cargo xtask test"]
 fn openvpn_clients_balanced_and_moved_off_a_killed_gateway() {
     failover(Failure::Kill);
+}
+
+#[test]
+#[ignore = "needs root and openvpn: run cargo xtask test"]
+fn openvpn_clients_moved_off_a_wedged_gateway() {
+    failover(Failure::Stop);
 }
 
 #[test]
