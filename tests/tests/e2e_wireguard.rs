@@ -4,16 +4,19 @@
 //! gateway and keeps the VIP as its endpoint (gateways reply from the VIP), the gateways see the
 //! clients' own addresses. Then one gateway dies (wireguard-go killed, cable cut): the agent marks it
 //! down, its clients re-handshake onto healthy gateways, and the other tunnels lose no packet.
+//! Drain (`vpnlb drain`/`undrain` through the control socket): the drained gateway's tunnels keep
+//! working, clients that arrive meanwhile avoid it, clients that arrive after the undrain reach it.
 //!
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! wireguard-go, wireguard-tools and iputils-ping.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, backend_in, vip, wait_for};
 use vpnlb_tests::testbed::{VIP, VIP_PORT};
-use vpnlb_tests::wg::{WgBed, now_epoch};
+use vpnlb_tests::wg::{Pinger, WgBed, now_epoch};
 
 const CLIENTS: usize = 24;
 const DEAD: usize = 1;
@@ -227,4 +230,197 @@ fn wireguard_clients_balanced_and_moved_off_a_dead_gateway() {
     }
     println!("whole test {:.1} s", t_start.elapsed().as_secs_f64());
     drop(wg);
+}
+
+const GWS: [&str; 3] = ["gw1", "gw2", "gw3"];
+
+/// The agent (`icmp` checks) in front of three `wireguard-go` gateways, and WireGuard clients.
+/// Field order is drop order: the WireGuard daemons die before the namespaces.
+struct WgLb {
+    wg: WgBed,
+    lb: AgentBed,
+}
+
+impl WgLb {
+    /// Namespaces `<prefix>-*`, gateway interfaces `<gw_prefix>N`, client interfaces
+    /// `<client_prefix>N`, `clients` clients; `vip_keys` is added to the VIP's table.
+    fn up(
+        prefix: &str,
+        gw_prefix: &str,
+        client_prefix: &str,
+        clients: usize,
+        vip_keys: &str,
+    ) -> WgLb {
+        let mut lb = AgentBed::up(prefix, 3, clients, |t, _| {
+            let mut s = String::from(INTERFACE);
+            for (i, g) in t.gws.iter().enumerate() {
+                s.push_str(&backend(i, Some(g.mac("eth0")), 1, &["icmp"]));
+            }
+            let v = vip(&[("all", 0, &GWS)]);
+            s.push_str(&v.replacen("[[vip.pool]]", &format!("{vip_keys}[[vip.pool]]"), 1));
+            s
+        });
+        lb.topo.sinks.clear();
+        lb.agent.wait_all_up(&GWS, Duration::from_secs(15));
+        let wg = WgBed::up(&lb.topo, gw_prefix, client_prefix);
+        WgLb { wg, lb }
+    }
+
+    /// Waits until each of `clients` has completed a handshake with exactly one gateway; returns
+    /// that gateway per client (in the order of `clients`).
+    fn settle(&self, clients: &[usize]) -> Vec<usize> {
+        let all = [0usize, 1, 2];
+        wait_for(Duration::from_secs(15), || {
+            let p = self.wg.placement(&all);
+            clients
+                .iter()
+                .map(|&n| (p[n].len() == 1).then(|| p[n][0].0))
+                .collect()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "clients {clients:?}: not each with a handshake on exactly one gateway: {:?}",
+                self.wg.placement(&all)
+            )
+        })
+    }
+
+    /// Adds `k` clients (addresses after the topology's) with a steady ping each.
+    fn add_clients(
+        &mut self,
+        client_prefix: &str,
+        k: usize,
+        pingers: &mut Vec<Pinger>,
+    ) -> Vec<usize> {
+        (0..k)
+            .map(|_| {
+                let n = self.wg.clients.len();
+                let addr = Ipv4Addr::new(10, 77, 0, 20 + n as u8);
+                self.wg.add_client(&self.lb.topo, client_prefix, addr);
+                let c = &self.wg.clients[n];
+                pingers.push(Pinger::start(
+                    &self.wg.client_ns,
+                    c.target,
+                    PING,
+                    &self.wg.dir,
+                    n,
+                ));
+                n
+            })
+            .collect()
+    }
+
+    /// `vpnlb drain|undrain NAME` through the agent's control socket; returns the new state.
+    fn admin(&self, verb: &str, name: &str) -> String {
+        let r = self.lb.agent.cli_json(&[verb, name]);
+        r["state"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+const PING: Duration = Duration::from_millis(50);
+
+/// Clients per gateway, as "gw1: N, gw2: N, gw3: N".
+fn spread(owner: &[usize]) -> String {
+    (0..3)
+        .map(|g| format!("gw{}: {}", g + 1, owner.iter().filter(|&&o| o == g).count()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[test]
+#[ignore = "needs root and wireguard-go: run cargo xtask test"]
+fn wireguard_drain_keeps_tunnels_and_steers_new_clients() {
+    const FIRST: usize = 12;
+    const MORE: usize = 9;
+    let t_start = Instant::now();
+    let mut b = WgLb::up("vpnlb-wgr", "wgr", "wgrc", FIRST, "");
+    let mut pingers = b.wg.ping_all(PING);
+    let first: Vec<usize> = (0..FIRST).collect();
+    let owner = b.settle(&first);
+    println!(
+        "{FIRST} clients settled {:.1} s after the start: {}",
+        t_start.elapsed().as_secs_f64(),
+        spread(&owner)
+    );
+    let drained = (0..3)
+        .max_by_key(|&g| owner.iter().filter(|&&o| o == g).count())
+        .unwrap();
+    let name = GWS[drained];
+    let on_drained: Vec<usize> = first
+        .iter()
+        .copied()
+        .filter(|&n| owner[n] == drained)
+        .collect();
+
+    let drain_epoch = now_epoch();
+    assert_eq!(b.admin("drain", name), "draining");
+    assert_eq!(b.lb.agent.state(name).as_deref(), Some("draining"));
+    let id = backend_in(&b.lb.agent.status(), name)
+        .and_then(|v| v["id"].as_u64())
+        .expect("backend id") as u32;
+    assert!(
+        !b.lb.agent.ring_shares().contains_key(&id),
+        "a draining gateway still owns ring slots"
+    );
+    let during = b.add_clients("wgrc", MORE, &mut pingers);
+    let placed = b.settle(&during);
+    println!(
+        "{name} drained: {MORE} new clients placed {}",
+        spread(&placed)
+    );
+    assert!(
+        !placed.contains(&drained),
+        "a client that arrived while {name} drained was placed on it: {placed:?}"
+    );
+    // Existing tunnels, those on the drained gateway too, keep carrying pings for a while.
+    std::thread::sleep(Duration::from_secs(3));
+
+    assert_eq!(b.admin("undrain", name), "up");
+    let after = b.add_clients("wgrc", MORE, &mut pingers);
+    let placed_after = b.settle(&after);
+    println!(
+        "{name} undrained: {MORE} new clients placed {}",
+        spread(&placed_after)
+    );
+    assert!(
+        placed_after.contains(&drained),
+        "no new client was placed on {name} after the undrain: {placed_after:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let logs: Vec<_> = pingers.iter_mut().map(|p| p.stop()).collect();
+
+    // The first clients (those on the drained gateway too) kept their gateway and lost nothing.
+    let end = b.settle(&(0..b.wg.clients.len()).collect::<Vec<_>>());
+    assert_eq!(&end[..FIRST], &owner[..], "a client changed gateway");
+    assert_eq!(&end[FIRST..FIRST + MORE], &placed[..]);
+    let mut lost_total = 0;
+    let mut span_total = 0;
+    for n in 0..FIRST {
+        let (lost, span) = logs[n].lost_after(drain_epoch);
+        assert!(span > 0, "client {n}: no ping reply after the drain");
+        assert_eq!(
+            lost,
+            0,
+            "client {n} on gw{} lost {lost} of {span} pings",
+            owner[n] + 1
+        );
+        lost_total += lost;
+        span_total += span;
+    }
+    for n in during.iter().chain(&after) {
+        assert!(
+            logs[*n].replies.len() > 1,
+            "new client {n}: no ping replies"
+        );
+    }
+    let drained_span: usize = on_drained
+        .iter()
+        .map(|&n| logs[n].lost_after(drain_epoch).1)
+        .sum();
+    println!(
+        "drain/undrain: {} tunnels on {name} kept working ({drained_span} pings, 0 lost); \
+         all {FIRST} first tunnels lost {lost_total} of {span_total} pings; whole test {:.1} s",
+        on_drained.len(),
+        t_start.elapsed().as_secs_f64()
+    );
 }
