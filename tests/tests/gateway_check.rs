@@ -129,6 +129,16 @@ impl Findings {
             .to_string()
     }
 
+    /// Asserts the exit code and the level of the one `check` finding (printing all on failure).
+    fn expect(&self, code: Option<i32>, want_code: i32, check: &str, level: &str) {
+        assert_eq!(
+            (code, self.level(check).as_str()),
+            (Some(want_code), level),
+            "{check}: {:#}",
+            self.0
+        );
+    }
+
     fn count(&self) -> BTreeMap<String, u64> {
         ["ok", "warn", "fail"]
             .iter()
@@ -315,18 +325,28 @@ fn settings_wrong_then_fixed_as_printed() {
     bed.gw
         .sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=1");
     let (code, f) = bed.check(&["--encap", "gue"]);
-    assert_eq!((code, f.level("rp_filter").as_str()), (Some(1), "fail"));
+    f.expect(code, 1, "rp_filter", "fail");
     bed.gw.sh("sysctl -qw net.ipv4.conf.all.rp_filter=2");
     let (code, f) = bed.check(&["--encap", "gue"]);
-    assert_eq!((code, f.level("rp_filter").as_str()), (Some(0), "ok"));
+    f.expect(code, 0, "rp_filter", "ok");
     assert!(f.message("rp_filter").contains("loose"), "{:#}", f.0);
 
     // A GUE port other than the VIP's, then L2 DSR (no decap needed).
     let (code, f) = bed.check(&["--encap", "gue", "--gue-port", "7777"]);
-    assert_eq!(
-        (code, f.level("decap_gue_port").as_str()),
-        (Some(1), "fail")
+    f.expect(code, 1, "decap_gue_port", "fail");
+    // Attaching again swaps the program in place and takes the new port.
+    let reattach = ["decap", "attach", "--iface", "eth0", "--gue-port", "7777"];
+    let (code, out, err) = vpnlb_in(
+        bed.gw.name(),
+        &[&reattach[..], &["--decap-pin-dir", &pins]].concat(),
     );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("Replaced"),
+        "re-attach adopts the pinned link: {out}"
+    );
+    let (code, f) = bed.check(&["--encap", "gue", "--gue-port", "7777"]);
+    f.expect(code, 0, "decap_gue_port", "ok");
     let (code, _) = bed.check(&["--encap", "none"]);
     assert_eq!(code, Some(0));
 
@@ -335,7 +355,7 @@ fn settings_wrong_then_fixed_as_printed() {
         "ip addr del {VIP}/32 dev lo && ip addr add {VIP}/32 dev eth0"
     ));
     let (code, f) = bed.check(&[]);
-    assert_eq!((code, f.level("vip_address").as_str()), (Some(1), "fail"));
+    f.expect(code, 1, "vip_address", "fail");
 
     // Detaching the last interface removes the decap pins.
     let (code, _, err) = vpnlb_in(
@@ -362,7 +382,7 @@ fn reply_source_own_address_fails_vip_passes() {
     // A UDP server bound to 0.0.0.0 answering without pktinfo: the kernel picks the own address.
     let any = Sink::start(&bed.gw, "any", SocketAddr::from(([0, 0, 0, 0], 7000)));
     let (code, f) = bed.check(&["--port", "7000"]);
-    assert_eq!((code, f.level("reply_source").as_str()), (Some(1), "fail"));
+    f.expect(code, 1, "reply_source", "fail");
     assert!(
         f.message("reply_source")
             .contains(&format!("from {OWN}:7000")),
@@ -373,7 +393,7 @@ fn reply_source_own_address_fails_vip_passes() {
     // Bound to the VIP: replies from it.
     let _vip = Sink::start(&bed.gw, "vip", SocketAddr::from((VIP, 7001)));
     let (code, f) = bed.check(&["--port", "7001"]);
-    assert_eq!((code, f.level("reply_source").as_str()), (Some(0), "ok"));
+    f.expect(code, 0, "reply_source", "ok");
 
     // Policy routing by source port (the boringtun fix) sends replies out of eth0: the packet
     // socket sees them there. With `src VIP` in the table they are right, without it they are not.
@@ -383,7 +403,7 @@ fn reply_source_own_address_fails_vip_passes() {
     );
     bed.gw.sh("ip route add 198.18.0.0/15 dev eth0 table 100");
     let (code, f) = bed.check(&["--port", "7002"]);
-    assert_eq!((code, f.level("reply_source").as_str()), (Some(1), "fail"));
+    f.expect(code, 1, "reply_source", "fail");
     assert!(
         f.message("reply_source")
             .contains(&format!("from {OWN}:7002 (leaving by eth0)")),
@@ -394,12 +414,7 @@ fn reply_source_own_address_fails_vip_passes() {
         "ip route replace 198.18.0.0/15 dev eth0 src {VIP} table 100"
     ));
     let (code, f) = bed.check(&["--port", "7002"]);
-    assert_eq!(
-        (code, f.level("reply_source").as_str()),
-        (Some(0), "ok"),
-        "{:#}",
-        f.0
-    );
+    f.expect(code, 0, "reply_source", "ok");
 
     // OpenVPN: answers the hard reset from its own address unless --multihome.
     let reset = ["--port", "1194", "--udp-payload-hex", OPENVPN_RESET];
@@ -457,7 +472,7 @@ fn reply_source_own_address_fails_vip_passes() {
     // A key the gateway does not know draws no answer at all: a fail, not a pass.
     let a = wg_args(&stranger.private);
     let (code, f) = bed.check(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!((code, f.level("reply_source").as_str()), (Some(1), "fail"));
+    f.expect(code, 1, "reply_source", "fail");
     drop(wg);
     no_probe_namespaces_left();
 }

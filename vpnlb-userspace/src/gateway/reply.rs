@@ -45,13 +45,16 @@ pub struct Outcome {
     pub replies: Vec<Seen>,
 }
 
-/// Deletes the temporary namespace (and with it the veth pair, route and neighbour entry).
+/// Deletes the veth pair (synchronously, with the route and neighbour entry on it; a namespace is
+/// torn down asynchronously) and the temporary namespace.
 struct ProbeNs {
     name: String,
+    host_if: String,
 }
 
 impl Drop for ProbeNs {
     fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
@@ -89,21 +92,22 @@ fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<
     let pid = std::process::id();
     let ns = ProbeNs {
         name: format!("{NS_PREFIX}{pid}"),
+        host_if: format!("vgwc{pid}"),
     };
-    let host_if = format!("vgwc{pid}");
+    let host_if = ns.host_if.as_str();
     let _ = ip(&["netns", "del", &ns.name]);
     ip(&["netns", "add", &ns.name])?;
     ip(&[
-        "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
     ])?;
-    ip(&["link", "set", &host_if, "up"])?;
+    ip(&["link", "set", host_if, "up"])?;
     let n = ns.name.as_str();
     let (c32, v32) = (format!("{client}/32"), format!("{vip}/32"));
     ip(&["-n", n, "link", "set", "lo", "up"])?;
     ip(&["-n", n, "link", "set", "eth0", "up"])?;
     ip(&["-n", n, "addr", "add", &c32, "dev", "eth0"])?;
     ip(&["-n", n, "route", "add", &v32, "dev", "eth0"])?;
-    let host_mac = mac_of(&["link", "show", "dev", &host_if])?;
+    let host_mac = mac_of(&["link", "show", "dev", host_if])?;
     let probe_mac = mac_of(&["-n", n, "link", "show", "dev", "eth0"])?;
     let (vs, cs, ss) = (vip.to_string(), client.to_string(), route_src.to_string());
     ip(&[
@@ -119,7 +123,8 @@ fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<
         "nud",
         "permanent",
     ])?;
-    ip(&["route", "add", &c32, "dev", &host_if, "src", &ss])?;
+    // Replace: a killed run's route may still point at its (dying) veth.
+    ip(&["route", "replace", &c32, "dev", host_if, "src", &ss])?;
     ip(&[
         "neigh",
         "replace",
@@ -127,7 +132,7 @@ fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<
         "lladdr",
         &probe_mac,
         "dev",
-        &host_if,
+        host_if,
         "nud",
         "permanent",
     ])?;
