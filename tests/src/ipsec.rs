@@ -209,6 +209,8 @@ pub struct ChildSa {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct IkeSa {
     pub name: String,
+    /// charon's unique id of the IKE_SA (`#N`): a new SA gets a new one.
+    pub id: u32,
     pub state: String,
     pub local_id: String,
     pub local: Option<SocketAddr>,
@@ -254,6 +256,11 @@ impl IkeSa {
                 let (name, rest) = t.split_once(": #").unwrap_or_default();
                 out.push(IkeSa {
                     name: name.to_string(),
+                    id: rest
+                        .split(',')
+                        .next()
+                        .and_then(|i| i.parse().ok())
+                        .unwrap_or(0),
                     state: rest.split(", ").nth(1).unwrap_or("").to_string(),
                     ..IkeSa::default()
                 });
@@ -654,8 +661,8 @@ pub fn backends_ikev2(topo: &Topology, fall: u64) -> String {
 }
 
 /// The IPsec VIP group on the testbed VIP, L2 DSR, `hash = "source"`, one pool over `members`:
-/// `ike` (UDP 500), `natt` (UDP 4500) and `esp` (protocol 50).
-pub fn ipsec_vips(members: &[&str]) -> String {
+/// `ike` (UDP 500), `natt` (UDP 4500) and `esp` (protocol 50); `extra` lines go into each VIP.
+pub fn ipsec_vips(members: &[&str], extra: &str) -> String {
     let list: Vec<String> = members.iter().map(|m| format!("\"{m}\"")).collect();
     let pool = format!(
         "[[vip.pool]]\nname = \"ipsec\"\nbackends = [{}]\n\n",
@@ -665,7 +672,7 @@ pub fn ipsec_vips(members: &[&str]) -> String {
         .iter()
         .map(|(name, l4)| {
             format!(
-                "[[vip]]\nname = \"{name}\"\naddress = \"{VIP}\"\n{l4}\nhash = \"source\"\nforwarding = \"l2dsr\"\n{pool}"
+                "[[vip]]\nname = \"{name}\"\naddress = \"{VIP}\"\n{l4}\nhash = \"source\"\nforwarding = \"l2dsr\"\n{extra}{pool}"
             )
         })
         .collect()
@@ -693,6 +700,7 @@ mod tests {
         assert_eq!(sas.len(), 1);
         let sa = &sas[0];
         assert_eq!(sa.name, "vpn");
+        assert_eq!(sa.id, 1);
         assert_eq!(sa.state, "ESTABLISHED");
         assert_eq!(sa.local_id, "client0.vpnlb.test");
         assert_eq!(sa.remote_id, "gw.vpnlb.test");

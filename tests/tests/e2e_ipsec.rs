@@ -26,20 +26,24 @@ use vpnlb_tests::wg::{PingLog, Pinger, now_epoch};
 const PREFIX: &str = "vpnlb-ips";
 const GWS: [&str; 3] = ["gw1", "gw2", "gw3"];
 /// Clients per NAT site: two sites hold two clients each (they share a public address).
-const SITES: [usize; 7] = [2, 2, 1, 1, 1, 1, 1];
+const SITES: [usize; 10] = [2, 2, 1, 1, 1, 1, 1, 1, 1, 1];
 const PING_EVERY: Duration = Duration::from_millis(100);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The agent with the IPsec VIP group over the three gateways (ikev2 checks, `fall` failures),
-/// and charon on the gateways and clients behind NATs as `opts` says; waits for the agent to see
+/// The agent with the IPsec VIP group over the three gateways (ikev2 checks, `fall` failures,
+/// `vip_extra` lines in each VIP), and charon on the gateways and clients behind NATs as `opts` says; waits for the agent to see
 /// every gateway up. Returns both and the setup times.
-fn beds(fall: u64, opts: &IpsecOpts) -> (AgentBed, IpsecBed) {
+fn beds(fall: u64, vip_extra: &str, opts: &IpsecOpts) -> (AgentBed, IpsecBed) {
     let t0 = Instant::now();
     let mut bed = AgentBed::up(PREFIX, 3, 0, |t, _| {
-        format!("{INTERFACE}{}{}", backends_ikev2(t, fall), ipsec_vips(&GWS))
+        format!(
+            "{INTERFACE}{}{}",
+            backends_ikev2(t, fall),
+            ipsec_vips(&GWS, vip_extra)
+        )
     });
     // The topology's UDP echo sinks are not part of these tests.
     bed.topo.sinks.clear();
@@ -236,6 +240,7 @@ fn ipsec_nat_t_clients_stay_on_one_gateway_and_fail_over() {
     let t_start = Instant::now();
     let (bed, mut ips) = beds(
         2,
+        "",
         &IpsecOpts {
             sites: &SITES,
             gw_charon: "",
@@ -385,6 +390,7 @@ fn simulated_pick(bed: &AgentBed, src: std::net::Ipv4Addr) -> String {
 fn ipsec_drain_keeps_sas_and_steers_new_clients_away() {
     let (bed, mut ips) = beds(
         2,
+        "",
         &IpsecOpts {
             sites: &SITES,
             gw_charon: "",
@@ -486,6 +492,7 @@ fn ike_fragmentation_completes_through_the_lb() {
     let client_charon = format!("{CLIENT_CHARON}\n{frag}");
     let (bed, ips) = beds(
         2,
+        "",
         &IpsecOpts {
             sites: &[1, 1],
             gw_charon: frag,
