@@ -6,14 +6,14 @@
 //!   0.0.0.0 replying without pktinfo, OpenVPN without `--multihome`) fail; daemons that answer
 //!   from the VIP (a server bound to the VIP, `openvpn --multihome`, wireguard-go with the probe key
 //!   as a peer, a 0.0.0.0 server behind policy routing by source port with `src VIP`: boringtun's
-//!   fix) pass, also when the reply leaves by another interface. Exit codes: 0 without a fail, 1
+//!   fix, charon answering the IKEv2 probe) pass, also when the reply leaves by another interface. Exit codes: 0 without a fail, 1
 //!   with one.
 //!
 //! Needs root, $VPNLB_BIN and $VPNLB_EBPF_OBJ (see tests/src/agent.rs), and the Debian packages
-//! openvpn, openssl, wireguard-go and wireguard-tools.
+//! openvpn, openssl, wireguard-go, wireguard-tools and strongSwan (charon, swanctl).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,11 +21,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vpnlb_tests::agent::{vpnlb_in, wait_for};
+use vpnlb_tests::ipsec::{Charon, gateway_conf};
 use vpnlb_tests::netns::{Netns, cable, switch};
-use vpnlb_tests::testbed::Sink;
+use vpnlb_tests::testbed::{Sink, VIP};
 use vpnlb_tests::wg::{Keypair, WgDaemon};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
 const OWN: &str = "10.78.0.11";
 /// OpenVPN P_CONTROL_HARD_RESET_CLIENT_V2 (key id 0, session id 0102..08, no acks, packet id 0):
 /// a server without tls-auth/tls-crypt answers it with P_CONTROL_HARD_RESET_SERVER_V2.
@@ -474,5 +474,23 @@ fn reply_source_own_address_fails_vip_passes() {
     let (code, f) = bed.check(&a.iter().map(String::as_str).collect::<Vec<_>>());
     f.expect(code, 1, "reply_source", "fail");
     drop(wg);
+
+    // strongSwan: charon answers the IKEv2 probe (IKE_SA_INIT) from the VIP; gateway-check cannot
+    // read its MOBIKE setting, so the daemon finding is a warning with the fix.
+    let cdir = bed.dir.join("charon");
+    let charon = Charon::start(bed.gw.name(), &cdir, "");
+    charon.load(&gateway_conf(""));
+    let (code, f) = bed.check(&["--port", "500"]);
+    f.expect(code, 0, "reply_source", "ok");
+    assert!(f.message("reply_source").contains("ikev2"), "{:#}", f.0);
+    assert_eq!(f.level("daemon"), "warn");
+    assert!(
+        f.list()
+            .iter()
+            .any(|x| x["fix"].as_str().is_some_and(|s| s.contains("mobike = no"))),
+        "{:#}",
+        f.0
+    );
+    drop(charon);
     no_probe_namespaces_left();
 }

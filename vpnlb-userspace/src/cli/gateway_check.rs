@@ -609,7 +609,7 @@ fn check_reply(opts: &Options, ifaces: &[Iface], running: &[Daemon], r: &mut Rep
             Some(&w.iface),
             Level::Fail,
             format!(
-                "a {label} probe to {to} was answered from {}:{} (leaving by {}): clients would roam to that address and bypass the load balancer",
+                "the {label} probe to {to} was answered from {}:{} (leaving by {}): clients would roam to that address and bypass the load balancer",
                 w.src, w.sport, w.iface
             ),
             Some(fix.unwrap_or_else(|| {
@@ -624,7 +624,7 @@ fn check_reply(opts: &Options, ifaces: &[Iface], running: &[Daemon], r: &mut Rep
             "reply_source",
             None,
             Level::Ok,
-            format!("a {label} probe to {to} was answered from the VIP ({detail})"),
+            format!("the {label} probe to {to} was answered from the VIP ({detail})"),
             None,
         ),
         (Err(_), Some(s)) => r.add(
@@ -632,7 +632,7 @@ fn check_reply(opts: &Options, ifaces: &[Iface], running: &[Daemon], r: &mut Rep
             Some(&s.iface),
             Level::Ok,
             format!(
-                "a {label} probe to {to} was answered from the VIP, leaving by {} (policy routing sent it away from the probe's link)",
+                "the {label} probe to {to} was answered from the VIP, leaving by {} (policy routing sent it away from the probe's link)",
                 s.iface
             ),
             None,
@@ -650,7 +650,7 @@ fn check_reply(opts: &Options, ifaces: &[Iface], running: &[Daemon], r: &mut Rep
                     )
                 } else {
                     format!(
-                        "no reply to a {label} probe to {to} ({e}); no reply to the probe client left this host by any interface"
+                        "no reply to the {label} probe to {to} ({e}); no reply to the probe client left this host by any interface"
                     )
                 },
                 (!generic).then(|| {
