@@ -733,3 +733,103 @@ pub fn render(opts: &Options, findings: &[Finding]) -> (serde_json::Value, Strin
     ));
     (j, t)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: ProbeKind, port: u16, wg: bool) -> Option<CheckSpec> {
+        let key = "QOLr51gDwcX0YpyKtuZJFC8wg7FLGAyPXGX0T+6S1XA=".to_string();
+        let (public, private) = if wg {
+            (Some(key.clone()), Some(key))
+        } else {
+            (None, None)
+        };
+        probe_spec(kind, port, public, private, None, None, None).expect("valid flags")
+    }
+
+    #[test]
+    fn auto_probe_by_keys_then_port() {
+        let label = |s: Option<CheckSpec>| s.map(|s| s.label());
+        assert_eq!(
+            label(spec(ProbeKind::Auto, 51820, true)),
+            Some("wireguard:51820".into())
+        );
+        assert_eq!(
+            label(spec(ProbeKind::Auto, 500, false)),
+            Some("ikev2:500".into())
+        );
+        assert_eq!(
+            label(spec(ProbeKind::Auto, 4500, false)),
+            Some("ikev2:4500".into())
+        );
+        assert_eq!(
+            label(spec(ProbeKind::Auto, 1194, false)),
+            Some("udp:1194".into())
+        );
+        assert_eq!(
+            label(spec(ProbeKind::Udp, 500, false)),
+            Some("udp:500".into())
+        );
+        assert_eq!(spec(ProbeKind::None, 500, false), None);
+        let Some(CheckSpec::Udp { payload, .. }) = spec(ProbeKind::Udp, 1, false) else {
+            panic!("udp spec");
+        };
+        assert_eq!(payload.as_deref(), Some(DEFAULT_PAYLOAD));
+    }
+
+    #[test]
+    fn bad_probe_flags_are_errors() {
+        let wg = probe_spec(ProbeKind::Wireguard, 51820, None, None, None, None, None);
+        assert!(wg.unwrap_err().to_string().contains("--wg-public-key"));
+        let no_key = probe_spec(
+            ProbeKind::Wireguard,
+            51820,
+            Some("QOLr51gDwcX0YpyKtuZJFC8wg7FLGAyPXGX0T+6S1XA=".into()),
+            None,
+            None,
+            None,
+            None,
+        );
+        assert!(no_key.unwrap_err().to_string().contains("private"));
+        let hex = probe_spec(ProbeKind::Udp, 1, None, None, None, None, Some("zz".into()));
+        assert!(hex.unwrap_err().to_string().contains("hex"));
+    }
+
+    #[test]
+    fn worst_level_and_rendering() {
+        let f = |check, level| Finding {
+            check,
+            iface: Some("eth0".into()),
+            level,
+            message: "m".into(),
+            fix: (level == Level::Fail).then(|| "sysctl -w x=1".to_string()),
+        };
+        let findings = vec![f("rp_filter", Level::Ok), f("arp_ignore", Level::Fail)];
+        assert_eq!(worst(&findings), Level::Fail);
+        assert_eq!(worst(&findings[..1]), Level::Ok);
+        assert_eq!(worst(&[]), Level::Ok);
+        let opts = Options {
+            vip: "203.0.113.10".parse().unwrap(),
+            port: Some(51820),
+            proto: "udp".into(),
+            encap: Encap::Gue,
+            ifaces: Vec::new(),
+            gue_port: 6080,
+            decap_pin_dir: PathBuf::from("/x"),
+            probe: None,
+            client: DEFAULT_CLIENT,
+            timeout: Duration::from_secs(1),
+        };
+        let (j, t) = render(&opts, &findings);
+        assert_eq!(j["encap"], "gue");
+        assert_eq!(j["summary"]["fail"], 1);
+        assert_eq!(j["findings"][1]["fix"], "sysctl -w x=1");
+        assert!(j["findings"][0].get("fix").is_none());
+        assert!(
+            t.contains("FAIL arp_ignore [eth0]: m\n     fix: sysctl -w x=1\n"),
+            "{t}"
+        );
+        assert!(t.ends_with("1 ok, 0 warn, 1 fail\n"), "{t}");
+    }
+}
