@@ -5,7 +5,9 @@
 //! Checks: every one of 24 client tunnels carries traffic, every gateway gets a share, every client
 //! stays on one gateway and keeps the VIP as its endpoint (gateways reply from the VIP, directly),
 //! the gateways see the clients' own addresses, each gateway's decap counter of the mode counted
-//! packets (and the other mode's none), and `vpnlb gateway-check` finds nothing wrong there.
+//! exactly the packets the LB sent it (and the other mode's none), and `vpnlb gateway-check` finds
+//! nothing wrong there. Then one gateway's decap is detached: its clients get no replies while the
+//! others carry on; attached again, they recover.
 //!
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! wireguard-go, wireguard-tools and iputils-ping.
@@ -153,6 +155,48 @@ fn run(mode: &str) {
         assert_eq!(c["decap_bad_inner"].as_u64(), Some(0), "{}: {s}", gw.name());
         assert_eq!(s["interfaces"][0]["attached"], true, "{s}");
     }
+    // Every packet the LB encapsulated to a gateway was unwrapped there: its per-backend count,
+    // read between two reads of the gateway's counter (keepalives still flow), lies between them.
+    let unwrapped = || -> Vec<u64> {
+        bed.topo
+            .gws
+            .iter()
+            .zip(&pin_dirs)
+            .map(|(gw, dir)| {
+                decap_status(gw.name(), dir)["counters"][this]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let before = unwrapped();
+    let stats = bed.agent.cli_json(&["inspect", "stats"]);
+    let after = unwrapped();
+    for g in 0..3 {
+        let name = format!("gw{}", g + 1);
+        let sent = stats["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|x| x["name"] == name.as_str()))
+            .and_then(|b| b["packets"].as_u64())
+            .unwrap_or_else(|| panic!("{name} not in inspect stats: {stats}"));
+        println!(
+            "{mode}: LB sent {sent} packets to {name}, it unwrapped {}..{}",
+            before[g], after[g]
+        );
+        assert!(
+            before[g] <= sent && sent <= after[g],
+            "{mode}: LB sent {sent} to {name}, it unwrapped {}..{}",
+            before[g],
+            after[g]
+        );
+    }
+    let fwd = stats["counters"][format!("fwd_{mode}")]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        fwd >= before.iter().sum::<u64>(),
+        "fwd_{mode} {fwd}: {stats}"
+    );
 
     // gateway-check agrees: an authenticated WireGuard handshake to the VIP is answered from it.
     let probe = Keypair::generate();
