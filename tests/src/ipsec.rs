@@ -8,8 +8,8 @@
 //!   address (nftables masquerade) and one or more client namespaces behind it, each running its
 //!   own charon that connects to the VIP (real NAT-T: IKE floats to 4500, ESP-in-UDP on 4500).
 //!
-//! Tunnel addressing: client `n` holds 10.99.1.(n+1)/32 on `lo` (its traffic selector) and pings
-//! 10.98.(n+1).1, which every gateway answers (a local route for 10.98.0.0/16 and `local_ts =
+//! Tunnel addressing as in [`crate::wg`]: client `n` holds 10.99.1.(n+1)/32 on `lo` (its traffic
+//! selector) and pings 10.98.(n+1).1, which every gateway answers (a local route for 10.98.0.0/16 and `local_ts =
 //! 10.98.0.0/16`), so a client that moves to another gateway keeps its target.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::agent::{INTERVAL_MS, RISE, TIMEOUT_MS, wait_for};
 use crate::netns::{Netns, cable, fmt_mac};
 use crate::testbed::{Topology, VIP};
-use crate::wg::{Pinger, die_with_parent};
+use crate::wg::{Pinger, client_target, client_tunnel_addr, die_with_parent};
 
 /// The pre-shared key of every connection.
 pub const PSK: &str = "vpnlb-ipsec-test-secret";
@@ -299,16 +299,6 @@ pub const CLIENT_CHARON: &str = "  retransmit_timeout = 0.5
   retransmit_base = 1.5
   retransmit_tries = 3";
 
-/// Tunnel address of client `n` (its traffic selector).
-pub fn client_inner(n: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 99, 1, n as u8 + 1)
-}
-
-/// What client `n` pings through its tunnel (every gateway answers it).
-pub fn client_target(n: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 98, n as u8 + 1, 1)
-}
-
 /// A gateway's connection: reached at the VIP, answers from it (`local_addrs`), never MOBIKE.
 /// `extra` goes into the connection (e.g. `fragmentation = yes`).
 pub fn gateway_conf(extra: &str) -> String {
@@ -381,7 +371,7 @@ secrets {{
   }}
 }}
 ",
-        inner = client_inner(n)
+        inner = client_tunnel_addr(n)
     )
 }
 
@@ -447,7 +437,7 @@ pub struct IpsecClient {
 }
 
 impl IpsecClient {
-    /// Its IKE_SA (the first one charon lists), if any.
+    /// Its established IKE_SA with an installed CHILD_SA, if any.
     pub fn sa(&self) -> Option<IkeSa> {
         self.charon.list_sas().into_iter().find(IkeSa::up)
     }
@@ -566,7 +556,7 @@ ip route add default via 192.168.{}.1
 ip addr add {}/32 dev lo
 ethtool -K eth0 tx off >/dev/null",
                 k + 1,
-                client_inner(n)
+                client_tunnel_addr(n)
             ));
             let charon = Charon::start(
                 ns.name(),
