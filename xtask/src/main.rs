@@ -52,6 +52,26 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Chaos drills over the WireGuard testbed: gateway kill, link down, black hole, flap, agent
+    /// kill, reload; writes report.json, summary.md and a timeline plot per scenario.
+    Drill {
+        /// gateway-kill, gateway-link-down, gateway-blackhole, gateway-flap, agent-kill,
+        /// config-reload, or all.
+        #[arg(long, default_value = "all")]
+        scenario: String,
+        /// Output directory (default target/drill).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the JSON report on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Run the remaining scenarios after one fails.
+        #[arg(long)]
+        keep_going: bool,
+        /// Do not fence a gateway the agent takes down (shows why gateways need fencing).
+        #[arg(long)]
+        no_fence: bool,
+    },
 }
 
 fn root_dir() -> PathBuf {
@@ -288,6 +308,46 @@ fn demo(keep: bool) -> Result<()> {
     run(&mut cmd)
 }
 
+/// `vpnlb-drill` with the release agent; its flags as given.
+fn drill(scenario: &str, out: Option<PathBuf>, flags: &[(&str, bool)]) -> Result<()> {
+    toolchain::require_root("cargo xtask drill")?;
+    toolchain::ensure_runtime_prereqs()?;
+    let obj = build_ebpf(true)?;
+    eprintln!("xtask: building the agent and the drill (release)");
+    run(cargo_with_object(&obj).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "vpnlb-userspace",
+        "--bin",
+        "vpnlb",
+    ]))?;
+    // The drill runs in the workspace root: a relative --out is the caller's.
+    let out = match out {
+        Some(p) => std::env::current_dir()?.join(p),
+        None => target_dir().join("drill"),
+    };
+    let mut cmd = cargo_with_object(&obj);
+    cmd.env("VPNLB_BIN", target_dir().join("release/vpnlb"))
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "vpnlb-tests",
+            "--bin",
+            "vpnlb-drill",
+            "--",
+            "--scenario",
+            scenario,
+        ])
+        .arg("--out")
+        .arg(&out);
+    cmd.args(flags.iter().filter(|f| f.1).map(|f| f.0));
+    run(&mut cmd)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { quiet } => {
@@ -315,5 +375,20 @@ fn main() -> Result<()> {
         Cmd::Clippy => clippy(),
         Cmd::Bench { json, args } => bench(json, &args),
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Drill {
+            scenario,
+            out,
+            json,
+            keep_going,
+            no_fence,
+        } => drill(
+            &scenario,
+            out,
+            &[
+                ("--json", json),
+                ("--keep-going", keep_going),
+                ("--no-fence", no_fence),
+            ],
+        ),
     }
 }

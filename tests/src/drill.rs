@@ -1,1 +1,0 @@
-//! `cargo xtask drill`: chaos scenarios over the real-VPN testbed (filled in by the drill work).

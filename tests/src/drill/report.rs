@@ -1,0 +1,180 @@
+//! The drill's report: one [`ScenarioReport`] per scenario, written as report.json (the interface
+//! of issue #5: `{"scenarios":[{"name", "detect_ms", "map_write_ms", "lb_recovery_ms",
+//! "tunnel_recovery_ms", "healthy_flows_lost_packets", ...}]}`) and summary.md.
+//!
+//! Every time is in milliseconds from the fault injection (the `wireguard-go` kill, the cable cut,
+//! the nft rule, the first long outage of the flap, the agent's kill -9, the reload request). A
+//! metric that does not apply is null, and the scenario's `notes` say why.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// Tunnel-level recovery of one protocol: first reply through each moved client's tunnel.
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelRecovery {
+    pub p50: Option<f64>,
+    pub max: Option<f64>,
+    /// Clients that had to move.
+    pub clients: usize,
+    /// Of those, clients whose tunnel carried a reply again before the drill stopped waiting.
+    pub recovered: usize,
+}
+
+/// A point of the scenario's timeline (ms from the fault), for the plot and the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub t_ms: f64,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScenarioReport {
+    pub name: String,
+    /// Every expectation of the scenario held (see `problems`).
+    pub ok: bool,
+    /// Fault -> the agent's state change (the hook event's wall-clock time).
+    pub detect_ms: Option<f64>,
+    /// Fault -> the change visible in the pinned maps (backend state, or the ring on a reload).
+    pub map_write_ms: Option<f64>,
+    /// Fault -> every session of the victim's clients points to a healthy gateway (the data plane
+    /// forwards their next packet there).
+    pub lb_recovery_ms: Option<f64>,
+    /// Per protocol, e.g. `{"wireguard": {"p50": .., "max": .., ..}}`.
+    pub tunnel_recovery_ms: Option<BTreeMap<String, TunnelRecovery>>,
+    /// Pings lost by clients whose gateway was not touched (all clients when no gateway is).
+    pub healthy_flows_lost_packets: u64,
+    /// Pings those clients sent over the same span.
+    pub healthy_flows_sent_packets: u64,
+    pub victim: Option<String>,
+    /// Checks that were failing when the agent took the victim down.
+    pub caught_by: Vec<String>,
+    /// Checks that still passed at that moment (what alone would have missed the fault).
+    pub missed_by: Vec<String>,
+    pub clients: usize,
+    pub clients_moved: usize,
+    /// State changes seen through the hook: "gw2 up -> down (reason)".
+    pub transitions: Vec<Event>,
+    pub timeline: Vec<Event>,
+    /// Scenario-specific facts and why a metric is null.
+    pub notes: Vec<String>,
+    /// Expectations that did not hold.
+    pub problems: Vec<String>,
+    /// The scenario could not run to the end.
+    pub error: Option<String>,
+    pub duration_s: f64,
+    /// The timeline plot, relative to the output directory.
+    pub plot: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenarios: Vec<ScenarioReport>,
+    pub testbed: String,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.scenarios.iter().all(|s| s.ok)
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serializes")
+    }
+
+    /// Writes report.json and summary.md into `out`.
+    pub fn write(&self, out: &Path) -> Result<()> {
+        std::fs::write(out.join("report.json"), self.json() + "\n")
+            .with_context(|| format!("write {}", out.join("report.json").display()))?;
+        std::fs::write(out.join("summary.md"), self.markdown())
+            .with_context(|| format!("write {}", out.join("summary.md").display()))?;
+        Ok(())
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::from("# vpnlb drill\n\n");
+        let _ = writeln!(s, "{}\n", self.testbed);
+        s.push_str(
+            "Times in ms from the fault. detect: the agent's state change; map write: the change in \
+             the pinned maps; LB recovery: every session of the victim's clients on a healthy \
+             gateway; tunnel: first ping reply through each moved client's WireGuard tunnel \
+             (p50 / max); healthy lost: pings lost by clients of untouched gateways.\n\n",
+        );
+        s.push_str("| scenario | ok | detect | map write | LB recovery | tunnel wireguard p50 / max | moved | healthy lost / sent | caught by |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        for r in &self.scenarios {
+            let tunnel = r
+                .tunnel_recovery_ms
+                .as_ref()
+                .and_then(|m| m.get("wireguard"))
+                .map(|t| format!("{} / {}", ms(t.p50), ms(t.max)))
+                .unwrap_or_else(|| "n/a".into());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} of {} | {} / {} | {} |",
+                r.name,
+                if r.ok { "yes" } else { "NO" },
+                ms(r.detect_ms),
+                ms(r.map_write_ms),
+                ms(r.lb_recovery_ms),
+                tunnel,
+                r.clients_moved,
+                r.clients,
+                r.healthy_flows_lost_packets,
+                r.healthy_flows_sent_packets,
+                if r.caught_by.is_empty() {
+                    "-".to_string()
+                } else {
+                    r.caught_by.join(", ")
+                },
+            );
+        }
+        for r in &self.scenarios {
+            let _ = writeln!(s, "\n## {}\n", r.name);
+            if let Some(e) = &r.error {
+                let _ = writeln!(s, "**Did not complete:** {e}\n");
+            }
+            for p in &r.problems {
+                let _ = writeln!(s, "- **Expectation failed:** {p}");
+            }
+            for n in &r.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+            if !r.missed_by.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "- Still passing when the agent took {} down: {} (these alone would not have caught it).",
+                    r.victim.as_deref().unwrap_or("?"),
+                    r.missed_by.join(", ")
+                );
+            }
+            if !r.timeline.is_empty() {
+                s.push_str("\n| t (ms) | event |\n|---:|---|\n");
+                for e in &r.timeline {
+                    let _ = writeln!(s, "| {:.0} | {} |", e.t_ms, e.what);
+                }
+            }
+            if let Some(p) = &r.plot {
+                let _ = writeln!(s, "\n![{} timeline]({p})", r.name);
+            }
+        }
+        s
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |v| format!("{v:.0}"))
+}
+
+/// p50 and max of `v` (None when empty).
+pub fn p50_max(v: &[f64]) -> (Option<f64>, Option<f64>) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    (
+        v.get(v.len().saturating_sub(1) / 2).copied(),
+        v.last().copied(),
+    )
+}
