@@ -6,7 +6,8 @@
 //!   0.0.0.0 replying without pktinfo, OpenVPN without `--multihome`) fail; daemons that answer
 //!   from the VIP (a server bound to the VIP, `openvpn --multihome`, wireguard-go with the probe key
 //!   as a peer, a 0.0.0.0 server behind policy routing by source port with `src VIP`: boringtun's
-//!   fix, charon answering the IKEv2 probe) pass, also when the reply leaves by another interface. Exit codes: 0 without a fail, 1
+//!   fix, charon answering the IKEv2 probe) pass, also when the reply leaves by another interface;
+//!   the same over IPv6 (wireguard-go and servers on [::] / on the VIP). Exit codes: 0 without a fail, 1
 //!   with one.
 //!
 //! Needs root, $VPNLB_BIN and $VPNLB_EBPF_OBJ (see tests/src/agent.rs), and the Debian packages
@@ -27,6 +28,8 @@ use vpnlb_tests::testbed::{Sink, VIP};
 use vpnlb_tests::wg::{Keypair, WgDaemon};
 
 const OWN: &str = "10.78.0.11";
+const VIP6: &str = "fd77::100";
+const OWN6: &str = "fd78::11";
 /// OpenVPN P_CONTROL_HARD_RESET_CLIENT_V2 (key id 0, session id 0102..08, no acks, packet id 0):
 /// a server without tls-auth/tls-crypt answers it with P_CONTROL_HARD_RESET_SERVER_V2.
 const OPENVPN_RESET: &str = "3801020304050607080000000000";
@@ -65,12 +68,16 @@ impl Bed {
 
     /// `vpnlb gateway-check --vip VIP --iface eth0 ARGS --json`: exit code, findings by check.
     fn check(&self, args: &[&str]) -> (Option<i32>, Findings) {
-        let vip = VIP.to_string();
+        self.check_vip(&VIP.to_string(), args)
+    }
+
+    /// [`Bed::check`] for another VIP.
+    fn check_vip(&self, vip: &str, args: &[&str]) -> (Option<i32>, Findings) {
         let pins = self.pins.display().to_string();
         let mut all = vec![
             "gateway-check",
             "--vip",
-            &vip,
+            vip,
             "--iface",
             "eth0",
             "--decap-pin-dir",
@@ -469,6 +476,32 @@ fn reply_source_own_address_fails_vip_passes() {
     assert_eq!(f.level("reply_source"), "ok");
     assert!(f.message("reply_source").contains("handshake"), "{:#}", f.0);
     assert_eq!(f.level("daemon"), "ok");
+    // The same over IPv6: wireguard-go answers from the IPv6 VIP, a server on [::] does not.
+    bed.gw.sh(&format!(
+        "ip -6 addr add {VIP6}/128 dev lo && ip -6 addr add {OWN6}/64 dev eth0 nodad"
+    ));
+    let (code, f) = bed.check_vip(VIP6, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    f.expect(code, 0, "reply_source", "ok");
+    assert!(
+        f.levels("rp_filter").is_empty(),
+        "IPv4 settings for an IPv6 VIP: {:#}",
+        f.0
+    );
+    let any6 = Sink::start(&bed.gw, "any6", SocketAddr::from(([0u16; 8], 7010)));
+    let (code, f) = bed.check_vip(VIP6, &["--port", "7010"]);
+    f.expect(code, 1, "reply_source", "fail");
+    assert!(
+        f.message("reply_source")
+            .contains(&format!("from [{OWN6}]:7010")),
+        "{:#}",
+        f.0
+    );
+    drop(any6);
+    let vip6: std::net::Ipv6Addr = VIP6.parse().unwrap();
+    let _vip6 = Sink::start(&bed.gw, "vip6", SocketAddr::from((vip6, 7011)));
+    let (code, f) = bed.check_vip(VIP6, &["--port", "7011"]);
+    f.expect(code, 0, "reply_source", "ok");
+
     // A key the gateway does not know draws no answer at all: a fail, not a pass.
     let a = wg_args(&stranger.private);
     let (code, f) = bed.check(&a.iter().map(String::as_str).collect::<Vec<_>>());

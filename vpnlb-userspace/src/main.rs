@@ -330,9 +330,10 @@ struct GatewayCheckArgs {
     /// 3801020304050607080000000000.
     #[arg(long)]
     udp_payload_hex: Option<String>,
-    /// The probe client's address (in a throw-away namespace; must be unused on this host).
-    #[arg(long, default_value_t = vpnlb::cli::gateway_check::DEFAULT_CLIENT)]
-    client: std::net::Ipv4Addr,
+    /// The probe client's address (in a throw-away namespace; must be unused on this host);
+    /// default 198.18.0.2, or 2001:2::2 for an IPv6 VIP.
+    #[arg(long)]
+    client: Option<std::net::IpAddr>,
     /// How long the probe waits for its reply.
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,

@@ -10,7 +10,7 @@
 //!
 //! Any `fail` makes the command exit non-zero.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -69,13 +69,16 @@ pub struct Options {
     pub decap_pin_dir: PathBuf,
     /// The reply test's probe (built by [`probe_spec`]); None = no active test.
     pub probe: Option<CheckSpec>,
-    /// The probe client's address (unused anywhere else).
-    pub client: Ipv4Addr,
+    /// The probe client's address (unused anywhere else); None = [`DEFAULT_CLIENT`] or
+    /// [`DEFAULT_CLIENT6`] by the VIP's family.
+    pub client: Option<IpAddr>,
     pub timeout: Duration,
 }
 
 /// Default probe client: the benchmarking range (RFC 2544), routed nowhere.
 pub const DEFAULT_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The same for IPv6 VIPs (2001:2::/48, RFC 5180).
+pub const DEFAULT_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 
 /// Payload of the generic UDP probe.
 pub const DEFAULT_PAYLOAD: &str = "vpnlb gateway-check";
@@ -285,57 +288,60 @@ fn check_sysctls(opts: &Options, ifaces: &[Iface], r: &mut Report) {
                 "interface",
                 Some(n),
                 Level::Fail,
-                format!("no IPv4 interface {n} here"),
+                format!("no interface {n} here"),
                 Some("pass the interface the VIP's packets arrive on with --iface".into()),
             );
             continue;
         }
-        if opts.vip.is_ipv4() {
-            let (a, x, eff) = effective(n, "arp_ignore");
-            let (level, fix) = if eff >= 1 {
-                (Level::Ok, None)
-            } else {
-                (arp_level, Some(sysctl_fix(n, "arp_ignore", 1)))
-            };
-            r.add(
-                "arp_ignore",
-                Some(n),
-                level,
-                format!(
-                    "arp_ignore {eff} (all {}, {n} {}): {}",
-                    show(a),
-                    show(x),
-                    if eff >= 1 {
-                        "ARP for the VIP on lo is not answered"
-                    } else {
-                        "this host answers ARP for the VIP on lo and draws the VIP's traffic"
-                    }
-                ),
-                fix,
-            );
-            let (a, x, eff) = effective(n, "arp_announce");
-            let (level, fix) = if eff >= 2 {
-                (Level::Ok, None)
-            } else {
-                (arp_level, Some(sysctl_fix(n, "arp_announce", 2)))
-            };
-            r.add(
-                "arp_announce",
-                Some(n),
-                level,
-                format!(
-                    "arp_announce {eff} (all {}, {n} {}): {}",
-                    show(a),
-                    show(x),
-                    if eff >= 2 {
-                        "ARP requests use the interface's own address"
-                    } else {
-                        "ARP requests may carry the VIP as sender and poison neighbours' caches"
-                    }
-                ),
-                fix,
-            );
+        if !opts.vip.is_ipv4() {
+            // ARP and reverse-path filtering are IPv4 settings (ND only answers for addresses on
+            // the receiving interface; IPv6 has no rp_filter).
+            continue;
         }
+        let (a, x, eff) = effective(n, "arp_ignore");
+        let (level, fix) = if eff >= 1 {
+            (Level::Ok, None)
+        } else {
+            (arp_level, Some(sysctl_fix(n, "arp_ignore", 1)))
+        };
+        r.add(
+            "arp_ignore",
+            Some(n),
+            level,
+            format!(
+                "arp_ignore {eff} (all {}, {n} {}): {}",
+                show(a),
+                show(x),
+                if eff >= 1 {
+                    "ARP for the VIP on lo is not answered"
+                } else {
+                    "this host answers ARP for the VIP on lo and draws the VIP's traffic"
+                }
+            ),
+            fix,
+        );
+        let (a, x, eff) = effective(n, "arp_announce");
+        let (level, fix) = if eff >= 2 {
+            (Level::Ok, None)
+        } else {
+            (arp_level, Some(sysctl_fix(n, "arp_announce", 2)))
+        };
+        r.add(
+            "arp_announce",
+            Some(n),
+            level,
+            format!(
+                "arp_announce {eff} (all {}, {n} {}): {}",
+                show(a),
+                show(x),
+                if eff >= 2 {
+                    "ARP requests use the interface's own address"
+                } else {
+                    "ARP requests may carry the VIP as sender and poison neighbours' caches"
+                }
+            ),
+            fix,
+        );
         let (a, x, eff) = effective(n, "rp_filter");
         let strict = eff == 1;
         r.add(
@@ -509,14 +515,19 @@ fn check_daemons(opts: &Options, running: &[Daemon], iface: &str, r: &mut Report
     }
 }
 
-/// The source the host picks towards clients: the probe client's route, else the first IPv4
-/// address of the receiving interfaces.
-fn client_route_src(opts: &Options, ifaces: &[Iface]) -> Option<Ipv4Addr> {
-    host::route_src(opts.client).or_else(|| {
-        ifaces.iter().flat_map(|i| &i.addrs).find_map(|a| match a {
-            IpAddr::V4(v) => Some(*v),
-            IpAddr::V6(_) => None,
-        })
+/// The source the host picks towards clients: the probe client's route, else the first address
+/// of the VIP's family on the receiving interfaces (None: the kernel's choice).
+fn client_route_src(client: IpAddr, ifaces: &[Iface]) -> Option<IpAddr> {
+    host::route_src(client).or_else(|| {
+        ifaces
+            .iter()
+            .flat_map(|i| &i.addrs)
+            .copied()
+            .find(|a| match (a, client) {
+                (IpAddr::V4(_), IpAddr::V4(_)) => true,
+                (IpAddr::V6(v), IpAddr::V6(_)) => !v.is_unicast_link_local(),
+                _ => false,
+            })
     })
 }
 
@@ -532,16 +543,7 @@ fn check_reply(opts: &Options, ifaces: &[Iface], running: &[Daemon], r: &mut Rep
         );
         return;
     };
-    let IpAddr::V4(vip) = opts.vip else {
-        r.add(
-            "reply_source",
-            None,
-            Level::Warn,
-            "not tested: the reply test is IPv4 only; the daemon findings still apply".into(),
-            None,
-        );
-        return;
-    };
+    let vip = opts.vip;
     if opts.proto != "udp" {
         r.add(
             "reply_source",
@@ -565,19 +567,14 @@ fn check_reply(opts: &Options, ifaces: &[Iface], running: &[Daemon], r: &mut Rep
         );
         return;
     };
-    let Some(src) = client_route_src(opts, ifaces) else {
-        r.add(
-            "reply_source",
-            None,
-            Level::Warn,
-            "not tested: no IPv4 source towards clients on this host".into(),
-            None,
-        );
-        return;
-    };
+    let client = opts.client.unwrap_or(match vip {
+        IpAddr::V4(_) => IpAddr::V4(DEFAULT_CLIENT),
+        IpAddr::V6(_) => IpAddr::V6(DEFAULT_CLIENT6),
+    });
+    let src = client_route_src(client, ifaces);
     let label = spec.label();
-    let to = format!("{vip}:{port}");
-    let out = match reply::run(spec, vip, port, opts.client, src, opts.timeout) {
+    let to = std::net::SocketAddr::new(vip, port);
+    let out = match reply::run(spec, vip, port, client, src, opts.timeout) {
         Ok(o) => o,
         Err(e) => {
             r.add(
@@ -609,8 +606,9 @@ fn check_reply(opts: &Options, ifaces: &[Iface], running: &[Daemon], r: &mut Rep
             Some(&w.iface),
             Level::Fail,
             format!(
-                "the {label} probe to {to} was answered from {}:{} (leaving by {}): clients would roam to that address and bypass the load balancer",
-                w.src, w.sport, w.iface
+                "the {label} probe to {to} was answered from {} (leaving by {}): clients would roam to that address and bypass the load balancer",
+                std::net::SocketAddr::new(w.src, w.sport),
+                w.iface
             ),
             Some(fix.unwrap_or_else(|| {
                 "make the daemon reply from the address it was reached at (see docs/gateways.md)"
@@ -818,7 +816,7 @@ mod tests {
             gue_port: 6080,
             decap_pin_dir: PathBuf::from("/x"),
             probe: None,
-            client: DEFAULT_CLIENT,
+            client: None,
             timeout: Duration::from_secs(1),
         };
         let (j, t) = render(&opts, &findings);

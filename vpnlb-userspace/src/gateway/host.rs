@@ -2,7 +2,7 @@
 //! (`ip -j`, as the agent's neighbour watcher reads neighbours), IPv4 sysctls (/proc/sys/net
 //! follows the reader's namespace), routes and policy rules.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -107,7 +107,7 @@ pub fn conf(scope: &str, key: &str) -> Option<u32> {
 }
 
 /// The preferred source of the route this host would use towards `dst` (None: no route).
-pub fn route_src(dst: Ipv4Addr) -> Option<Ipv4Addr> {
+pub fn route_src(dst: IpAddr) -> Option<IpAddr> {
     let v = ip_json(&["route", "get", &dst.to_string()]).ok()?;
     v[0]["prefsrc"].as_str()?.parse().ok()
 }

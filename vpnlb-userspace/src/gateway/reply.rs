@@ -8,7 +8,7 @@
 //! records the source of every reply to the client, whatever interface it leaves by. Everything is removed
 //! on return (also on error); real traffic is never touched.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +30,7 @@ pub const NS_PREFIX: &str = "vpnlb-gwcheck-";
 /// One UDP packet to the probe client seen leaving this namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seen {
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     pub sport: u16,
     pub iface: String,
 }
@@ -86,8 +86,9 @@ fn mac_of(args: &[&str]) -> anyhow::Result<String> {
         .context("no MAC address")
 }
 
-/// Builds the client namespace; `route_src` is the source of this namespace's route to `client`.
-fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<ProbeNs> {
+/// Builds the client namespace; `route_src` (None: the kernel's choice) is the source of this
+/// namespace's route to `client`. `vip` and `client` are of one family.
+fn wire(vip: IpAddr, client: IpAddr, route_src: Option<IpAddr>) -> anyhow::Result<ProbeNs> {
     remove_stale();
     let pid = std::process::id();
     let ns = ProbeNs {
@@ -102,14 +103,17 @@ fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<
     ])?;
     ip(&["link", "set", host_if, "up"])?;
     let n = ns.name.as_str();
-    let (c32, v32) = (format!("{client}/32"), format!("{vip}/32"));
+    let plen = if vip.is_ipv4() { 32 } else { 128 };
+    let (c, v) = (format!("{client}/{plen}"), format!("{vip}/{plen}"));
     ip(&["-n", n, "link", "set", "lo", "up"])?;
     ip(&["-n", n, "link", "set", "eth0", "up"])?;
-    ip(&["-n", n, "addr", "add", &c32, "dev", "eth0"])?;
-    ip(&["-n", n, "route", "add", &v32, "dev", "eth0"])?;
+    // nodad: a tentative IPv6 address cannot be bound for a second or so.
+    let nodad: &[&str] = if vip.is_ipv4() { &[] } else { &["nodad"] };
+    ip(&[&["-n", n, "addr", "add", &c, "dev", "eth0"], nodad].concat())?;
+    ip(&["-n", n, "route", "add", &v, "dev", "eth0"])?;
     let host_mac = mac_of(&["link", "show", "dev", host_if])?;
     let probe_mac = mac_of(&["-n", n, "link", "show", "dev", "eth0"])?;
-    let (vs, cs, ss) = (vip.to_string(), client.to_string(), route_src.to_string());
+    let (vs, cs) = (vip.to_string(), client.to_string());
     ip(&[
         "-n",
         n,
@@ -124,7 +128,9 @@ fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<
         "permanent",
     ])?;
     // Replace: a killed run's route may still point at its (dying) veth.
-    ip(&["route", "replace", &c32, "dev", host_if, "src", &ss])?;
+    let src = route_src.map(|s| s.to_string());
+    let src_args: Vec<&str> = src.iter().flat_map(|s| ["src", s.as_str()]).collect();
+    ip(&[&["route", "replace", &c, "dev", host_if][..], &src_args].concat())?;
     ip(&[
         "neigh",
         "replace",
@@ -139,59 +145,89 @@ fn wire(vip: Ipv4Addr, client: Ipv4Addr, route_src: Ipv4Addr) -> anyhow::Result<
     Ok(ns)
 }
 
+/// Classic BPF accepting a packet only when every (load, value) test matches: each test is a
+/// load instruction and a compare that jumps to the final "drop" when it differs.
+fn all_equal(tests: &[(u32, u32, u32)]) -> Vec<SockFilter> {
+    use libc::{BPF_JEQ, BPF_JMP, BPF_K, BPF_RET};
+    let n = tests.len();
+    let mut f = Vec::with_capacity(2 * n + 2);
+    for (i, &(load, k, value)) in tests.iter().enumerate() {
+        f.push(SockFilter::new(load as u16, 0, 0, k));
+        // From compare i (at 2i+1), the drop (at 2n+1) is 2(n-i)-1 instructions ahead.
+        let to_drop = u8::try_from(2 * (n - i) - 1).expect("short filter");
+        f.push(SockFilter::new(
+            (BPF_JMP | BPF_JEQ | BPF_K) as u16,
+            0,
+            to_drop,
+            value,
+        ));
+    }
+    f.push(SockFilter::new((BPF_RET | BPF_K) as u16, 0, 0, 0xffff));
+    f.push(SockFilter::new((BPF_RET | BPF_K) as u16, 0, 0, 0));
+    f
+}
+
 /// A packet socket seeing the packets this namespace sends to `client` from UDP `port` (ETH_P_ALL:
 /// protocol-specific packet sockets never see outgoing packets). A classic BPF filter drops
-/// everything else in the kernel, so a busy gateway's traffic is not copied to us.
-fn capture_socket(client: Ipv4Addr, port: u16) -> anyhow::Result<Socket> {
-    use libc::{
-        BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX, BPF_MSH, BPF_RET,
-        BPF_W, SKF_AD_OFF, SKF_AD_PROTOCOL,
-    };
-    let op = |code: u32| code as u16;
-    // Offsets are from the network header (SOCK_DGRAM); every failed test jumps to "drop" (10).
-    let filter = [
-        SockFilter::new(
-            op(BPF_LD | BPF_W | BPF_ABS),
-            0,
-            0,
-            (SKF_AD_OFF + SKF_AD_PROTOCOL) as u32,
-        ),
-        SockFilter::new(op(BPF_JMP | BPF_JEQ | BPF_K), 0, 8, libc::ETH_P_IP as u32),
-        SockFilter::new(op(BPF_LD | BPF_B | BPF_ABS), 0, 0, 9),
-        SockFilter::new(
-            op(BPF_JMP | BPF_JEQ | BPF_K),
-            0,
-            6,
-            libc::IPPROTO_UDP as u32,
-        ),
-        SockFilter::new(op(BPF_LD | BPF_W | BPF_ABS), 0, 0, 16),
-        SockFilter::new(op(BPF_JMP | BPF_JEQ | BPF_K), 0, 4, u32::from(client)),
-        SockFilter::new(op(BPF_LDX | BPF_B | BPF_MSH), 0, 0, 0),
-        SockFilter::new(op(BPF_LD | BPF_H | BPF_IND), 0, 0, 0),
-        SockFilter::new(op(BPF_JMP | BPF_JEQ | BPF_K), 0, 1, u32::from(port)),
-        SockFilter::new(op(BPF_RET | BPF_K), 0, 0, 0xffff),
-        SockFilter::new(op(BPF_RET | BPF_K), 0, 0, 0),
-    ];
+/// everything else in the kernel, so a busy gateway's traffic is not copied to us. IPv4 replies
+/// with IP options and IPv6 replies with extension headers are not matched (hosts send neither).
+fn capture_socket(client: IpAddr, port: u16) -> anyhow::Result<Socket> {
+    use libc::{BPF_ABS, BPF_B, BPF_H, BPF_LD, BPF_W, SKF_AD_OFF, SKF_AD_PROTOCOL};
+    let (b, h, w) = (
+        BPF_LD | BPF_B | BPF_ABS,
+        BPF_LD | BPF_H | BPF_ABS,
+        BPF_LD | BPF_W | BPF_ABS,
+    );
+    let udp = libc::IPPROTO_UDP as u32;
+    // Offsets are from the network header (SOCK_DGRAM).
+    let mut tests = vec![(w, (SKF_AD_OFF + SKF_AD_PROTOCOL) as u32, 0)];
+    match client {
+        IpAddr::V4(c) => {
+            tests[0].2 = libc::ETH_P_IP as u32;
+            tests.extend([
+                (b, 0, 0x45),
+                (b, 9, udp),
+                (w, 16, u32::from(c)),
+                (h, 20, port.into()),
+            ]);
+        }
+        IpAddr::V6(c) => {
+            tests[0].2 = libc::ETH_P_IPV6 as u32;
+            tests.push((b, 6, udp));
+            for (i, word) in c.octets().chunks(4).enumerate() {
+                let word = u32::from_be_bytes(word.try_into().expect("4 bytes"));
+                tests.push((w, 24 + 4 * i as u32, word));
+            }
+            tests.push((h, 40, port.into()));
+        }
+    }
     let proto = Protocol::from(i32::from((libc::ETH_P_ALL as u16).to_be()));
     let sock = Socket::new(Domain::PACKET, Type::DGRAM, Some(proto))
         .context("AF_PACKET socket (needs root)")?;
-    sock.attach_filter(&filter).context("SO_ATTACH_FILTER")?;
+    sock.attach_filter(&all_equal(&tests))
+        .context("SO_ATTACH_FILTER")?;
     sock.set_read_timeout(Some(Duration::from_millis(50)))?;
     Ok(sock)
 }
 
-/// The UDP source and source port of an outgoing IPv4 packet to `client`.
-fn parse_reply(pkt: &[u8], client: Ipv4Addr) -> Option<(Ipv4Addr, u16)> {
-    if pkt.len() < 20 || pkt[0] >> 4 != 4 || pkt[9] != libc::IPPROTO_UDP as u8 {
+/// The UDP source and source port of an outgoing IPv4/IPv6 packet to `client`.
+fn parse_reply(pkt: &[u8], client: IpAddr) -> Option<(IpAddr, u16)> {
+    let (src, dst, l4): (IpAddr, IpAddr, usize) = match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 && pkt[9] == libc::IPPROTO_UDP as u8 => {
+            let a = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&pkt[o..o + 4]).expect("4 bytes"));
+            (a(12), a(16), usize::from(pkt[0] & 0x0f) * 4)
+        }
+        6 if pkt.len() >= 40 && pkt[6] == libc::IPPROTO_UDP as u8 => {
+            let a =
+                |o: usize| IpAddr::from(<[u8; 16]>::try_from(&pkt[o..o + 16]).expect("16 bytes"));
+            (a(8), a(24), 40)
+        }
+        _ => return None,
+    };
+    if dst != client || pkt.len() < l4 + 8 {
         return None;
     }
-    let ihl = usize::from(pkt[0] & 0x0f) * 4;
-    let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-    if dst != client || pkt.len() < ihl + 8 {
-        return None;
-    }
-    let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
-    Some((src, u16::from_be_bytes([pkt[ihl], pkt[ihl + 1]])))
+    Some((src, u16::from_be_bytes([pkt[l4], pkt[l4 + 1]])))
 }
 
 fn ifname(index: u32) -> String {
@@ -208,7 +244,7 @@ fn ifname(index: u32) -> String {
 }
 
 /// Reads outgoing UDP packets to `client` from `port` until `stop`.
-fn capture(sock: Socket, client: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> Vec<Seen> {
+fn capture(sock: Socket, client: IpAddr, port: u16, stop: Arc<AtomicBool>) -> Vec<Seen> {
     let mut seen = Vec::new();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
@@ -226,10 +262,7 @@ fn capture(sock: Socket, client: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> 
                 &mut len,
             )
         };
-        if n <= 0
-            || sll.sll_pkttype != libc::PACKET_OUTGOING
-            || sll.sll_protocol != (libc::ETH_P_IP as u16).to_be()
-        {
+        if n <= 0 || sll.sll_pkttype != libc::PACKET_OUTGOING {
             continue;
         }
         if let Some((src, sport)) = parse_reply(&buf[..n as usize], client)
@@ -249,16 +282,16 @@ fn capture(sock: Socket, client: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> 
 fn probe_in(
     ns: &str,
     spec: &CheckSpec,
-    vip: Ipv4Addr,
-    client: Ipv4Addr,
+    vip: IpAddr,
+    client: IpAddr,
     timeout: Duration,
 ) -> Result<String, String> {
     let path = format!("/run/netns/{ns}");
     let target = CheckTarget {
         backend_id: 0,
         check_index: 0,
-        addr: IpAddr::V4(vip),
-        source: Some(IpAddr::V4(client)),
+        addr: vip,
+        source: Some(client),
         interface: None,
     };
     std::thread::scope(|s| {
@@ -300,12 +333,15 @@ fn probe_in(
 /// the replies to the client came from. `route_src` is the source the route to the client carries.
 pub fn run(
     spec: &CheckSpec,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     port: u16,
-    client: Ipv4Addr,
-    route_src: Ipv4Addr,
+    client: IpAddr,
+    route_src: Option<IpAddr>,
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
+    if vip.is_ipv4() != client.is_ipv4() {
+        anyhow::bail!("the probe client {client} and the VIP {vip} are of different families");
+    }
     let sock = capture_socket(client, port)?;
     let ns = wire(vip, client, route_src)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -328,20 +364,38 @@ mod tests {
 
     #[test]
     fn parses_udp_replies_to_the_client_only() {
-        let client = Ipv4Addr::new(198, 18, 0, 2);
+        let client = IpAddr::from([198, 18, 0, 2]);
         let mut p = vec![0u8; 28];
         p[0] = 0x45;
         p[9] = 17;
         p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        p[16..20].copy_from_slice(&client.octets());
+        p[16..20].copy_from_slice(&[198, 18, 0, 2]);
         p[20..22].copy_from_slice(&51820u16.to_be_bytes());
         assert_eq!(
             parse_reply(&p, client),
-            Some((Ipv4Addr::new(10, 0, 0, 1), 51820))
+            Some((IpAddr::from([10, 0, 0, 1]), 51820))
         );
-        assert_eq!(parse_reply(&p, Ipv4Addr::new(198, 18, 0, 3)), None);
+        assert_eq!(parse_reply(&p, IpAddr::from([198, 18, 0, 3])), None);
         p[9] = 6;
         assert_eq!(parse_reply(&p, client), None);
         assert_eq!(parse_reply(&p[..10], client), None);
+    }
+
+    #[test]
+    fn parses_ipv6_replies() {
+        let client: IpAddr = "2001:2::2".parse().unwrap();
+        let src: IpAddr = "2001:db8::11".parse().unwrap();
+        let mut p = vec![0u8; 48];
+        p[0] = 0x60;
+        p[6] = 17;
+        if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, client) {
+            p[8..24].copy_from_slice(&s.octets());
+            p[24..40].copy_from_slice(&d.octets());
+        }
+        p[40..42].copy_from_slice(&500u16.to_be_bytes());
+        assert_eq!(parse_reply(&p, client), Some((src, 500)));
+        assert_eq!(parse_reply(&p[..44], client), None);
+        p[6] = 58;
+        assert_eq!(parse_reply(&p, client), None);
     }
 }
