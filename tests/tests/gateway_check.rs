@@ -294,8 +294,22 @@ fn settings_wrong_then_fixed_as_printed() {
         assert_eq!(gue.level(c), l, "{c}");
     }
 
-    // Apply every fix exactly as printed (decap with this test's pin dir).
+    // Apply every fix exactly as printed (decap with this test's pin dir), after a typo.
     let pins = bed.pins.display().to_string();
+    let (code, _, err) = vpnlb_in(
+        bed.gw.name(),
+        &[
+            "decap",
+            "attach",
+            "--iface",
+            "eht0",
+            "--decap-pin-dir",
+            &pins,
+        ],
+    );
+    assert_eq!(code, Some(1), "attach to a missing interface: {err}");
+    assert!(err.contains("no interface eht0"), "{err}");
+    assert!(!bed.pins.exists(), "a failed attach left pins behind");
     let mut fixes: Vec<&str> = Vec::new();
     for x in dsr.list().iter().chain(gue.list()) {
         if let Some(fix) = x["fix"].as_str()

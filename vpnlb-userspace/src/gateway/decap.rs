@@ -47,6 +47,25 @@ pub fn attach(
     mode: AttachMode,
     gue_port: u16,
 ) -> anyhow::Result<Attached> {
+    let c = std::ffi::CString::new(iface)?;
+    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+        anyhow::bail!("no interface {iface} in this network namespace");
+    }
+    let r = load_and_attach(pin_dir, iface, mode, gue_port);
+    if r.is_err() {
+        // Leave no maps behind that no program uses.
+        let _ = unpin_if_unused(pin_dir);
+    }
+    r
+}
+
+fn load_and_attach(
+    pin_dir: &Path,
+    iface: &str,
+    mode: AttachMode,
+    gue_port: u16,
+) -> anyhow::Result<Attached> {
     let obj = loader::object_bytes()?;
     let mut ebpf = loader::load(&obj, &load_options(pin_dir))?;
     {
@@ -74,6 +93,11 @@ pub fn attach(
 /// when nothing else is in them).
 pub fn detach(pin_dir: &Path, iface: &str) -> anyhow::Result<()> {
     attach::detach(pin_dir, iface)?;
+    unpin_if_unused(pin_dir)
+}
+
+/// Unpins the maps and removes the (empty) directories when no link is pinned any more.
+fn unpin_if_unused(pin_dir: &Path) -> anyhow::Result<()> {
     if !pinned_links(pin_dir).is_empty() {
         return Ok(());
     }
