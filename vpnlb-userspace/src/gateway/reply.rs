@@ -1,12 +1,12 @@
 //! The active reply test of `vpnlb gateway-check`: does the daemon answer a packet sent to the VIP
 //! *from the VIP*? A temporary namespace `vpnlb-gwcheck-PID` is wired to this one by a veth pair
-//! and plays a client with an address (default from 198.18.0.0/15, the benchmarking range) that
-//! nothing else uses. This namespace gets a /32 route to that client carrying the source the host
-//! would pick towards its real clients, so a daemon that lets the kernel choose (no pktinfo) answers
-//! from the same address it would use for real clients. The probe is one of vpnlb's health probes
-//! (UDP, IKEv2, WireGuard handshake) run inside the client namespace; a filtered packet socket here
-//! records the source of every reply to the client, whatever interface it leaves by. Everything is removed
-//! on return (also on error); real traffic is never touched.
+//! and plays a client with an address nothing else uses (default from the benchmarking ranges
+//! 198.18.0.0/15 and 2001:2::/48). This namespace gets a host route to that client carrying the
+//! source the host would pick towards its real clients, so a daemon that lets the kernel choose (no
+//! pktinfo) answers from the same address it would use for real clients. The probe is one of
+//! vpnlb's health probes (UDP, IKEv2, WireGuard handshake) run inside the client namespace; a
+//! filtered packet socket here records the source of every reply to the client, whatever interface
+//! it leaves by. Everything is removed on return (also on error); real traffic is never touched.
 
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
