@@ -129,6 +129,18 @@ struct Injected {
     marks: Vec<(f64, String)>,
 }
 
+impl Injected {
+    /// Milliseconds from the fault to epoch time `t`, to 0.1 ms.
+    fn ms(&self, t: f64) -> f64 {
+        ms_between(self.t, t)
+    }
+}
+
+/// Milliseconds from epoch time `from` to `to`, to 0.1 ms (what the sampling can resolve, and more).
+fn ms_between(from: f64, to: f64) -> f64 {
+    ((to - from) * 1e4).round() / 10.0
+}
+
 fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: bool) -> Result<()> {
     let mut d = DrillBed::up(p, fence)?;
     p.step(&format!(
@@ -147,44 +159,7 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
     let t_mon = now_epoch();
     pause(Duration::from_secs(1))?;
 
-    let inj = match s {
-        Scenario::GatewayKill => {
-            let v = victim.context("victim")?;
-            let pid = d.wg.gws[v].pid().unwrap_or(0);
-            let t = now_epoch();
-            d.wg.kill_gateway(v);
-            single(
-                t,
-                format!(
-                    "wireguard-go of {} (pid {pid}) killed with SIGKILL",
-                    gw_name(v)
-                ),
-            )
-        }
-        Scenario::GatewayLinkDown => {
-            let v = victim.context("victim")?;
-            let t = now_epoch();
-            d.bed.topo.cut(v);
-            single(t, format!("{}'s link down (switch port)", gw_name(v)))
-        }
-        Scenario::GatewayBlackhole => {
-            let v = victim.context("victim")?;
-            let t = now_epoch();
-            d.bed.topo.gws[v].sh(&format!(
-                "nft 'add table inet vpnlb_drill; add chain inet vpnlb_drill input {{ type filter hook input priority 0; }}; add rule inet vpnlb_drill input udp dport {VIP_PORT} counter drop'"
-            ));
-            single(
-                t,
-                format!(
-                    "{}: nft drops UDP {VIP_PORT} (ICMP still answered)",
-                    gw_name(v)
-                ),
-            )
-        }
-        Scenario::GatewayFlap => flap(&d, victim.context("victim")?, p)?,
-        Scenario::AgentKill => agent_kill(&mut d, r, p)?,
-        Scenario::ConfigReload => config_reload(&mut d, r, p)?,
-    };
+    let inj = inject(s, &mut d, victim, r, p)?;
     if let Some((_, what)) = inj.marks.iter().find(|m| m.0 == inj.t) {
         p.step(&format!("fault: {what}"));
     }
@@ -198,7 +173,7 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
         match &down {
             Some(e) => p.step(&format!(
                 "agent took {name} down after {:.0} ms: {}",
-                (e["at_wall"].as_f64().unwrap_or(0.0) - inj.t) * 1e3,
+                inj.ms(e["at_wall"].as_f64().unwrap_or(0.0)),
                 e["reason"].as_str().unwrap_or("")
             )),
             None => p.step(&format!(
@@ -231,45 +206,7 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
     let logs = d.stop_pings();
     let events = d.events();
 
-    // Timeline: the injection's marks, every state change, then the measured points.
-    let rel = |t: f64| (t - inj.t) * 1e3;
-    let mut timeline: Vec<Event> = inj
-        .marks
-        .iter()
-        .map(|(t, w)| Event {
-            t_ms: rel(*t),
-            what: w.clone(),
-        })
-        .collect();
-    for e in events
-        .iter()
-        .filter(|e| e["event"] == "backend_state" && e["at_wall"].as_f64() >= Some(t_mon))
-    {
-        let ev = Event {
-            t_ms: rel(e["at_wall"].as_f64().unwrap_or(0.0)),
-            what: format!(
-                "agent: {} {} -> {} ({})",
-                e["backend"].as_str().unwrap_or("?"),
-                e["from"].as_str().unwrap_or("?"),
-                e["to"].as_str().unwrap_or("?"),
-                e["reason"].as_str().unwrap_or("")
-            ),
-        };
-        r.transitions.push(ev.clone());
-        timeline.push(ev);
-    }
-    for e in events
-        .iter()
-        .filter(|e| e["event"] == "fenced" && e["at_wall"].as_f64() >= Some(t_mon))
-    {
-        timeline.push(Event {
-            t_ms: rel(e["at_wall"].as_f64().unwrap_or(0.0)),
-            what: format!(
-                "hook: {} fenced (wg setconf: its wireguard-go forgets every tunnel)",
-                e["backend"].as_str().unwrap_or("?")
-            ),
-        });
-    }
+    let mut timeline = timeline_of(&inj, &events, t_mon, r);
     if victim.is_some() && !fence {
         r.notes.push(
             "run with --no-fence: the victim's wireguard-go keeps its tunnels; if it is alive and can send, its handshake initiations to its former clients (from ~15 s on) can keep them from re-handshaking on a healthy gateway".into(),
@@ -340,6 +277,97 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
     Ok(())
 }
 
+/// Injects the scenario's fault (on `victim` for the gateway scenarios).
+fn inject(
+    s: Scenario,
+    d: &mut DrillBed,
+    victim: Option<usize>,
+    r: &mut ScenarioReport,
+    p: &Progress,
+) -> Result<Injected> {
+    Ok(match s {
+        Scenario::GatewayKill => {
+            let v = victim.context("victim")?;
+            let pid = d.wg.gws[v].pid().unwrap_or(0);
+            let t = now_epoch();
+            d.wg.kill_gateway(v);
+            single(
+                t,
+                format!(
+                    "wireguard-go of {} (pid {pid}) killed with SIGKILL",
+                    gw_name(v)
+                ),
+            )
+        }
+        Scenario::GatewayLinkDown => {
+            let v = victim.context("victim")?;
+            let t = now_epoch();
+            d.bed.topo.cut(v);
+            single(t, format!("{}'s link down (switch port)", gw_name(v)))
+        }
+        Scenario::GatewayBlackhole => {
+            let v = victim.context("victim")?;
+            let t = now_epoch();
+            d.bed.topo.gws[v].sh(&format!(
+                "nft 'add table inet vpnlb_drill; add chain inet vpnlb_drill input {{ type filter hook input priority 0; }}; add rule inet vpnlb_drill input udp dport {VIP_PORT} counter drop'"
+            ));
+            single(
+                t,
+                format!(
+                    "{}: nft drops UDP {VIP_PORT} (ICMP still answered)",
+                    gw_name(v)
+                ),
+            )
+        }
+        Scenario::GatewayFlap => flap(d, victim.context("victim")?, p)?,
+        Scenario::AgentKill => agent_kill(d, r, p)?,
+        Scenario::ConfigReload => config_reload(d, r, p)?,
+    })
+}
+
+/// The timeline so far: the injection's marks, and the agent's state changes and the fence hook's
+/// runs since `t_mon` (state changes also go to `r.transitions`).
+fn timeline_of(inj: &Injected, events: &[Value], t_mon: f64, r: &mut ScenarioReport) -> Vec<Event> {
+    let mut timeline: Vec<Event> = inj
+        .marks
+        .iter()
+        .map(|(t, w)| Event {
+            t_ms: inj.ms(*t),
+            what: w.clone(),
+        })
+        .collect();
+    for e in events
+        .iter()
+        .filter(|e| e["event"] == "backend_state" && e["at_wall"].as_f64() >= Some(t_mon))
+    {
+        let ev = Event {
+            t_ms: inj.ms(e["at_wall"].as_f64().unwrap_or(0.0)),
+            what: format!(
+                "agent: {} {} -> {} ({})",
+                e["backend"].as_str().unwrap_or("?"),
+                e["from"].as_str().unwrap_or("?"),
+                e["to"].as_str().unwrap_or("?"),
+                e["reason"].as_str().unwrap_or("")
+            ),
+        };
+        r.transitions.push(ev.clone());
+        timeline.push(ev);
+    }
+    for e in events
+        .iter()
+        .filter(|e| e["event"] == "fenced" && e["at_wall"].as_f64() >= Some(t_mon))
+    {
+        timeline.push(Event {
+            t_ms: inj.ms(e["at_wall"].as_f64().unwrap_or(0.0)),
+            what: format!(
+                "hook: {} fenced (wg setconf: its wireguard-go forgets every tunnel)",
+                e["backend"].as_str().unwrap_or("?")
+            ),
+        });
+    }
+    timeline
+}
+
 fn single(t: f64, what: String) -> Injected {
     Injected {
         t,
@@ -398,10 +426,14 @@ fn measure_failover(
 ) {
     let (v, moved, inj) = (f.victim, f.moved, f.inj);
     let name = gw_name(v);
-    let rel = |t: f64| (t - inj.t) * 1e3;
-    let mut mark = |t: f64, what: String| timeline.push(Event { t_ms: rel(t), what });
+    let mut mark = |t: f64, what: String| {
+        timeline.push(Event {
+            t_ms: inj.ms(t),
+            what,
+        })
+    };
     if let Some(e) = down_event(events, &name, inj.t) {
-        r.detect_ms = e["at_wall"].as_f64().map(rel);
+        r.detect_ms = e["at_wall"].as_f64().map(|t| inj.ms(t));
         for c in e["checks"].as_array().into_iter().flatten() {
             let label = c["label"].as_str().unwrap_or("?").to_string();
             match c["last_ok"].as_bool() {
@@ -421,7 +453,7 @@ fn measure_failover(
     }
     match first_after(samples, inj.t, |s| s.states[v] != BACKEND_UP) {
         Some(s) => {
-            r.map_write_ms = Some(rel(s.t));
+            r.map_write_ms = Some(inj.ms(s.t));
             mark(s.t, format!("maps: {name} no longer up in BACKENDS"));
         }
         None => r
@@ -435,7 +467,7 @@ fn measure_failover(
             .all(|&n| s.sessions[n].is_some_and(|id| healthy_ids.contains(&id)))
     }) {
         Some(s) => {
-            r.lb_recovery_ms = Some(rel(s.t));
+            r.lb_recovery_ms = Some(inj.ms(s.t));
             mark(
                 s.t,
                 format!(
@@ -450,7 +482,7 @@ fn measure_failover(
     }
     let rec: Vec<f64> = moved
         .iter()
-        .filter_map(|&n| recovered_at(&logs[n], inj.t).map(rel))
+        .filter_map(|&n| recovered_at(&logs[n], inj.t).map(|t| inj.ms(t)))
         .filter(|&ms| ms > 0.0)
         .collect();
     let (p50, max) = p50_max(&rec);
@@ -654,9 +686,9 @@ fn config_reload(d: &mut DrillBed, r: &mut ScenarioReport, p: &Progress) -> Resu
     let mut marks = vec![(t, "reload requested: gw1 weight 1 -> 2".to_string())];
     match applied {
         Some(a) => {
-            r.detect_ms = Some((a - t) * 1e3);
+            r.detect_ms = Some(ms_between(t, a));
             marks.push((a, "agent status shows gw1 weight 2".into()));
-            p.step(&format!("reload applied after {:.0} ms", (a - t) * 1e3));
+            p.step(&format!("reload applied after {:.0} ms", ms_between(t, a)));
         }
         None => r
             .problems
@@ -713,9 +745,9 @@ fn steady_expectations(
     let ring_change = after.iter().find(|x| x.ring != base.ring);
     match (s, ring_change) {
         (Scenario::ConfigReload, Some(x)) => {
-            r.map_write_ms = Some((x.t - inj.t) * 1e3);
+            r.map_write_ms = Some(inj.ms(x.t));
             timeline.push(Event {
-                t_ms: (x.t - inj.t) * 1e3,
+                t_ms: inj.ms(x.t),
                 what: "maps: the Maglev ring changed".into(),
             });
         }
