@@ -55,9 +55,11 @@ enum Cmd {
     /// Chaos drills over the WireGuard testbed: gateway kill, link down, black hole, flap, agent
     /// kill, reload; writes report.json, summary.md and a timeline plot per scenario.
     Drill {
-        /// gateway-kill, gateway-link-down, gateway-blackhole, gateway-flap, agent-kill,
-        /// config-reload, or all.
-        #[arg(long, default_value = "all")]
+        /// Which scenario (checked here, before anything is built).
+        #[arg(long, default_value = "all", value_parser = [
+            "all", "gateway-kill", "gateway-link-down", "gateway-blackhole", "gateway-flap",
+            "agent-kill", "config-reload",
+        ])]
         scenario: String,
         /// Output directory (default target/drill).
         #[arg(long)]
