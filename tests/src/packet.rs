@@ -983,3 +983,72 @@ mod tests {
         assert_eq!(b, "fd00:1::3412".parse::<Ipv6Addr>().unwrap());
     }
 }
+
+/// VPN payloads that carry gateway-chosen session ids (docs/datapath.md, "Session ids"), written
+/// from the protocols' wire formats for fixtures and the differential test.
+pub mod vpn {
+    /// A WireGuard message of `msg_type` (1..=4) at its real length, with `receiver` (the gateway's
+    /// index, little-endian) where the type carries one: type 2 at 8, types 3 and 4 at 4.
+    pub fn wireguard(msg_type: u8, receiver: u32) -> Vec<u8> {
+        let len = match msg_type {
+            1 => 148,
+            2 => 92,
+            3 => 64,
+            _ => 32,
+        };
+        let mut p: Vec<u8> = (0..len).map(|i| (i * 13 + 5) as u8).collect();
+        p[..4].copy_from_slice(&[msg_type, 0, 0, 0]);
+        let at = if msg_type == 2 { 8 } else { 4 };
+        if msg_type != 1 {
+            p[at..at + 4].copy_from_slice(&receiver.to_le_bytes());
+        }
+        p
+    }
+
+    /// An IKEv2 header (28 bytes, IKE_AUTH request) with these SPIs, then `body` bytes.
+    pub fn ike(initiator_spi: u64, responder_spi: u64, body: usize) -> Vec<u8> {
+        let len = 28 + body;
+        let mut p = Vec::with_capacity(len);
+        p.extend_from_slice(&initiator_spi.to_be_bytes());
+        p.extend_from_slice(&responder_spi.to_be_bytes());
+        // Next payload SK (46), version 2.0, exchange IKE_AUTH (35), flags: initiator, message id 1.
+        p.extend_from_slice(&[46, 0x20, 35, 0x08, 0, 0, 0, 1]);
+        p.extend_from_slice(&(len as u32).to_be_bytes());
+        p.extend((0..body).map(|i| (i * 7 + 1) as u8));
+        p
+    }
+
+    /// IKE on the NAT-T port: the 4-byte non-ESP marker, then the IKE message.
+    pub fn natt_ike(initiator_spi: u64, responder_spi: u64, body: usize) -> Vec<u8> {
+        let mut p = vec![0; 4];
+        p.extend(ike(initiator_spi, responder_spi, body));
+        p
+    }
+
+    /// ESP-in-UDP (RFC 3948): SPI, sequence number, `body` bytes of ciphertext.
+    pub fn esp_in_udp(spi: u32, seq: u32, body: usize) -> Vec<u8> {
+        let mut p = Vec::with_capacity(8 + body);
+        p.extend_from_slice(&spi.to_be_bytes());
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend((0..body).map(|i| (i * 11 + 2) as u8));
+        p
+    }
+
+    /// The NAT-T keepalive: one 0xff byte.
+    pub const NATT_KEEPALIVE: [u8; 1] = [0xff];
+
+    /// OpenVPN `P_DATA_V2` (opcode 9, key id 1) with the 24-bit `peer_id`, then `body` bytes.
+    pub fn openvpn_data_v2(peer_id: u32, body: usize) -> Vec<u8> {
+        let mut p = vec![(9 << 3) | 1];
+        p.extend_from_slice(&peer_id.to_be_bytes()[1..]);
+        p.extend((0..body).map(|i| (i * 3 + 9) as u8));
+        p
+    }
+
+    /// OpenVPN `P_DATA_V1` (opcode 6, key id 1): no peer-id.
+    pub fn openvpn_data_v1(body: usize) -> Vec<u8> {
+        let mut p = vec![(6 << 3) | 1];
+        p.extend((0..body).map(|i| (i * 3 + 9) as u8));
+        p
+    }
+}

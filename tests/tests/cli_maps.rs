@@ -935,6 +935,77 @@ fn simulate_pcap_matches_the_real_program() {
 
 #[test]
 #[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn inspect_and_simulate_session_ids() {
+    let mut bed = Bed::new();
+    bed.program();
+    // The ESP VIP learns SPIs.
+    let mut ike = bed
+        .dp
+        .vip(&VipKey::new(ip(IKE), 0, PROTO_ESP))
+        .unwrap()
+        .clone();
+    ike.flags |= VIP_F_IDS_IPSEC;
+    bed.dp.upsert_vip(ike).unwrap();
+    let spi = 0xc100_0001u32;
+    let home = Frame::esp(ip("192.0.2.200"), ip(IKE), spi, 1, &[0; 32]);
+    bed.run(&home.bytes());
+    let (a, out) = bed.run(&home.bytes());
+    assert_eq!(a, XDP_TX);
+    assert_eq!(
+        bed.maps().counters().unwrap()[SESSION_ID_LEARNED as usize],
+        1
+    );
+    let gw = format!("gw{}", out[5]);
+    let v = bed.json(&["inspect", "session-ids", "--json"]);
+    assert_eq!(
+        v["learned"],
+        serde_json::json!([{
+            "vip_address": IKE, "kind": "esp", "id": "0xc1000001",
+            "backend_id": out[5], "backend": gw,
+        }]),
+        "{v}"
+    );
+    let t = bed.ok(&["inspect", "session-ids"]);
+    assert!(t.contains("0xc1000001") && t.contains(&gw), "{t}");
+    assert!(t.contains("1 learned ids, 0 static range prefixes"), "{t}");
+    // The peer from another address (MOBIKE): simulate says the SPI keeps it on gw.
+    let v = simulate(
+        &bed,
+        &[
+            "--src",
+            "192.0.2.201",
+            "--dst",
+            IKE,
+            "--proto",
+            "esp",
+            "--spi",
+            "0xc1000001",
+        ],
+    );
+    assert_eq!(v["reason"], "session_id", "{v}");
+    assert_eq!(v["backend"], gw.as_str(), "{v}");
+    assert_eq!(
+        v["session_id"],
+        serde_json::json!({"kind": "esp", "id": "0xc1000001"})
+    );
+    assert!(
+        v["why"]
+            .as_str()
+            .unwrap()
+            .contains("esp id 0xc1000001 is known (learned)"),
+        "{v}"
+    );
+    // And the real program agrees.
+    let moved = Frame::esp(ip("192.0.2.201"), ip(IKE), spi, 2, &[0; 32]);
+    let (a, out) = bed.run(&moved.bytes());
+    assert_eq!((a, format!("gw{}", out[5])), (XDP_TX, gw));
+    assert_eq!(bed.maps().counters().unwrap()[SESSION_ID_USED as usize], 1);
+    let o = bed.cli(&["inspect", "session-ids", "--backend", "nosuch"]);
+    assert!(!o.status.success());
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
 fn bpftool_dumps_readable_keys() {
     let mut bed = Bed::new();
     bed.program();

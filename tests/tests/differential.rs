@@ -186,33 +186,35 @@ fn vip_defs() -> Vec<VipDef> {
     let (u, t, e) = (PROTO_UDP, PROTO_TCP, PROTO_ESP);
     let (l2, ipip, gue) = (FWD_MODE_L2DSR, FWD_MODE_IPIP, FWD_MODE_GUE);
     let src = VIP_F_HASH_SRC_ONLY;
+    // Session ids: the capture gateway's VIPs learn their protocol's ids (IPsec as a group).
+    let (wg, ipsec, ovpn) = (VIP_F_IDS_WIREGUARD, VIP_F_IDS_IPSEC, VIP_F_IDS_OPENVPN);
     let mut v = vec![
         // The capture gateway, ring 0.
-        def(gw4, 51820, u, 0, 0, l2, 0, 0),
-        def(gw4, 500, u, 1, 0, ipip, src, 0),
-        def(gw4, 4500, u, 2, 0, ipip, src, 0),
-        def(gw4, 0, e, 3, 0, ipip, src, 0),
-        def(gw4, 1194, u, 4, 0, gue, 0, 600),
+        def(gw4, 51820, u, 0, 0, l2, wg, 0),
+        def(gw4, 500, u, 1, 0, ipip, src | ipsec, 0),
+        def(gw4, 4500, u, 2, 0, ipip, src | ipsec, 0),
+        def(gw4, 0, e, 3, 0, ipip, src | ipsec, 0),
+        def(gw4, 1194, u, 4, 0, gue, ovpn, 600),
         def(gw4, 443, t, 5, 0, gue, 0, 0),
-        def(gw6, 51820, u, 6, 0, gue, 0, 0),
-        def(gw6, 500, u, 7, 0, l2, src, 0),
-        def(gw6, 4500, u, 8, 0, l2, src, 0),
-        def(gw6, 0, e, 9, 0, l2, src, 0),
+        def(gw6, 51820, u, 6, 0, gue, wg, 0),
+        def(gw6, 500, u, 7, 0, l2, src | ipsec, 0),
+        def(gw6, 4500, u, 8, 0, l2, ipsec, 0),
+        def(gw6, 0, e, 9, 0, l2, ipsec, 0),
         def(gw6, 443, t, 10, 0, ipip, 0, 0),
-        def(gw6, 1194, u, 11, 0, ipip, 0, 1280),
+        def(gw6, 1194, u, 11, 0, ipip, ovpn, 1280),
         // Synthetic VIPs, ring 1 (a backend whose egress is missing from TX_PORTS).
-        def(v4(20), 51820, u, 12, 1, l2, 0, 0),
+        def(v4(20), 51820, u, 12, 1, l2, wg, 0),
         def(v6(0x20), 51820, u, 13, 1, gue, 0, 0),
         def(v4(20), 443, t, 14, 1, ipip, 0, 120),
-        def(v6(0x20), 0, e, 15, 1, gue, src, 0),
-        def(v4(20), 4500, u, 16, 1, l2, src, 0),
+        def(v6(0x20), 0, e, 15, 1, gue, src | ipsec, 0),
+        def(v4(20), 4500, u, 16, 1, l2, src | ipsec, 0),
         def(v6(0x20), 443, t, 17, 1, l2, 0, 0),
         // Ring 2: no usable backend.
-        def(v4(30), 51820, u, 18, 2, l2, 0, 0),
+        def(v4(30), 51820, u, 18, 2, l2, wg, 0),
         def(v6(0x30), 443, t, 19, 2, ipip, 0, 0),
-        def(v4(30), 0, e, 20, 2, gue, 0, 0),
+        def(v4(30), 0, e, 20, 2, gue, ipsec, 0),
         // Ring 3: slots naming unusable backends.
-        def(v4(40), 51820, u, 21, 3, ipip, 0, 0),
+        def(v4(40), 51820, u, 21, 3, ipip, wg, 0),
         def(v6(0x40), 51820, u, 22, 3, l2, 0, 0),
         def(v4(40), 443, t, 23, 3, gue, 0, 0),
         def(v6(0x40), 0, e, 24, 3, ipip, 0, 0),
@@ -389,6 +391,98 @@ fn program(h: &mut Harness) {
     m.remove_tx_port(LO)
         .unwrap_or_else(|e| panic!("remove_tx_port: {e}"));
     write_ring3_slots(h);
+    h.dp.set_id_ranges(&id_ranges())
+        .unwrap_or_else(|e| panic!("set_id_ranges: {e}"));
+}
+
+/// Static session-id ranges: ESP SPIs 0xc4…/0xc6… on backends 4 (IPv6, up) and 6 (down, then up
+/// in phase B), IKE SPI labels 0x05…/0x03… on 5 (draining) and 3 (up, then down in phase B).
+fn id_ranges() -> Vec<(vpnlb::session_ids::IdPrefix, u32)> {
+    use vpnlb::session_ids::{esp_range_prefixes, ike_label_prefix};
+    let mut v = Vec::new();
+    for (min, max, id) in [(0xc400_0000, 0xc4ff_ffff, 4), (0xc600_0100, 0xc6ff_ff00, 6)] {
+        v.extend(esp_range_prefixes(min, max).into_iter().map(|p| (p, id)));
+    }
+    for (label, id) in [(0x0500_0000_0000_0000, 5), (0x0300_0000_0000_0000, 3)] {
+        let p = ike_label_prefix(0xff00_0000_0000_0000, label).expect("prefix mask");
+        v.push((p, id));
+    }
+    v
+}
+
+/// A payload carrying session id number `n` (in a static range when `ranged`) for `d`'s id
+/// protocol, `None` when the VIP learns no ids. NAT-T ports alternate ESP-in-UDP and IKE.
+fn id_payload(d: &VipDef, n: u32, ranged: bool) -> Option<Vec<u8>> {
+    use packet::vpn::*;
+    let ike_spi = u64::from(n)
+        | if ranged {
+            0x0500_0000_0000_0000
+        } else {
+            0x7700_0000_0000_0000
+        };
+    let spi = n | if ranged { 0xc400_0000 } else { 0x5500_0000 };
+    let f = d.flags;
+    Some(if f & VIP_F_IDS_WIREGUARD != 0 {
+        wireguard(if n.is_multiple_of(3) { 2 } else { 4 }, 0x3300_0000 | n)
+    } else if f & VIP_F_IDS_OPENVPN != 0 {
+        openvpn_data_v2(n & 0xff_ffff, 40)
+    } else if f & VIP_F_IDS_IPSEC == 0 {
+        return None;
+    } else if d.proto == PROTO_ESP {
+        // vip_frame builds native ESP; the SPI goes there, this payload is its body.
+        return Some(spi.to_be_bytes().to_vec());
+    } else if d.port == 500 {
+        ike(9, ike_spi, 60)
+    } else if n.is_multiple_of(2) {
+        esp_in_udp(spi, n, 64)
+    } else {
+        natt_ike(9, ike_spi, 60)
+    })
+}
+
+/// Roaming sequences for every VIP that learns ids: a client sends an id-carrying packet twice
+/// (new flow, then a hit that learns the id), then the same id from two new source ports and
+/// from a new address (five-tuple misses that the id keeps on the learned backend); and ids inside
+/// the static ranges, never learned before, from fresh clients.
+fn id_sequences(defs: &[VipDef], add: &mut impl FnMut(String, Vec<u8>)) {
+    for d in defs {
+        if id_payload(d, 0, false).is_none() {
+            continue;
+        }
+        let label = vpnlb::dataplane::vip_label(&d.key());
+        for k in 1..=4u8 {
+            let n = 0x1000 * u32::from(k) + d.vip_id;
+            let payload = id_payload(d, n, false).expect("an id VIP");
+            let steps = [
+                (k, 45000u16),
+                (k, 45000),
+                (k, 45001),
+                (k, 45002),
+                (k + 100, 45003),
+            ];
+            for (i, (c, sport)) in steps.into_iter().enumerate() {
+                let f = id_frame(d, c, sport, &payload);
+                add(format!("{label} id {n:#x} step {i}"), f.bytes());
+            }
+            let ranged = id_payload(d, n, true).expect("an id VIP");
+            let f = id_frame(d, k + 150, 46000, &ranged);
+            add(format!("{label} ranged id {n:#x}"), f.bytes());
+        }
+        if d.proto == PROTO_UDP && d.port == 4500 {
+            let f = id_frame(d, 9, 47000, &packet::vpn::NATT_KEEPALIVE);
+            add(format!("{label} keepalive"), f.bytes());
+        }
+    }
+}
+
+/// A frame of `d` from client `k`, port `sport`, with `payload` (for ESP: `payload` is the SPI).
+fn id_frame(d: &VipDef, k: u8, sport: u16, payload: &[u8]) -> Frame {
+    let c = client(d.addr.is_ipv6(), k);
+    if d.proto == PROTO_ESP {
+        let spi = u32::from_be_bytes(payload[..4].try_into().expect("4-byte SPI"));
+        return Frame::esp(c, d.addr, spi, u32::from(sport), &[0x5a; 40]);
+    }
+    Frame::udp(c, sport, d.addr, d.port, payload)
 }
 
 /// Sessions seeded before the run: capture flows and synthetic flows of the idle VIP pointing at
@@ -603,6 +697,8 @@ fn synthetic(defs: &[VipDef]) -> Vec<(String, Vec<u8>)> {
         };
         add(format!("{label} neighbour"), f.bytes());
     }
+
+    id_sequences(defs, &mut add);
 
     // One packet per PASS reason.
     let vip4 = IpAddr::V4(GW4);
@@ -1156,6 +1252,35 @@ impl Diff {
                 diffs.join("\n      ")
             ));
         }
+        let real_ids: HashMap<IdKey, u32> = self
+            .h
+            .maps()
+            .session_ids()
+            .unwrap_or_else(|e| panic!("reading SESSION_IDS: {e}"))
+            .into_iter()
+            .collect();
+        if real_ids != self.model.session_ids {
+            let mut diffs: Vec<String> = real_ids
+                .iter()
+                .filter(|(k, v)| self.model.session_ids.get(k) != Some(v))
+                .map(|(k, v)| format!("{k:?}: XDP {v}, model {:?}", self.model.session_ids.get(k)))
+                .chain(
+                    self.model
+                        .session_ids
+                        .iter()
+                        .filter(|(k, _)| !real_ids.contains_key(k))
+                        .map(|(k, v)| format!("{k:?}: XDP none, model {v}")),
+                )
+                .collect();
+            diffs.sort();
+            diffs.truncate(10);
+            problems.push(format!(
+                "learned ids differ: XDP {} entries, model {}; first differences:\n      {}",
+                real_ids.len(),
+                self.model.session_ids.len(),
+                diffs.join("\n      ")
+            ));
+        }
         let counters = self.read_counters();
         if counters != self.model.counters {
             let diffs: Vec<String> = counters
@@ -1235,6 +1360,7 @@ impl Diff {
         self.model.rings = fresh.rings;
         self.model.tx_ports = fresh.tx_ports;
         self.model.class_rings = fresh.class_rings;
+        self.model.id_ranges = fresh.id_ranges;
     }
 
     /// Runs `vpnlb_decap` on an ingress output that was encapsulated (and on mutations of it).
@@ -1521,6 +1647,9 @@ fn xdp_and_model_agree() {
         SESSION_INSERT,
         SESSION_REPICK_DOWN,
         SESSION_REPICK_IDLE,
+        SESSION_ID_LEARNED,
+        SESSION_ID_USED,
+        SESSION_ID_REJECTED,
         DECAP_IPIP,
         DECAP_GUE,
         DECAP_PASS,

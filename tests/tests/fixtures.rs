@@ -2247,3 +2247,486 @@ fn dscp_classes_pick_their_ring_and_sessions_never_move() {
     assert_eq!(h.dp.writer().class_ring(1, 46).unwrap(), 3);
     assert_eq!(h.dp.writer().class_ring(1, 0).unwrap(), 0);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Session ids (docs/datapath.md stage 3b and stage 4.2)
+
+const IKE_PORT: u16 = 500;
+const NATT_PORT: u16 = 4500;
+const OVPN_PORT: u16 = 1194;
+
+/// Backends 1-3 (L2 DSR, five-tuple hash so only ids keep a peer together) behind a WireGuard,
+/// an OpenVPN and an IPsec group (UDP 500, UDP 4500, ESP) VIP on one address, each learning its
+/// protocol's ids. Returns the keys (wg, ovpn, ike, natt, esp).
+fn lb_ids() -> (Harness, [VipKey; 5]) {
+    let mut h = lb();
+    for id in 1..=3 {
+        h.upsert_backend(backend(id, g4(id as u8), 0, BACKEND_UP));
+    }
+    let vips = [
+        (WG_PORT, PROTO_UDP, VIP_F_IDS_WIREGUARD),
+        (OVPN_PORT, PROTO_UDP, VIP_F_IDS_OPENVPN),
+        (IKE_PORT, PROTO_UDP, VIP_F_IDS_IPSEC),
+        (NATT_PORT, PROTO_UDP, VIP_F_IDS_IPSEC),
+        (0, PROTO_ESP, VIP_F_IDS_IPSEC),
+    ];
+    let keys = vips.map(|(port, proto, _)| VipKey::new(vip4(), port, proto));
+    for (i, (port, proto, flags)) in vips.into_iter().enumerate() {
+        // One shared ring (same members and size), as an IPsec group's VIPs have.
+        let mut s = vip_spec(vip4(), port, proto, i as u32, 0, FWD_MODE_L2DSR, &[1, 2, 3]);
+        s.ring_size = 251;
+        s.flags = flags;
+        h.upsert_vip(s);
+    }
+    (h, keys)
+}
+
+/// The learned ids, sorted.
+fn learned(h: &Harness) -> Vec<(IdKey, u32)> {
+    let mut v = h.maps().session_ids().expect("read SESSION_IDS");
+    v.sort_by_key(|(k, b)| (k.kind, k.id, *b));
+    v
+}
+
+/// A new flow (no session yet) from client `c` to `vip` that the ring sends anywhere but `not`.
+fn port_away_from(h: &Harness, c: IpAddr, vip: &VipKey, payload: &[u8], not: u32) -> Frame {
+    (20000..30000)
+        .map(|p| Frame::udp(c, p, vip.ip(), vip.port(), payload))
+        .find(|f| {
+            let k = f.flow_key();
+            h.ring_pick(vip, pick_hash(&k, 0)) != not && h.session(&k).is_none()
+        })
+        .expect("a port hashed to another backend")
+}
+
+/// Sends `f` as a new flow (to its ring pick) and again as a hit; the hit must learn `want`
+/// (an id of the VIP address, to the flow's backend) or nothing.
+fn check_learns(h: &mut Harness, name: &str, vip: &VipKey, f: &Frame, want: Option<(u8, &[u8])>) {
+    let input = f.bytes();
+    let key = f.flow_key();
+    let id = h.ring_pick(vip, pick_hash(&key, 0));
+    let exp = forward(h, vip, &input, &key, id, LO, NEW);
+    h.check(&format!("{name}_new"), &input, LO, &exp);
+    let before = learned(h);
+    let events: &[u32] = if want.is_some() {
+        &[SESSION_HIT, SESSION_ID_LEARNED]
+    } else {
+        HIT
+    };
+    let exp = forward(h, vip, &input, &key, id, LO, events);
+    h.check(&format!("{name}_hit"), &input, LO, &exp);
+    let mut after = learned(h);
+    after.retain(|e| !before.contains(e));
+    let want: Vec<(IdKey, u32)> = want
+        .map(|(kind, wire)| (IdKey::new(vip4(), kind, id_from_wire(wire)), id))
+        .into_iter()
+        .collect();
+    assert_eq!(after, want, "{name}: ids learned from the hit");
+    // Already known: a third packet learns nothing more.
+    let exp = forward(h, vip, &input, &key, id, LO, HIT);
+    h.check(&format!("{name}_known"), &input, LO, &exp);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn session_id_parser_cases() {
+    use vpn::*;
+    let (mut h, [wg, ovpn, ike500, natt, esp]) = lb_ids();
+    let short = |mut p: Vec<u8>, n: usize| {
+        p.truncate(n);
+        p
+    };
+    // Every case has its own id: one learned earlier must not turn a later new flow into an id hit.
+    let idx = |n: u32| 0x0a0b_0c00u32 + n;
+    let mut reserved_set = wireguard(4, idx(9));
+    reserved_set[2] = 1;
+    let wg_ids = [1, 2, 3, 4].map(|n| idx(n).to_le_bytes());
+    let rspi = |n: u64| 0xd1d2_d3d4_d5d6_d700u64 + n;
+    let rspis = [1, 2].map(|n| rspi(n).to_be_bytes());
+    let spi = 0xc100_0042u32.to_be_bytes();
+    let peer = [0x00, 0x12, 0x34];
+    type Case<'a> = (&'a str, &'a VipKey, Vec<u8>, Option<(u8, &'a [u8])>);
+    let cases: Vec<Case> = vec![
+        (
+            "wg_type4_data",
+            &wg,
+            wireguard(4, idx(1)),
+            Some((ID_WIREGUARD, &wg_ids[0])),
+        ),
+        (
+            "wg_type3_cookie",
+            &wg,
+            wireguard(3, idx(2)),
+            Some((ID_WIREGUARD, &wg_ids[1])),
+        ),
+        (
+            "wg_type2_response",
+            &wg,
+            wireguard(2, idx(3)),
+            Some((ID_WIREGUARD, &wg_ids[2])),
+        ),
+        ("wg_type1_initiation", &wg, wireguard(1, 0), None),
+        ("wg_type4_short", &wg, short(wireguard(4, idx(5)), 7), None),
+        ("wg_type2_short", &wg, short(wireguard(2, idx(6)), 11), None),
+        (
+            "wg_type4_minimal",
+            &wg,
+            short(wireguard(4, idx(4)), 8),
+            Some((ID_WIREGUARD, &wg_ids[3])),
+        ),
+        ("wg_reserved_nonzero", &wg, reserved_set, None),
+        ("wg_type5_unknown", &wg, vec![5, 0, 0, 0, 1, 2, 3, 4], None),
+        (
+            "ike500_auth",
+            &ike500,
+            ike(7, rspi(1), 64),
+            Some((ID_IKE, &rspis[0])),
+        ),
+        ("ike500_sa_init", &ike500, ike(7, 0, 200), None),
+        ("ike500_short", &ike500, short(ike(7, rspi(3), 0), 27), None),
+        (
+            "natt_ike_marker",
+            &natt,
+            natt_ike(7, rspi(2), 64),
+            Some((ID_IKE, &rspis[1])),
+        ),
+        ("natt_ike_sa_init", &natt, natt_ike(7, 0, 64), None),
+        (
+            "natt_ike_short",
+            &natt,
+            short(natt_ike(7, rspi(4), 0), 31),
+            None,
+        ),
+        (
+            "natt_esp",
+            &natt,
+            esp_in_udp(0xc100_0042, 1, 48),
+            Some((ID_ESP, &spi)),
+        ),
+        (
+            "natt_esp_short",
+            &natt,
+            short(esp_in_udp(0xc100_0043, 1, 0), 7),
+            None,
+        ),
+        ("natt_keepalive", &natt, NATT_KEEPALIVE.to_vec(), None),
+        ("natt_empty", &natt, Vec::new(), None),
+        (
+            "ovpn_data_v2",
+            &ovpn,
+            openvpn_data_v2(0x1234, 40),
+            Some((ID_OPENVPN, &peer)),
+        ),
+        (
+            "ovpn_data_v2_unset",
+            &ovpn,
+            openvpn_data_v2(0xff_ffff, 40),
+            None,
+        ),
+        ("ovpn_data_v1", &ovpn, openvpn_data_v1(40), None),
+        (
+            "ovpn_short",
+            &ovpn,
+            short(openvpn_data_v2(0x1235, 0), 3),
+            None,
+        ),
+    ];
+    for (i, (name, vip, payload, want)) in cases.into_iter().enumerate() {
+        // A fresh client per case: ids learned earlier never turn a new flow into an id hit.
+        let f = Frame::udp(c4(100 + i as u8), 33000, vip.ip(), vip.port(), &payload);
+        check_learns(&mut h, name, vip, &f, want);
+    }
+    // The UDP length, not the frame, bounds the payload: Ethernet padding is no id.
+    let f = Frame::udp(c4(200), 33000, vip4(), WG_PORT, &[4, 0, 0, 0]).pad_to(60);
+    check_learns(&mut h, "wg_type4_in_padding", &wg, &f, None);
+    // Native ESP: the SPI of the ESP header (same id space as ESP-in-UDP).
+    let f = Frame::esp(c4(201), vip4(), 0xc100_0077, 1, &[9; 32]);
+    let spi77 = 0xc100_0077u32.to_be_bytes();
+    check_learns(&mut h, "esp_native", &esp, &f, Some((ID_ESP, &spi77)));
+    // ESP with SPI 0 is malformed (stage 1), never an id.
+    let zero = Frame::esp(c4(202), vip4(), 0, 1, &[9; 32]).bytes();
+    h.check("esp_spi_zero", &zero, LO, &Expect::pass(PASS_ESP_BAD_SPI));
+    // A VIP without a session_ids flag learns nothing from the same packet.
+    let mut s = h.dp.vip(&wg).unwrap().clone();
+    s.flags = 0;
+    h.upsert_vip(s);
+    let f = Frame::udp(c4(203), 33000, vip4(), WG_PORT, &wireguard(4, 0x0e0e_0e0e));
+    check_learns(&mut h, "wg_vip_without_ids", &wg, &f, None);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn roaming_client_keeps_its_gateway_by_session_id() {
+    let (mut h, [wg, ..]) = lb_ids();
+    let data = vpn::wireguard(4, 0x5151_5151);
+    let home = Frame::udp(c4(1), 40001, vip4(), WG_PORT, &data);
+    let key = home.flow_key();
+    let gw = h.ring_pick(&wg, pick_hash(&key, 0));
+    check_new_flow(&mut h, "roam_first", &wg, &home, gw, LO);
+    let input = home.bytes();
+    let exp = forward(
+        &h,
+        &wg,
+        &input,
+        &key,
+        gw,
+        LO,
+        &[SESSION_HIT, SESSION_ID_LEARNED],
+    );
+    h.check("roam_learn", &input, LO, &exp);
+    // New source port and new address (Wi-Fi to LTE): the ring says elsewhere, the id says gw.
+    for (name, client) in [("roam_new_port", c4(1)), ("roam_new_address", c4(77))] {
+        let moved = port_away_from(&h, client, &wg, &data, gw);
+        let mkey = moved.flow_key();
+        let input = moved.bytes();
+        let exp = forward(
+            &h,
+            &wg,
+            &input,
+            &mkey,
+            gw,
+            LO,
+            &[SESSION_MISS, SESSION_ID_USED, SESSION_INSERT],
+        );
+        let t0 = monotonic_ns();
+        h.check(name, &input, LO, &exp);
+        assert_session(&h, name, &mkey, gw, t0, monotonic_ns());
+        let exp = forward(&h, &wg, &input, &mkey, gw, LO, HIT);
+        h.check(&format!("{name}_then_hit"), &input, LO, &exp);
+    }
+    // A handshake initiation carries no id: it follows the hash.
+    let init = port_away_from(&h, c4(1), &wg, &vpn::wireguard(1, 0), gw);
+    let id = h.ring_pick(&wg, pick_hash(&init.flow_key(), 0));
+    check_new_flow(&mut h, "roam_initiation_hashes", &wg, &init, id, LO);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn session_ids_never_send_to_a_down_backend() {
+    let (mut h, [wg, ..]) = lb_ids();
+    let data = vpn::wireguard(4, 0x6262_6262);
+    let home = Frame::udp(c4(1), 40001, vip4(), WG_PORT, &data);
+    let gw = h.ring_pick(&wg, pick_hash(&home.flow_key(), 0));
+    check_new_flow(&mut h, "reject_first", &wg, &home, gw, LO);
+    let input = home.bytes();
+    let exp = forward(
+        &h,
+        &wg,
+        &input,
+        &home.flow_key(),
+        gw,
+        LO,
+        &[SESSION_HIT, SESSION_ID_LEARNED],
+    );
+    h.check("reject_learn", &input, LO, &exp);
+    h.set_backend_state(gw, BACKEND_DOWN);
+    // The roamed flow: the id names a down gateway, so the hash decides (never gw).
+    let moved = Frame::udp(c4(1), 40002, vip4(), WG_PORT, &data);
+    let mkey = moved.flow_key();
+    let id = h.ring_pick(&wg, pick_hash(&mkey, 0));
+    assert_ne!(id, gw);
+    let input = moved.bytes();
+    let exp = forward(
+        &h,
+        &wg,
+        &input,
+        &mkey,
+        id,
+        LO,
+        &[SESSION_MISS, SESSION_ID_REJECTED, SESSION_INSERT],
+    );
+    h.check("reject_roamed_flow", &input, LO, &exp);
+    // Its new session teaches the id the new gateway.
+    let exp = forward(
+        &h,
+        &wg,
+        &input,
+        &mkey,
+        id,
+        LO,
+        &[SESSION_HIT, SESSION_ID_LEARNED],
+    );
+    h.check("reject_relearn", &input, LO, &exp);
+    assert!(learned(&h).contains(&(IdKey::new(vip4(), ID_WIREGUARD, 0x6262_6262), id)));
+    // A spoofed id seeded for a backend id that does not exist is rejected too.
+    let spoof = IdKey::new(vip4(), ID_WIREGUARD, 0x7373_7373);
+    h.maps_mut().set_session_id(&spoof, 99).unwrap();
+    let f = Frame::udp(
+        c4(9),
+        40003,
+        vip4(),
+        WG_PORT,
+        &vpn::wireguard(4, 0x7373_7373),
+    );
+    let fkey = f.flow_key();
+    let id = h.ring_pick(&wg, pick_hash(&fkey, 0));
+    let input = f.bytes();
+    let exp = forward(
+        &h,
+        &wg,
+        &input,
+        &fkey,
+        id,
+        LO,
+        &[SESSION_MISS, SESSION_ID_REJECTED, SESSION_INSERT],
+    );
+    h.check("reject_unknown_backend", &input, LO, &exp);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn ipsec_group_keeps_ike_and_esp_together() {
+    use vpn::*;
+    let (mut h, [_, _, _, natt, esp]) = lb_ids();
+    let (rspi, spi) = (0xa1a2_a3a4_a5a6_a7a8u64, 0xc200_0001u32);
+    // IKE_AUTH on 4500 from the peer's NAT mapping, then ESP-in-UDP on the same five-tuple.
+    let auth = Frame::udp(c4(5), 4500, vip4(), NATT_PORT, &natt_ike(9, rspi, 300));
+    let key = auth.flow_key();
+    let gw = h.ring_pick(&natt, pick_hash(&key, 0));
+    check_new_flow(&mut h, "group_ike_auth", &natt, &auth, gw, LO);
+    let input = auth.bytes();
+    let exp = forward(
+        &h,
+        &natt,
+        &input,
+        &key,
+        gw,
+        LO,
+        &[SESSION_HIT, SESSION_ID_LEARNED],
+    );
+    h.check("group_ike_learn", &input, LO, &exp);
+    let data = Frame::udp(c4(5), 4500, vip4(), NATT_PORT, &esp_in_udp(spi, 1, 80));
+    let input = data.bytes();
+    let exp = forward(
+        &h,
+        &natt,
+        &input,
+        &key,
+        gw,
+        LO,
+        &[SESSION_HIT, SESSION_ID_LEARNED],
+    );
+    h.check("group_esp_learn", &input, LO, &exp);
+    // The NAT mapping changes: ESP-in-UDP and IKE (DPD, rekey) from a new port keep the gateway.
+    for (name, payload) in [
+        ("group_rebound_esp", esp_in_udp(spi, 2, 80)),
+        ("group_rebound_ike", natt_ike(9, rspi, 60)),
+    ] {
+        let f = port_away_from(&h, c4(5), &natt, &payload, gw);
+        let fkey = f.flow_key();
+        let input = f.bytes();
+        let exp = forward(
+            &h,
+            &natt,
+            &input,
+            &fkey,
+            gw,
+            LO,
+            &[SESSION_MISS, SESSION_ID_USED, SESSION_INSERT],
+        );
+        h.check(name, &input, LO, &exp);
+    }
+    // Native ESP to the same address shares the SPI learned on 4500.
+    let native = Frame::esp(c4(6), vip4(), spi, 3, &[7; 64]);
+    let nkey = native.flow_key();
+    let input = native.bytes();
+    let exp = forward(
+        &h,
+        &esp,
+        &input,
+        &nkey,
+        gw,
+        LO,
+        &[SESSION_MISS, SESSION_ID_USED, SESSION_INSERT],
+    );
+    h.check("group_native_esp", &input, LO, &exp);
+    // A keepalive carries no id: it follows the hash (and keeps the NAT mapping alive).
+    let ka = Frame::udp(c4(5), 4999, vip4(), NATT_PORT, &NATT_KEEPALIVE);
+    let id = h.ring_pick(&natt, pick_hash(&ka.flow_key(), 0));
+    check_new_flow(&mut h, "group_keepalive_hashes", &natt, &ka, id, LO);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn static_id_ranges_route_without_learning() {
+    use vpn::*;
+    use vpnlb::session_ids::{esp_range_prefixes, ike_label_prefix};
+    let (mut h, [_, _, ike500, natt, _]) = lb_ids();
+    let mut ranges: Vec<_> = esp_range_prefixes(0xc200_0000, 0xc2ff_ffff)
+        .into_iter()
+        .map(|p| (p, 2))
+        .collect();
+    ranges.push((
+        ike_label_prefix(0xff00_0000_0000_0000, 0x0300_0000_0000_0000).unwrap(),
+        3,
+    ));
+    h.dp.set_id_ranges(&ranges).unwrap();
+    assert!(learned(&h).is_empty());
+    // Never-seen ids inside a range go to its backend, wherever the hash points.
+    let cases = [
+        ("range_esp", &natt, esp_in_udp(0xc2ab_cdef, 1, 40), 2),
+        (
+            "range_ike_natt",
+            &natt,
+            natt_ike(1, 0x03aa_0000_0000_0001, 40),
+            3,
+        ),
+        (
+            "range_ike_500",
+            &ike500,
+            ike(1, 0x03bb_0000_0000_0002, 40),
+            3,
+        ),
+    ];
+    for (i, (name, vip, payload, owner)) in cases.iter().enumerate() {
+        let f = port_away_from(&h, c4(60 + i as u8), vip, payload, *owner);
+        let key = f.flow_key();
+        let input = f.bytes();
+        let exp = forward(
+            &h,
+            vip,
+            &input,
+            &key,
+            *owner,
+            LO,
+            &[SESSION_MISS, SESSION_ID_USED, SESSION_INSERT],
+        );
+        h.check(name, &input, LO, &exp);
+    }
+    // Just outside the range: the hash.
+    let f = Frame::udp(
+        c4(51),
+        4600,
+        vip4(),
+        NATT_PORT,
+        &esp_in_udp(0xc300_0000, 1, 40),
+    );
+    let id = h.ring_pick(&natt, pick_hash(&f.flow_key(), 0));
+    check_new_flow(&mut h, "range_esp_outside", &natt, &f, id, LO);
+    // The range's backend is down: rejected, hashed elsewhere.
+    h.set_backend_state(2, BACKEND_DOWN);
+    let f = Frame::udp(
+        c4(52),
+        4601,
+        vip4(),
+        NATT_PORT,
+        &esp_in_udp(0xc200_0009, 1, 40),
+    );
+    let key = f.flow_key();
+    let id = h.ring_pick(&natt, pick_hash(&key, 0));
+    assert_ne!(id, 2);
+    let input = f.bytes();
+    let exp = forward(
+        &h,
+        &natt,
+        &input,
+        &key,
+        id,
+        LO,
+        &[SESSION_MISS, SESSION_ID_REJECTED, SESSION_INSERT],
+    );
+    h.check("range_owner_down", &input, LO, &exp);
+    // Removing the ranges removes the entries.
+    h.dp.set_id_ranges(&[]).unwrap();
+    assert!(h.maps().id_ranges().unwrap().is_empty());
+}

@@ -50,9 +50,14 @@ pub const DECAP_GUE: u32 = 36;
 pub const DECAP_PASS: u32 = 37;
 pub const DECAP_BAD_INNER: u32 = 38;
 pub const DECAP_ADJUST_FAILED: u32 = 39;
+// Session-id events (not outcomes): an id learned from a session hit, a new flow sent by its id,
+// an id whose backend was not usable (the flow fell back to the hash).
+pub const SESSION_ID_LEARNED: u32 = 40;
+pub const SESSION_ID_USED: u32 = 41;
+pub const SESSION_ID_REJECTED: u32 = 42;
 
 /// Size of the `STATS` array.
-pub const NUM_COUNTERS: u32 = 40;
+pub const NUM_COUNTERS: u32 = 43;
 
 /// Counter names (JSON keys, metric labels), indexed by id.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -96,6 +101,9 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "decap_pass",
     "decap_bad_inner",
     "decap_adjust_failed",
+    "session_id_learned",
+    "session_id_used",
+    "session_id_rejected",
 ];
 
 /// Outcome counters of `vpnlb_ingress` (exactly one per packet).

@@ -14,6 +14,10 @@ pub const MAX_VIPS: u32 = 128;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Ring row stride: every ring occupies `RING_SIZE_MAX` slots of the `RINGS` array.
 pub const RING_SIZE_MAX: u32 = 65537;
+/// Default capacity of the learned session-id LRU (`SESSION_IDS`).
+pub const DEFAULT_MAX_SESSION_IDS: u32 = 1 << 18;
+/// Capacity of the static id range table (`ID_RANGES`, prefixes of all backends together).
+pub const MAX_ID_RANGES: u32 = 8192;
 /// Default Maglev table size (prime).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default capacity of the session LRU (overridable at load time).
@@ -33,6 +37,14 @@ pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
 /// `VipMeta::flags`: the VIP has traffic classes: a new flow's ring is looked up in `CLASS_RINGS`
 /// by the packet's DSCP (set by the agent, never by hand).
 pub const VIP_F_CLASSES: u32 = 1 << 1;
+/// `VipMeta::flags`: learn and follow WireGuard receiver indices (docs/datapath.md, "Session ids").
+pub const VIP_F_IDS_WIREGUARD: u32 = 1 << 2;
+/// `VipMeta::flags`: learn and follow IKE responder SPIs and ESP SPIs (UDP 500, NAT-T, ESP).
+pub const VIP_F_IDS_IPSEC: u32 = 1 << 3;
+/// `VipMeta::flags`: learn and follow OpenVPN P_DATA_V2 peer-ids.
+pub const VIP_F_IDS_OPENVPN: u32 = 1 << 4;
+/// Every session-id flag (a VIP sets at most one).
+pub const VIP_F_IDS: u32 = VIP_F_IDS_WIREGUARD | VIP_F_IDS_IPSEC | VIP_F_IDS_OPENVPN;
 /// `CLASS_RINGS` entries per VIP: one per DSCP value.
 pub const DSCP_VALUES: u32 = 64;
 
@@ -48,6 +60,52 @@ pub const BACKEND_DOWN: u32 = 3;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ESP: u8 = 50;
+
+/// Session-id kinds (`IdKey::kind`, `IdRangeData::kind`): the id spaces kept apart.
+pub const ID_WIREGUARD: u8 = 1;
+pub const ID_ESP: u8 = 2;
+pub const ID_IKE: u8 = 3;
+pub const ID_OPENVPN: u8 = 4;
+
+/// Key of the `SESSION_IDS` LRU: an id the gateway chose, scoped to the VIP address (all VIPs of
+/// one address with the same id kind share it: IKE 500, NAT-T 4500 and ESP of an IPsec group).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdKey {
+    /// The VIP address (wire order, IPv4 in word 0).
+    pub addr: [u32; 4],
+    /// The id's wire bytes, zero-padded to 8, read as a little-endian u64 (4-byte ids: the value
+    /// of a little-endian u32 load; the IKE SPI: all 8 bytes).
+    pub id: u64,
+    /// `ID_*`.
+    pub kind: u8,
+    pub family: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<IdKey>() == 32);
+
+/// Data of an `ID_RANGES` LPM-trie key (after its u32 prefix length): the kind, then the id's
+/// wire bytes. A backend's range is one or more prefixes of `32 + bits` (kind and pad included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdRangeData {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// Wire bytes of the id, zero-padded to 8.
+    pub id: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<IdRangeData>() == 12);
+
+/// `IdKey::id` of an id given by its wire bytes (at most 8; fewer are zero-padded).
+pub fn id_from_wire(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = bytes.len().min(8);
+    b[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(b)
+}
+
+/// Bits of an `ID_RANGES` prefix taken by the kind and its padding.
+pub const ID_RANGE_KIND_BITS: u32 = 32;
 
 /// Lookup key of the `VIPS` hash: destination address, port (0 for ESP) and protocol.
 #[repr(C)]
@@ -200,8 +258,10 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const FLOOD: &str = "FLOOD";
     pub const CLASS_RINGS: &str = "CLASS_RINGS";
+    pub const SESSION_IDS: &str = "SESSION_IDS";
+    pub const ID_RANGES: &str = "ID_RANGES";
     /// Every map the agent pins, in make-before-break creation order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         STATS,
         VIP_STATS,
@@ -211,7 +271,9 @@ pub mod map_names {
         BACKENDS,
         RINGS,
         CLASS_RINGS,
+        ID_RANGES,
         SESSIONS,
+        SESSION_IDS,
         VIPS,
     ];
 }
@@ -235,6 +297,8 @@ mod pod {
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for PktBytes {}
     unsafe impl aya::Pod for FloodState {}
+    unsafe impl aya::Pod for IdKey {}
+    unsafe impl aya::Pod for IdRangeData {}
 }
 
 #[cfg(feature = "user")]
@@ -346,6 +410,23 @@ mod addr {
                 proto: self.proto,
                 family: self.family,
             }
+        }
+    }
+
+    impl IdKey {
+        /// The key of `id` (see [`IdKey::id`]) of `kind` learned on VIP address `vip`.
+        pub fn new(vip: IpAddr, kind: u8, id: u64) -> Self {
+            let (addr, family) = addr_words(vip);
+            IdKey {
+                addr,
+                id,
+                kind,
+                family,
+                _pad: [0; 6],
+            }
+        }
+        pub fn vip_ip(&self) -> IpAddr {
+            words_addr(self.addr, self.family)
         }
     }
 

@@ -1,5 +1,5 @@
-//! vpnlb's XDP programs: `vpnlb_ingress` (the load balancer, stages parse → flow → vip → session →
-//! maglev → forward/encap, docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
+//! vpnlb's XDP programs: `vpnlb_ingress` (the load balancer, stages parse → flow → vip → ids →
+//! session → maglev → forward/encap, docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
 #![no_std]
 #![no_main]
 
@@ -7,6 +7,7 @@ mod decap;
 mod encap;
 mod flow;
 mod forward;
+mod ids;
 mod maglev;
 mod maps;
 mod parse;
@@ -37,7 +38,8 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, Stop> {
     let pkt = parse::parse(ctx)?;
     let key = flow::flow_key(&pkt);
     let vip = vip::lookup(&key)?;
-    let target = session::resolve(ctx, &key, vip, pkt.tos)?;
+    let sid = ids::session_id(ctx, &pkt, &key, vip);
+    let target = session::resolve(ctx, &key, vip, pkt.tos, sid.as_ref())?;
     forward::forward(ctx, &pkt, vip, &target)
 }
 

@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use vpnlb_common::{
-    Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, GlobalConfig, MAX_BACKENDS,
-    MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
+    Backend, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey,
+    GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_ID_RANGES, MAX_VIPS, NUM_COUNTERS,
+    PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
 };
 
 /// Capacity of `TX_PORTS` (egress interfaces other than the ingress one).
@@ -65,3 +66,14 @@ pub static BACKEND_STATS: PerCpuArray<PktBytes, { MAX_BACKENDS as usize }> = Per
 /// Per-CPU session-insert flood guard window.
 #[btf_map]
 pub static FLOOD: PerCpuArray<FloodState, 1> = PerCpuArray::new();
+
+/// Learned session id (per VIP address and kind) → the backend whose session carried it. One
+/// shared LRU list: inserts happen only when an id is new or moved, never per packet.
+#[btf_map]
+pub static SESSION_IDS: LruHashMap<IdKey, u32, { DEFAULT_MAX_SESSION_IDS as usize }> =
+    LruHashMap::new();
+
+/// Static id ranges of the backends (prefixes of kind + id wire bytes) → backend id; written by
+/// the agent from each backend's configured SPI range or label.
+#[btf_map]
+pub static ID_RANGES: LpmTrie<IdRangeData, u32, { MAX_ID_RANGES as usize }> = LpmTrie::new();

@@ -1,17 +1,23 @@
 //! Stage 4: the session table (`SESSIONS`): keep a flow on its backend, re-pick it when the backend
 //! died or the session idled out, and record new picks behind the per-CPU insert flood guard.
+//! Session ids: a hit teaches `SESSION_IDS` which backend owns the packet's id; a new flow with a
+//! known id (static range first, then learned) goes to that backend if it is usable.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{
+    bindings::BPF_ANY, btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns,
+    programs::XdpContext,
+};
 use aya_log_ebpf::warn;
 use vpnlb_common::{
-    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FlowKey, SESSION_FLOOD_SKIP,
-    SESSION_HIT, SESSION_INSERT, SESSION_INSERT_FAILED, SESSION_MISS, SESSION_REPICK_DOWN,
+    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FlowKey, ID_RANGE_KIND_BITS, IdKey,
+    IdRangeData, SESSION_FLOOD_SKIP, SESSION_HIT, SESSION_ID_LEARNED, SESSION_ID_REJECTED,
+    SESSION_ID_USED, SESSION_INSERT, SESSION_INSERT_FAILED, SESSION_MISS, SESSION_REPICK_DOWN,
     SESSION_REPICK_IDLE, SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash,
 };
 
 use crate::{
     maglev,
-    maps::{BACKENDS, CONFIG, FLOOD, SESSIONS},
+    maps::{BACKENDS, CONFIG, FLOOD, ID_RANGES, SESSION_IDS, SESSIONS},
     stats::{Stop, count},
 };
 
@@ -35,9 +41,16 @@ fn usable(id: u32) -> Option<&'static Backend> {
         .filter(|b| b.state == BACKEND_UP || b.state == BACKEND_DRAINING)
 }
 
-/// Runs stage 4: session lookup, else Maglev pick and session insert.
+/// Runs stage 4: session lookup (learning the packet's id on a hit), else the id's backend or the
+/// Maglev pick, and session insert.
 #[inline(always)]
-pub fn resolve(ctx: &XdpContext, key: &FlowKey, vip: &VipMeta, tos: u8) -> Result<Target, Stop> {
+pub fn resolve(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    vip: &VipMeta,
+    tos: u8,
+    sid: Option<&IdKey>,
+) -> Result<Target, Stop> {
     // CLOCK_MONOTONIC_COARSE (jiffy resolution): enough for a 1 s touch and idle timeouts, and
     // about half the cost of bpf_ktime_get_ns on hosts where reading the TSC traps (VMs).
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions (kernel >= 5.11).
@@ -45,6 +58,9 @@ pub fn resolve(ctx: &XdpContext, key: &FlowKey, vip: &VipMeta, tos: u8) -> Resul
     let hit = lookup(key, vip, now);
     // A hit never hashes: encapsulation takes the hash stored with the session.
     if let Some(backend) = hit.backend {
+        if let Some(sid) = sid {
+            learn(sid, hit.id);
+        }
         return Ok(Target {
             id: hit.id,
             backend,
@@ -52,10 +68,57 @@ pub fn resolve(ctx: &XdpContext, key: &FlowKey, vip: &VipMeta, tos: u8) -> Resul
         });
     }
     let hash = pick_hash(key, vip.flags);
-    let id = maglev::pick(vip, hash, tos)?;
-    let backend = usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?;
+    let (id, backend) = match sid.and_then(by_id) {
+        Some(found) => found,
+        None => {
+            let id = maglev::pick(vip, hash, tos)?;
+            (id, usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?)
+        }
+    };
     record(ctx, key, id, hash, now);
     Ok(Target { id, backend, hash })
+}
+
+/// Remembers that `sid` belongs to backend `id`, writing only when that is news (a hit's only
+/// cost is then one lookup).
+#[inline(always)]
+fn learn(sid: &IdKey, id: u32) {
+    // SAFETY: a u32 value read once; a concurrent update can only make us write once more.
+    if unsafe { SESSION_IDS.get(sid) }.copied() == Some(id) {
+        return;
+    }
+    if SESSION_IDS.insert(sid, id, u64::from(BPF_ANY)).is_ok() {
+        count(SESSION_ID_LEARNED);
+    }
+}
+
+/// The backend that owns `sid`: a static range (longest prefix of kind + id bytes) first, else the
+/// learned id. Found but not usable: `SESSION_ID_REJECTED` and `None` (the hash decides).
+#[inline(always)]
+fn by_id(sid: &IdKey) -> Option<(u32, &'static Backend)> {
+    let range = Key::new(
+        ID_RANGE_KIND_BITS + 64,
+        IdRangeData {
+            kind: sid.kind,
+            _pad: [0; 3],
+            id: sid.id.to_le_bytes(),
+        },
+    );
+    // SAFETY: both values are u32s read once (the maps are only written by the agent / on hits).
+    let id = match ID_RANGES.get(&range).copied() {
+        Some(id) => id,
+        None => unsafe { SESSION_IDS.get(sid) }.copied()?,
+    };
+    match usable(id) {
+        Some(b) => {
+            count(SESSION_ID_USED);
+            Some((id, b))
+        }
+        None => {
+            count(SESSION_ID_REJECTED);
+            None
+        }
+    }
 }
 
 /// A session lookup's result: `backend` is `Some` for a usable, fresh session.

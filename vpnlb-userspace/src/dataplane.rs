@@ -14,11 +14,12 @@ use vpnlb_common::maglev::{self, MaglevBackend, MaglevError, SlotChange};
 use vpnlb_common::{
     BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, DSCP_VALUES, FAMILY_V4, FAMILY_V6,
     FWD_MODE_GUE, FWD_MODE_IPIP, FWD_MODE_L2DSR, GlobalConfig, MAX_BACKENDS, MAX_VIPS, PROTO_ESP,
-    PROTO_TCP, PROTO_UDP, RING_SIZE_MAX, VIP_F_CLASSES, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta,
-    addr_words, words_addr,
+    PROTO_TCP, PROTO_UDP, RING_SIZE_MAX, VIP_F_CLASSES, VIP_F_HASH_SRC_ONLY, VIP_F_IDS, VipKey,
+    VipMeta, addr_words, words_addr,
 };
 
 use crate::maps::{MapError, MapWriter};
+use crate::session_ids::IdPrefix;
 
 /// A VIP key for messages: `udp 192.0.2.1:4500`, `esp [2001:db8::1]`.
 pub fn vip_label(key: &VipKey) -> String {
@@ -289,6 +290,8 @@ pub struct Dataplane<W: MapWriter> {
     /// Installed Maglev tables (length = the ring size they were built for). Always what the
     /// map holds: updated per successful ring write, dropped when a ring write fails.
     rings: HashMap<u32, Vec<u32>>,
+    /// Installed `ID_RANGES` entries (static session-id ranges of the backends).
+    id_ranges: BTreeMap<IdPrefix, u32>,
     /// A write failed part-way: the next call rewrites every backend, VIP and TX port.
     dirty: bool,
 }
@@ -307,6 +310,7 @@ impl<W: MapWriter> Dataplane<W> {
             backends: BTreeMap::new(),
             vips: HashMap::new(),
             rings: HashMap::new(),
+            id_ranges: BTreeMap::new(),
             dirty: false,
         }
     }
@@ -387,6 +391,39 @@ impl<W: MapWriter> Dataplane<W> {
         check_state(id, state)?;
         spec.state = state;
         self.upsert_backend(spec)
+    }
+
+    /// Makes `ID_RANGES` hold exactly `want` (prefix -> backend id): new and changed entries
+    /// first, stale ones after, so a range moving between backends never has a gap. Call it after
+    /// the backends it names exist and before removing a backend it no longer names.
+    pub fn set_id_ranges(
+        &mut self,
+        want: &[(IdPrefix, u32)],
+    ) -> Result<ApplyReport, DataplaneError> {
+        for (_, id) in want {
+            check_backend_id(*id)?;
+        }
+        let want: BTreeMap<IdPrefix, u32> = want.iter().copied().collect();
+        let mut r = ApplyReport::default();
+        for (p, id) in &want {
+            if self.id_ranges.get(p) != Some(id) {
+                self.writer.set_id_range(p, *id)?;
+                self.id_ranges.insert(*p, *id);
+                r.maps_written += 1;
+            }
+        }
+        let stale: Vec<IdPrefix> = self
+            .id_ranges
+            .keys()
+            .filter(|p| !want.contains_key(p))
+            .copied()
+            .collect();
+        for p in stale {
+            self.writer.remove_id_range(&p)?;
+            self.id_ranges.remove(&p);
+            r.maps_written += 1;
+        }
+        Ok(r)
     }
 
     /// Removes a backend no VIP lists any more (its entry is cleared, its TX port released).
@@ -519,7 +556,9 @@ impl<W: MapWriter> Dataplane<W> {
         if spec.fwd_mode == FWD_MODE_GUE && spec.gue_port == 0 {
             return Err(DataplaneError::NoGuePort { vip: vip() });
         }
-        if spec.flags & !VIP_F_HASH_SRC_ONLY != 0 {
+        // At most one session-id protocol: the data plane parses a packet one way.
+        let ids = spec.flags & VIP_F_IDS;
+        if spec.flags & !(VIP_F_HASH_SRC_ONLY | VIP_F_IDS) != 0 || ids.count_ones() > 1 {
             return Err(DataplaneError::BadFlags {
                 vip: vip(),
                 flags: spec.flags,

@@ -15,4 +15,5 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod session_ids;
 pub mod state;

@@ -71,6 +71,15 @@ enum InspectCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Learned VPN session ids (SESSION_IDS) and static id ranges (ID_RANGES), by backend.
+    SessionIds {
+        /// Only ids of this backend: a name or an id.
+        #[arg(long)]
+        backend: Option<String>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// How many Maglev ring slots each backend owns per VIP (and class), vs its weight.
     Ring {
         /// Only this VIP: a name, an id, an address or address:port.
@@ -476,6 +485,10 @@ fn inspect(g: &Global, cmd: InspectCmd) -> anyhow::Result<()> {
                 count_by_backend,
             };
             let (j, t) = inspect::sessions(&src, &q)?;
+            emit(json, &j, &t);
+        }
+        InspectCmd::SessionIds { backend, json } => {
+            let (j, t) = inspect::session_ids(&src, backend.as_deref())?;
             emit(json, &j, &t);
         }
         InspectCmd::Ring { vip, json } => {

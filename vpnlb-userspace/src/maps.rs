@@ -9,14 +9,17 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::xdp::{DevMap, DevMapHash, XdpMapError};
 use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray};
 use vpnlb_common::maglev::SlotChange;
 use vpnlb_common::{
-    BACKEND_UNUSED, Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, GlobalConfig,
-    MAX_BACKENDS, MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VIP_F_CLASSES, VipKey,
-    VipMeta, class_slot_index, map_names,
+    BACKEND_UNUSED, Backend, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS, DSCP_VALUES,
+    FloodState, FlowKey, GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_VIPS, NUM_COUNTERS,
+    PktBytes, RING_SIZE_MAX, Session, VIP_F_CLASSES, VipKey, VipMeta, class_slot_index, map_names,
 };
+
+use crate::session_ids::IdPrefix;
 
 /// aya's own map error (the source of most of ours).
 pub use aya::maps::MapError as AyaMapError;
@@ -76,6 +79,14 @@ pub trait MapWriter {
     fn remove_session(&mut self, key: &FlowKey) -> Result<(), MapError>;
     /// `CLASS_RINGS[vip_id * 64 + dscp] = ring_plus1` (class ring id + 1; 0 = the VIP's ring).
     fn set_class_ring(&mut self, vip_id: u32, dscp: u8, ring_plus1: u32) -> Result<(), MapError>;
+    /// `SESSION_IDS[key] = backend_id` (the data plane learns these; tests seed them).
+    fn set_session_id(&mut self, key: &IdKey, backend_id: u32) -> Result<(), MapError>;
+    /// Removing an absent id is not an error.
+    fn remove_session_id(&mut self, key: &IdKey) -> Result<(), MapError>;
+    /// `ID_RANGES[prefix] = backend_id`: a backend's static id range.
+    fn set_id_range(&mut self, prefix: &IdPrefix, backend_id: u32) -> Result<(), MapError>;
+    /// Removing an absent prefix is not an error.
+    fn remove_id_range(&mut self, prefix: &IdPrefix) -> Result<(), MapError>;
 }
 
 /// Reads every map (the CLI, tests, and [`MemMaps::snapshot`]).
@@ -104,6 +115,10 @@ pub trait MapReader {
     fn ring_rows(&self) -> Result<u32, MapError> {
         Ok(MAX_VIPS)
     }
+    /// Every learned session id and its backend.
+    fn session_ids(&self) -> Result<Vec<(IdKey, u32)>, MapError>;
+    /// Every static id range prefix and its backend.
+    fn id_ranges(&self) -> Result<Vec<(IdPrefix, u32)>, MapError>;
 }
 
 fn check_ring(ring_id: u32, slot: u32, rows: u32) -> Result<u32, MapError> {
@@ -182,6 +197,8 @@ pub struct AyaMaps {
     vip_stats: PerCpuArray<MapData, PktBytes>,
     backend_stats: PerCpuArray<MapData, PktBytes>,
     flood: PerCpuArray<MapData, FloodState>,
+    session_ids: AyaHashMap<MapData, IdKey, u32>,
+    id_ranges: LpmTrie<MapData, IdRangeData, u32>,
     /// Cleared after the kernel refuses a batch operation; per-element calls from then on.
     batch: std::cell::Cell<bool>,
 }
@@ -236,6 +253,8 @@ impl AyaMaps {
             vip_stats: typed(VIP_STATS, take(VIP_STATS)?)?,
             backend_stats: typed(BACKEND_STATS, take(BACKEND_STATS)?)?,
             flood: typed(FLOOD, take(FLOOD)?)?,
+            session_ids: typed(SESSION_IDS, take(SESSION_IDS)?)?,
+            id_ranges: typed(ID_RANGES, take(ID_RANGES)?)?,
             batch: std::cell::Cell::new(true),
         })
     }
@@ -460,6 +479,50 @@ impl MapWriter for AyaMaps {
             _ => Ok(()),
         }
     }
+
+    fn set_session_id(&mut self, key: &IdKey, backend_id: u32) -> Result<(), MapError> {
+        self.session_ids
+            .insert(key, backend_id, 0)
+            .map_err(|source| MapError::Op {
+                map: map_names::SESSION_IDS,
+                op: "update",
+                source,
+            })
+    }
+
+    fn remove_session_id(&mut self, key: &IdKey) -> Result<(), MapError> {
+        match self.session_ids.remove(key) {
+            Err(e) if !is_enoent(&e) => Err(MapError::Op {
+                map: map_names::SESSION_IDS,
+                op: "delete",
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn set_id_range(&mut self, prefix: &IdPrefix, backend_id: u32) -> Result<(), MapError> {
+        let key = LpmKey::new(prefix.prefix_len, prefix.data);
+        self.id_ranges
+            .insert(&key, backend_id, 0)
+            .map_err(|source| MapError::Op {
+                map: map_names::ID_RANGES,
+                op: "update",
+                source,
+            })
+    }
+
+    fn remove_id_range(&mut self, prefix: &IdPrefix) -> Result<(), MapError> {
+        let key = LpmKey::new(prefix.prefix_len, prefix.data);
+        match self.id_ranges.remove(&key) {
+            Err(e) if !is_enoent(&e) => Err(MapError::Op {
+                map: map_names::ID_RANGES,
+                op: "delete",
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl MapReader for AyaMaps {
@@ -633,6 +696,39 @@ impl MapReader for AyaMaps {
     fn ring_rows(&self) -> Result<u32, MapError> {
         Ok(self.rings.len() / RING_SIZE_MAX)
     }
+
+    fn session_ids(&self) -> Result<Vec<(IdKey, u32)>, MapError> {
+        self.session_ids
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapError::Op {
+                map: map_names::SESSION_IDS,
+                op: "iterate",
+                source,
+            })
+    }
+
+    fn id_ranges(&self) -> Result<Vec<(IdPrefix, u32)>, MapError> {
+        self.id_ranges
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    (
+                        IdPrefix {
+                            prefix_len: k.prefix_len(),
+                            data: k.data(),
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapError::Op {
+                map: map_names::ID_RANGES,
+                op: "iterate",
+                source,
+            })
+    }
 }
 
 /// Things the kernel decides that plain maps cannot show; the reference model reads them.
@@ -642,6 +738,9 @@ pub struct SimEnv {
     pub ring_rows: u32,
     /// `SESSIONS` capacity; a full table evicts its least recently seen entry (LRU).
     pub max_sessions: u32,
+    /// `SESSION_IDS` capacity; a full table evicts one entry (the smallest key: the kernel's LRU
+    /// choice is not modelled).
+    pub max_session_ids: u32,
     /// Bytes `bpf_xdp_adjust_head` may grow the frame by: `XDP_PACKET_HEADROOM` (256) minus the
     /// `struct xdp_frame` the kernel reserves at the start of the buffer (~40 bytes).
     pub headroom: u32,
@@ -654,6 +753,7 @@ impl Default for SimEnv {
         SimEnv {
             ring_rows: MAX_VIPS,
             max_sessions: DEFAULT_MAX_SESSIONS,
+            max_session_ids: DEFAULT_MAX_SESSION_IDS,
             headroom: 216,
             fail_session_insert: false,
         }
@@ -672,6 +772,10 @@ pub struct MemMaps {
     /// `CLASS_RINGS` index (vip_id * 64 + dscp) -> class ring id + 1; absent = 0.
     pub class_rings: HashMap<u32, u32>,
     pub sessions: HashMap<FlowKey, Session>,
+    /// `SESSION_IDS`: learned id -> backend id.
+    pub session_ids: HashMap<IdKey, u32>,
+    /// `ID_RANGES`: static prefix -> backend id (longest prefix wins).
+    pub id_ranges: HashMap<IdPrefix, u32>,
     pub tx_ports: HashSet<u32>,
     /// `NUM_COUNTERS` entries (the model runs on one CPU).
     pub counters: Vec<u64>,
@@ -696,6 +800,8 @@ impl MemMaps {
             rings: HashMap::new(),
             class_rings: HashMap::new(),
             sessions: HashMap::new(),
+            session_ids: HashMap::new(),
+            id_ranges: HashMap::new(),
             tx_ports: HashSet::new(),
             counters: vec![0; NUM_COUNTERS as usize],
             vip_stats: HashMap::new(),
@@ -748,6 +854,8 @@ impl MemMaps {
             m.backend_stats.insert(id, reader.backend_stats(id)?);
         }
         m.sessions = reader.sessions()?.into_iter().collect();
+        m.session_ids = reader.session_ids()?.into_iter().collect();
+        m.id_ranges = reader.id_ranges()?.into_iter().collect();
         m.counters = reader.counters()?;
         Ok(m)
     }
@@ -784,6 +892,32 @@ impl MemMaps {
         }
         self.sessions.insert(key, s);
         true
+    }
+
+    /// Learns an id as the `SESSION_IDS` LRU does (a full table evicts one entry).
+    pub fn id_insert(&mut self, key: IdKey, backend_id: u32) {
+        if !self.session_ids.contains_key(&key)
+            && self.session_ids.len() >= self.env.max_session_ids as usize
+            && let Some(victim) = self
+                .session_ids
+                .keys()
+                .min_by_key(|k| (k.addr, k.id, k.kind, k.family))
+                .copied()
+        {
+            self.session_ids.remove(&victim);
+        }
+        if self.env.max_session_ids != 0 {
+            self.session_ids.insert(key, backend_id);
+        }
+    }
+
+    /// `ID_RANGES` lookup: the backend of the longest prefix matching `data`.
+    pub fn id_range_lookup(&self, data: &IdRangeData) -> Option<u32> {
+        self.id_ranges
+            .iter()
+            .filter(|(p, _)| p.matches(data))
+            .max_by_key(|(p, _)| p.prefix_len)
+            .map(|(_, b)| *b)
     }
 }
 
@@ -859,6 +993,26 @@ impl MapWriter for MemMaps {
 
     fn remove_session(&mut self, key: &FlowKey) -> Result<(), MapError> {
         self.sessions.remove(key);
+        Ok(())
+    }
+
+    fn set_session_id(&mut self, key: &IdKey, backend_id: u32) -> Result<(), MapError> {
+        self.id_insert(*key, backend_id);
+        Ok(())
+    }
+
+    fn remove_session_id(&mut self, key: &IdKey) -> Result<(), MapError> {
+        self.session_ids.remove(key);
+        Ok(())
+    }
+
+    fn set_id_range(&mut self, prefix: &IdPrefix, backend_id: u32) -> Result<(), MapError> {
+        self.id_ranges.insert(*prefix, backend_id);
+        Ok(())
+    }
+
+    fn remove_id_range(&mut self, prefix: &IdPrefix) -> Result<(), MapError> {
+        self.id_ranges.remove(prefix);
         Ok(())
     }
 }
@@ -938,6 +1092,14 @@ impl MapReader for MemMaps {
 
     fn ring_rows(&self) -> Result<u32, MapError> {
         Ok(self.env.ring_rows)
+    }
+
+    fn session_ids(&self) -> Result<Vec<(IdKey, u32)>, MapError> {
+        Ok(self.session_ids.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn id_ranges(&self) -> Result<Vec<(IdPrefix, u32)>, MapError> {
+        Ok(self.id_ranges.iter().map(|(k, v)| (*k, *v)).collect())
     }
 }
 

@@ -22,6 +22,7 @@ use vpnlb_common::hash::pick_hash;
 use vpnlb_common::*;
 
 use crate::maps::MemMaps;
+use crate::session_ids::IdPrefix;
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -62,6 +63,8 @@ pub struct ModelResult {
     pub backend_id: Option<u32>,
     pub flow: Option<FlowKey>,
     pub hash: Option<u32>,
+    /// The session id the packet carries for its VIP (VIPs with a `VIP_F_IDS_*` flag).
+    pub session_id: Option<IdKey>,
 }
 
 impl ModelResult {
@@ -75,6 +78,7 @@ impl ModelResult {
             backend_id: None,
             flow: None,
             hash: None,
+            session_id: None,
         }
     }
 }
@@ -126,6 +130,8 @@ fn parse_eth(f: &[u8]) -> Result<(usize, u16), u32> {
 /// A packet that passed stage 1.
 struct Parsed {
     l2_len: usize,
+    /// Offset of the L4 header in the frame.
+    l4: usize,
     /// The DSCP/ECN byte (IPv4 TOS or IPv6 traffic class).
     tos: u8,
     key: FlowKey,
@@ -242,9 +248,82 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
     };
     Ok(Parsed {
         l2_len: l2,
+        l4,
         tos,
         key,
     })
+}
+
+/// "Session ids": the gateway-chosen id the packet carries for its VIP's protocol, if any.
+fn session_id(f: &[u8], p: &Parsed, vip: &VipMeta) -> Option<IdKey> {
+    let k = &p.key;
+    let ids = vip.flags & VIP_F_IDS;
+    let (kind, wire): (u8, &[u8]) = if k.proto == PROTO_ESP {
+        if ids & VIP_F_IDS_IPSEC == 0 {
+            return None;
+        }
+        (ID_ESP, &f[p.l4..p.l4 + 4])
+    } else if k.proto == PROTO_UDP && ids != 0 {
+        let ulen = be16(f, p.l4 + 4) as usize;
+        let pl = &f[p.l4 + 8..p.l4 + ulen];
+        if ids & VIP_F_IDS_WIREGUARD != 0 {
+            // Type byte, three zero bytes, then the receiver index (type 2: after the sender's).
+            if pl.len() < 4 || pl[1..4] != [0, 0, 0] {
+                return None;
+            }
+            let at = match pl[0] {
+                3 | 4 => 4,
+                2 => 8,
+                _ => return None,
+            };
+            (ID_WIREGUARD, pl.get(at..at + 4)?)
+        } else if ids & VIP_F_IDS_IPSEC != 0 {
+            let dport = be16(f, p.l4 + 2);
+            let ike_at = if dport == 500 {
+                0
+            } else if pl.len() < 4 {
+                // Shorter than a marker: a NAT-T keepalive (0xff) or nothing we know.
+                return None;
+            } else if pl[..4] == [0, 0, 0, 0] {
+                4
+            } else if pl.len() < 8 {
+                return None;
+            } else {
+                return Some(id_key(k, ID_ESP, &pl[..4]));
+            };
+            let hdr = pl.get(ike_at..ike_at + 28)?;
+            if hdr[8..16] == [0; 8] {
+                return None;
+            }
+            (ID_IKE, &hdr[8..16])
+        } else {
+            // OpenVPN: P_DATA_V2 is opcode 9 in the top five bits; peer-id 0xFFFFFF is unset.
+            if pl.len() < 4 || pl[0] >> 3 != 9 || pl[1..4] == [0xff, 0xff, 0xff] {
+                return None;
+            }
+            (ID_OPENVPN, &pl[1..4])
+        }
+    } else {
+        return None;
+    };
+    Some(id_key(k, kind, wire))
+}
+
+fn id_key(k: &FlowKey, kind: u8, wire: &[u8]) -> IdKey {
+    IdKey {
+        addr: k.dst,
+        id: id_from_wire(wire),
+        kind,
+        family: k.family,
+        _pad: [0; 6],
+    }
+}
+
+/// The backend a known id names: a static range (longest prefix) first, else the learned id.
+fn id_owner(maps: &MemMaps, sid: &IdKey) -> Option<u32> {
+    let full = IdPrefix::new(sid.kind, sid.id.to_le_bytes(), 64);
+    maps.id_range_lookup(&full.data)
+        .or_else(|| maps.session_ids.get(sid).copied())
 }
 
 fn vip_key_of(k: &FlowKey) -> VipKey {
@@ -328,6 +407,8 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
         return (XDP_PASS, PASS_NOT_VIP);
     };
     r.vip = Some(vkey);
+    let sid = session_id(frame, &p, &vip);
+    r.session_id = sid;
     let now = ctx.now_ns;
     // A session hit uses the hash stored with the session; a new pick computes it.
     let mut hash = pick_hash(&p.key, vip.flags);
@@ -350,14 +431,39 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
                 }
                 chosen = Some(s.backend_id);
                 hash = s.hash;
+                // Learn the id from the hit, writing only when it is news.
+                if let Some(sid) = sid
+                    && maps.session_ids.get(&sid) != Some(&s.backend_id)
+                    && maps.env.max_session_ids != 0
+                {
+                    maps.id_insert(sid, s.backend_id);
+                    r.events.push(SESSION_ID_LEARNED);
+                }
             }
         }
         None => r.events.push(SESSION_MISS),
     }
+    // A new flow with a known id goes to the id's backend when it is usable.
+    if chosen.is_none()
+        && let Some(owner) = sid.and_then(|sid| id_owner(maps, &sid))
+    {
+        if usable(maps, owner) {
+            r.events.push(SESSION_ID_USED);
+            chosen = Some(owner);
+        } else {
+            r.events.push(SESSION_ID_REJECTED);
+        }
+    }
+    let hit = r.events.contains(&SESSION_HIT);
 
     r.hash = Some(hash);
     let id = match chosen {
-        Some(id) => id,
+        Some(id) if hit => id,
+        Some(id) => {
+            r.backend_id = Some(id);
+            record(maps, r, p.key, id, hash, now);
+            id
+        }
         None => {
             // Stage 4.2: Maglev pick.
             if vip.ring_size == 0 {
@@ -387,42 +493,42 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
             if !usable(maps, id) {
                 return (XDP_DROP, DROP_BACKEND_DOWN);
             }
-            // Stage 4.3: record, guarded against insert floods.
-            let limit = u64::from(maps.config.flood_max_inserts_per_sec);
-            let mut insert = true;
-            if limit != 0 {
-                let fl = &mut maps.flood;
-                if now.wrapping_sub(fl.window_start_ns) >= NS_PER_SEC {
-                    fl.window_start_ns = now;
-                    fl.inserts = 0;
-                }
-                if fl.inserts >= limit {
-                    r.events.push(SESSION_FLOOD_SKIP);
-                    insert = false;
-                } else {
-                    fl.inserts += 1;
-                }
-            }
-            if insert {
-                let ok = maps.lru_insert(
-                    p.key,
-                    Session {
-                        backend_id: id,
-                        hash,
-                        last_seen_ns: now,
-                    },
-                );
-                r.events.push(if ok {
-                    SESSION_INSERT
-                } else {
-                    SESSION_INSERT_FAILED
-                });
-            }
+            record(maps, r, p.key, id, hash, now);
             id
         }
     };
     r.backend_id = Some(id);
     forward(maps, frame, ctx, &p, &vip, id, hash, r)
+}
+
+/// Stage 4.3: record the session, guarded against insert floods.
+fn record(maps: &mut MemMaps, r: &mut ModelResult, key: FlowKey, id: u32, hash: u32, now: u64) {
+    let limit = u64::from(maps.config.flood_max_inserts_per_sec);
+    if limit != 0 {
+        let fl = &mut maps.flood;
+        if now.wrapping_sub(fl.window_start_ns) >= NS_PER_SEC {
+            fl.window_start_ns = now;
+            fl.inserts = 0;
+        }
+        if fl.inserts >= limit {
+            r.events.push(SESSION_FLOOD_SKIP);
+            return;
+        }
+        fl.inserts += 1;
+    }
+    let ok = maps.lru_insert(
+        key,
+        Session {
+            backend_id: id,
+            hash,
+            last_seen_ns: now,
+        },
+    );
+    r.events.push(if ok {
+        SESSION_INSERT
+    } else {
+        SESSION_INSERT_FAILED
+    });
 }
 
 /// Stage 5: rewrite or encapsulate, then TX or redirect.

@@ -11,6 +11,7 @@ use vpnlb_common::VipKey;
 
 use crate::dataplane::{ApplyReport, BackendSpec, ClassSpec, Dataplane, DataplaneError, VipSpec};
 use crate::maps::MapWriter;
+use crate::session_ids::IdPrefix;
 use crate::state::{BackendState, Health};
 
 /// A backend with everything resolved (addresses, MACs, ifindexes) except its state.
@@ -50,6 +51,8 @@ pub struct DesiredVip {
 pub struct Desired {
     pub backends: Vec<DesiredBackend>,
     pub vips: Vec<DesiredVip>,
+    /// Static session-id ranges (`ID_RANGES` prefix -> backend id) from the backends' config.
+    pub id_ranges: Vec<(IdPrefix, u32)>,
 }
 
 /// Which pool serves a VIP (or one of its classes) right now, for status and events.
@@ -162,6 +165,7 @@ pub fn reconcile<W: MapWriter>(
             out.backends_written += 1;
         }
     }
+    add(&mut out.report, dp.set_id_ranges(&desired.id_ranges)?);
     let mut wanted_keys: HashSet<VipKey> = HashSet::new();
     for v in &desired.vips {
         let (spec, choices) = vip_spec(v, health, &by_name);
@@ -232,6 +236,7 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         Desired {
             backends: vec![backend("gw1", 1), backend("gw2", 2), backend("gw3", 3)],
+            id_ranges: Vec::new(),
             vips: vec![DesiredVip {
                 name: "ovpn".into(),
                 template: VipSpec {
@@ -390,5 +395,33 @@ mod tests {
         assert_eq!(members(m, 1), BTreeSet::from([0]));
         assert_eq!(m.backend(3).unwrap().state, vpnlb_common::BACKEND_UNUSED);
         assert_eq!(m.backend(1).unwrap().state, BACKEND_UP);
+    }
+
+    #[test]
+    fn static_id_ranges_follow_the_config_and_leave_before_their_backend() {
+        use crate::session_ids::esp_range_prefixes;
+        let mut d = desired();
+        let gw3 = esp_range_prefixes(0xc300_0000, 0xc3ff_ffff);
+        d.id_ranges = gw3.iter().map(|p| (*p, 3)).collect();
+        let mut dp = Dataplane::with_ring_rows(MemMaps::new(), 4);
+        let h = health(&["gw1", "gw2", "gw3"]);
+        reconcile(&mut dp, &d, &h).unwrap();
+        assert_eq!(
+            dp.writer().id_ranges,
+            gw3.iter().map(|p| (*p, 3)).collect(),
+            "gw3's range installed"
+        );
+        let r = reconcile(&mut dp, &d, &h).unwrap();
+        assert_eq!(
+            r.report.maps_written, 0,
+            "nothing rewritten when nothing changed"
+        );
+        // gw3 leaves the config: its range goes with it (before its BACKENDS entry is cleared).
+        let mut smaller = d.clone();
+        smaller.vips.clear();
+        smaller.backends.truncate(2);
+        smaller.id_ranges.clear();
+        reconcile(&mut dp, &smaller, &h).unwrap();
+        assert!(dp.writer().id_ranges.is_empty());
     }
 }

@@ -7,7 +7,8 @@
 //! - `repeat`: one syscall runs the program N times on the same packet (idempotent paths: L2 DSR hit,
 //!   pass); the kernel reports the mean.
 //! - `single`: N syscalls with repeat=1 (paths that grow the packet or need a new flow every time:
-//!   encapsulation, miss+insert); the mean of the kernel-reported durations.
+//!   encapsulation, miss+insert, a new session id every packet); the mean of the kernel-reported
+//!   durations.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -17,7 +18,7 @@ use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
 use vpnlb::loader::{LoadOptions, load, object_bytes};
 use vpnlb::maps::{AyaMaps, MapReader};
 use vpnlb_common::*;
-use vpnlb_tests::packet::Frame;
+use vpnlb_tests::packet::{Frame, vpn};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -105,14 +106,15 @@ fn main() {
     let json = std::env::args().any(|a| a == "--json");
     pin_cpu(1);
 
-    // Production object with two VIPs: L2 DSR and IPIP, three backends each.
+    // Production object with three VIPs: L2 DSR, IPIP, and L2 DSR learning WireGuard ids; three
+    // backends each.
     let obj = object_bytes().expect("eBPF object (cargo xtask build-ebpf)");
     let mut ebpf = load(
         &obj,
         &LoadOptions {
             pin_dir: None,
             max_sessions: Some(1 << 20),
-            ring_rows: Some(2),
+            ring_rows: Some(3),
         },
     )
     .expect("load vpnlb");
@@ -139,16 +141,21 @@ fn main() {
     }
     let vip_dsr: IpAddr = "10.0.0.10".parse().unwrap();
     let vip_encap: IpAddr = "10.0.0.11".parse().unwrap();
-    for (i, (addr, mode)) in [(vip_dsr, FWD_MODE_L2DSR), (vip_encap, FWD_MODE_IPIP)]
-        .into_iter()
-        .enumerate()
+    let vip_ids: IpAddr = "10.0.0.12".parse().unwrap();
+    for (i, (addr, mode, flags)) in [
+        (vip_dsr, FWD_MODE_L2DSR, 0),
+        (vip_encap, FWD_MODE_IPIP, 0),
+        (vip_ids, FWD_MODE_L2DSR, VIP_F_IDS_WIREGUARD),
+    ]
+    .into_iter()
+    .enumerate()
     {
         dp.upsert_vip(VipSpec {
             key: VipKey::new(addr, 51820, PROTO_UDP),
             vip_id: i as u32,
             ring_id: i as u32,
             ring_size: DEFAULT_RING_SIZE,
-            flags: 0,
+            flags,
             fwd_mode: mode,
             mtu: 0,
             idle_timeout_ns: 0,
@@ -175,6 +182,14 @@ fn main() {
     let pkt_dsr = udp(vip_dsr, 40000, client);
     let pkt_encap = udp(vip_encap, 40000, client);
     let pkt_other = udp("10.0.0.99".parse().unwrap(), 40000, client);
+    // WireGuard transport data to the id VIP: receiver index `index`, from `src`:`sport`.
+    let wg = |src: IpAddr, sport: u16, index: u32| {
+        Frame::udp(src, sport, vip_ids, 51820, &vpn::wireguard(4, index))
+            .macs(mac_lb, mac_cl)
+            .bytes()
+    };
+    const KNOWN_ID: u32 = 0x4b4b_4b4b;
+    let pkt_known = wg(client, 40000, KNOWN_ID);
 
     let mut floor_ebpf =
         aya::Ebpf::load(&vpnlb_tests::testbed::helper_object()).expect("load bench programs");
@@ -195,11 +210,19 @@ fn main() {
     // Warm the sessions the hit rows use (and check they were created).
     run_repeat(ingress, &pkt_dsr, 1, XDP_TX);
     run_repeat(ingress, &pkt_encap, 1, XDP_TX);
+    // The id VIP's session, then a hit that learns KNOWN_ID; and the session learn_session_id hits.
+    run_repeat(ingress, &pkt_known, 2, XDP_TX);
+    run_repeat(ingress, &wg(client, 40001, 0), 1, XDP_TX);
     let maps = dp.writer();
     assert_eq!(
         counter(maps, SESSION_INSERT),
-        2,
-        "warm-up inserted both sessions"
+        4,
+        "warm-up inserted the four sessions"
+    );
+    assert_eq!(
+        counter(maps, SESSION_ID_LEARNED),
+        1,
+        "warm-up learned the id"
     );
 
     let mut samples: Vec<(&str, &str, Vec<f64>)> = vec![
@@ -209,7 +232,12 @@ fn main() {
         ("hit_encap", "single", vec![]),
         ("new_flow", "single", vec![]),
         ("pass_non_vip", "repeat", vec![]),
+        ("hit_known_id", "repeat", vec![]),
+        ("learn_session_id", "single", vec![]),
+        ("hit_by_session_id", "single", vec![]),
     ];
+    // Receiver indices never seen before (the warm-up used 0 and KNOWN_ID).
+    let mut next_index = 0x1000_0000u32;
     let mut next_client = 0u32;
     for _ in 0..RUNS {
         // Interleave the rows inside each run so drift hits them all alike.
@@ -284,6 +312,70 @@ fn main() {
             REPEAT as u64,
             "pass_non_vip: every packet passed"
         );
+
+        // A session hit whose id is already learned: one SESSION_IDS lookup on top of hit_l2dsr.
+        let (h0, l0) = (
+            counter(maps, SESSION_HIT),
+            counter(maps, SESSION_ID_LEARNED),
+        );
+        samples[6]
+            .2
+            .push(run_repeat(ingress, &pkt_known, REPEAT, XDP_TX));
+        assert_eq!(
+            counter(maps, SESSION_HIT) - h0,
+            REPEAT as u64,
+            "hit_known_id: every packet a session hit"
+        );
+        assert_eq!(
+            counter(maps, SESSION_ID_LEARNED),
+            l0,
+            "hit_known_id: nothing new to learn"
+        );
+
+        // A session hit carrying a new id every packet: lookup + SESSION_IDS insert.
+        let (h0, l0) = (
+            counter(maps, SESSION_HIT),
+            counter(maps, SESSION_ID_LEARNED),
+        );
+        samples[7]
+            .2
+            .push(run_single(ingress, SINGLE_CALLS, XDP_TX, |_| {
+                next_index += 1;
+                wg(client, 40001, next_index)
+            }));
+        assert_eq!(
+            counter(maps, SESSION_HIT) - h0,
+            SINGLE_CALLS as u64,
+            "learn_session_id: every packet a session hit"
+        );
+        assert_eq!(
+            counter(maps, SESSION_ID_LEARNED) - l0,
+            SINGLE_CALLS as u64,
+            "learn_session_id: every packet learned its id"
+        );
+
+        // A new five-tuple (a roamed client) carrying the known id: miss, id lookup, insert.
+        let (u0, i0) = (
+            counter(maps, SESSION_ID_USED),
+            counter(maps, SESSION_INSERT),
+        );
+        samples[8]
+            .2
+            .push(run_single(ingress, SINGLE_CALLS, XDP_TX, |_| {
+                next_client += 1;
+                let c = 0xc700_0000u32 + next_client;
+                wg(IpAddr::V4(Ipv4Addr::from(c)), 40000, KNOWN_ID)
+            }));
+        assert_eq!(
+            counter(maps, SESSION_ID_USED) - u0,
+            SINGLE_CALLS as u64,
+            "hit_by_session_id: every packet went by its id"
+        );
+        assert_eq!(
+            counter(maps, SESSION_INSERT) - i0,
+            SINGLE_CALLS as u64,
+            "hit_by_session_id: every packet created its session"
+        );
     }
 
     // Single-call rows carry the kernel's per-call timer overhead; the floor measured the same way
@@ -320,12 +412,12 @@ fn main() {
         "repeat = {REPEAT} iterations per syscall; single = {SINGLE_CALLS} syscalls of one packet (kernel-timed)"
     );
     println!(
-        "{:<14} {:<7} {:>8} {:>10} {:>17} {:>8}",
+        "{:<18} {:<7} {:>8} {:>10} {:>17} {:>8}",
         "path", "method", "raw ns", "ns/packet", "min-max", "x floor"
     );
     for r in &rows {
         println!(
-            "{:<14} {:<7} {:>8.1} {:>10.1} {:>17} {:>8.2}",
+            "{:<18} {:<7} {:>8.1} {:>10.1} {:>17} {:>8.2}",
             r.name,
             r.method,
             r.raw_ns,

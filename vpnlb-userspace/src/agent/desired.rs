@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use vpnlb_common::{DEFAULT_GUE_PORT, GlobalConfig, VIP_F_HASH_SRC_ONLY, VipKey, addr_words};
+use vpnlb_common::{DEFAULT_GUE_PORT, GlobalConfig, VipKey, addr_words};
 
-use crate::config::{Config, Forwarding, HashMode, IdMap};
+use crate::config::{Config, Forwarding, IdMap};
 use crate::dataplane::{BackendSpec, VipSpec};
 use crate::reconcile::{Desired, DesiredBackend, DesiredClass, DesiredPool, DesiredVip};
 
@@ -92,6 +92,8 @@ pub fn desired(
                 state: 0,
             },
         });
+        out.id_ranges
+            .extend(b.id_prefixes().into_iter().map(|p| (p, id)));
     }
     for v in &cfg.vips {
         let vip_id = ids
@@ -105,11 +107,7 @@ pub fn desired(
             vip_id,
             ring_id,
             ring_size: v.ring_size,
-            flags: if v.hash == HashMode::Source {
-                VIP_F_HASH_SRC_ONLY
-            } else {
-                0
-            },
+            flags: v.flags(),
             fwd_mode: v.forwarding.mode(),
             mtu: v.mtu,
             idle_timeout_ns: v.idle_timeout_s.saturating_mul(1_000_000_000),

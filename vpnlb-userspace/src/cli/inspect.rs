@@ -327,6 +327,66 @@ pub fn sessions(src: &Source, q: &SessionQuery) -> Result<(Value, String)> {
     ))
 }
 
+/// `inspect session-ids`: learned ids (`SESSION_IDS`) and static ranges (`ID_RANGES`), optionally
+/// of one backend.
+pub fn session_ids(src: &Source, backend: Option<&str>) -> Result<(Value, String)> {
+    use crate::session_ids::{format_id, kind_name};
+    let backend_f = match backend {
+        Some(b) => Some(
+            src.names
+                .backend_id(b)
+                .with_context(|| format!("unknown backend {b:?}: give a name or an id"))?,
+        ),
+        None => None,
+    };
+    let mut ids = src.maps.session_ids().context("reading SESSION_IDS")?;
+    ids.retain(|(_, b)| backend_f.is_none_or(|f| *b == f));
+    ids.sort_by_key(|(k, b)| (*b, k.kind, k.addr, k.id));
+    let mut t = Table::new(&["VIP ADDRESS", "KIND", "ID", "BACKEND"]);
+    let mut rows = Vec::new();
+    for (k, b) in &ids {
+        let vip = render::addr_str(k.addr, k.family);
+        let (kind, id) = (kind_name(k.kind), format_id(k));
+        t.row(vec![
+            vip.clone(),
+            kind.into(),
+            id.clone(),
+            src.names.backend(*b),
+        ]);
+        rows.push(json!({
+            "vip_address": vip, "kind": kind, "id": id,
+            "backend_id": b, "backend": src.names.backend(*b),
+        }));
+    }
+    let mut ranges = src.maps.id_ranges().context("reading ID_RANGES")?;
+    ranges.retain(|(_, b)| backend_f.is_none_or(|f| *b == f));
+    ranges.sort();
+    let range_rows: Vec<Value> = ranges
+        .iter()
+        .map(|(p, b)| {
+            let bits = p
+                .prefix_len
+                .saturating_sub(vpnlb_common::ID_RANGE_KIND_BITS);
+            json!({
+                "kind": kind_name(p.data.kind),
+                "prefix": format!("{}/{bits}", hex_bytes(&p.data.id)),
+                "backend_id": b, "backend": src.names.backend(*b),
+            })
+        })
+        .collect();
+    let text = format!(
+        "{}{} learned ids, {} static range prefixes\n",
+        t.render(),
+        ids.len(),
+        ranges.len()
+    );
+    Ok((json!({ "learned": rows, "ranges": range_rows }), text))
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// One ring (a VIP's own or one of its classes') and who owns its slots.
 fn ring_json(
     src: &Source,

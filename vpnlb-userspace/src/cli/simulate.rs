@@ -16,6 +16,7 @@ use super::render::{self, Table};
 use super::source::{Names, Source};
 use crate::maps::MemMaps;
 use crate::model::{self, ModelCtx, ModelResult};
+use crate::session_ids::{IdPrefix, format_id, kind_name};
 
 /// A flow given on the command line.
 #[derive(Clone, Debug)]
@@ -293,6 +294,9 @@ fn explain(
     let backend = r.backend_id.map(|id| names.backend(id));
     let events: Vec<&str> = r.events.iter().map(|e| counter(*e)).collect();
     let hit = r.events.contains(&SESSION_HIT);
+    let sid = r
+        .session_id
+        .map(|k| format!("{} id {}", kind_name(k.kind), format_id(&k)));
     let mut ring_id = None;
     let mut slot = None;
     let mut class: Option<String> = None;
@@ -317,10 +321,41 @@ fn explain(
         } else if r.events.contains(&SESSION_REPICK_IDLE) {
             pre = "session re-picked (idle past the VIP's timeout); ".to_string();
         }
+        let sid_owner = r.session_id.map(|k| {
+            let full = IdPrefix::new(k.kind, k.id.to_le_bytes(), 64);
+            match before.id_range_lookup(&full.data) {
+                Some(id) => (id, "static range"),
+                None => (before.session_ids.get(&k).copied().unwrap_or(0), "learned"),
+            }
+        });
+        if r.events.contains(&SESSION_ID_REJECTED)
+            && let Some((owner, how)) = sid_owner
+        {
+            pre.push_str(&format!(
+                "{} ({how}) belongs to {} which is not up, so the hash decides; ",
+                sid.clone().unwrap_or_default(),
+                names.backend(owner)
+            ));
+        }
         if hit {
             reason = "session_hit";
             why = format!(
                 "session hit: existing session to {}",
+                backend.clone().unwrap_or_default()
+            );
+            if r.events.contains(&SESSION_ID_LEARNED) {
+                why.push_str(&format!(
+                    "; learned {} -> {}",
+                    sid.clone().unwrap_or_default(),
+                    backend.clone().unwrap_or_default()
+                ));
+            }
+        } else if r.events.contains(&SESSION_ID_USED) {
+            reason = "session_id";
+            why = format!(
+                "{pre}{} is known ({}): kept on {} (new session)",
+                sid.clone().unwrap_or_default(),
+                sid_owner.map_or("learned", |(_, how)| how),
                 backend.clone().unwrap_or_default()
             );
         } else if m.ring_size == 0 {
@@ -440,6 +475,7 @@ fn explain(
         "reason": reason,
         "why": why,
         "session_events": events,
+        "session_id": r.session_id.map(|k| json!({"kind": kind_name(k.kind), "id": format_id(&k)})),
         "hash": r.hash,
         "ring_id": ring_id,
         "slot": slot,

@@ -23,12 +23,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use vpnlb_common::{
     DEFAULT_GUE_PORT, DEFAULT_MAX_SESSIONS, DEFAULT_RING_SIZE, FWD_MODE_GUE, FWD_MODE_IPIP,
-    FWD_MODE_L2DSR, GlobalConfig, PROTO_ESP, PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY, VipKey,
-    addr_words,
+    FWD_MODE_L2DSR, GlobalConfig, PROTO_ESP, PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY,
+    VIP_F_IDS_IPSEC, VIP_F_IDS_OPENVPN, VIP_F_IDS_WIREGUARD, VipKey, addr_words,
 };
 
 use crate::health::CheckSpec;
 use crate::loader::LoadOptions;
+use crate::session_ids::{IdPrefix, esp_range_prefixes, ike_label_prefix};
 
 pub use error::{ConfigError, FieldPath, PathSeg};
 pub use ids::{IdMap, RingKey, assign_ids};
@@ -362,10 +363,80 @@ pub struct BackendConfig {
     /// `[[backend.check]]`; none = always up.
     #[serde(rename = "check", default)]
     pub checks: Vec<CheckSpec>,
+    /// Static ESP SPI range of this gateway (strongSwan `charon.spi_min`/`spi_max`): ESP with an
+    /// SPI in `esp_spi_min..=esp_spi_max` goes here on a session miss, learned or not.
+    #[serde(default)]
+    pub esp_spi_min: Option<u32>,
+    #[serde(default)]
+    pub esp_spi_max: Option<u32>,
+    /// Static IKE SPI label (strongSwan `charon.spi_mask`/`spi_label`): IKE whose responder SPI
+    /// has `ike_spi_label` under `ike_spi_mask` (contiguous high bits) goes here.
+    #[serde(default)]
+    pub ike_spi_mask: Option<Hex64>,
+    #[serde(default)]
+    pub ike_spi_label: Option<Hex64>,
+}
+
+/// A 64-bit value written as a TOML integer or, above `i64::MAX`, a `"0x..."` string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Hex64(pub u64);
+
+impl Serialize for Hex64 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:#018x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Hex64 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        let bad = |s: &str| {
+            serde::de::Error::custom(format!(
+                "invalid 64-bit value {s:?}: expected an integer or a hex string such as \
+                 \"0xff00000000000000\""
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Int(v) => Ok(Hex64(v)),
+            Raw::Str(s) => {
+                let digits = s
+                    .strip_prefix("0x")
+                    .or_else(|| s.strip_prefix("0X"))
+                    .ok_or_else(|| bad(&s))?;
+                u64::from_str_radix(&digits.replace('_', ""), 16)
+                    .map(Hex64)
+                    .map_err(|_| bad(&s))
+            }
+        }
+    }
 }
 
 pub fn default_weight() -> u32 {
     1
+}
+
+impl BackendConfig {
+    /// The `ID_RANGES` prefixes of this backend's static ESP SPI range and IKE SPI label (a
+    /// half-given or invalid pair, which validation reports, gives none).
+    pub fn id_prefixes(&self) -> Vec<IdPrefix> {
+        let mut out = Vec::new();
+        if let (Some(min), Some(max)) = (self.esp_spi_min, self.esp_spi_max)
+            && min <= max
+        {
+            out.extend(esp_range_prefixes(min, max));
+        }
+        if let (Some(mask), Some(label)) = (self.ike_spi_mask, self.ike_spi_label)
+            && let Ok(p) = ike_label_prefix(mask.0, label.0)
+        {
+            out.push(p);
+        }
+        out
+    }
 }
 
 /// `[[vip]]`: one (address, port, protocol) the data plane balances.
@@ -401,6 +472,41 @@ pub struct VipConfig {
     /// `[[vip.class]]`.
     #[serde(rename = "class", default)]
     pub classes: Vec<ClassConfig>,
+    /// Learn the gateway-chosen ids of this VPN protocol and keep roaming clients on their
+    /// gateway; VIPs of one address with the same value share what they learn.
+    #[serde(default)]
+    pub session_ids: Option<SessionIds>,
+}
+
+/// `vip.session_ids`: which protocol's ids the data plane learns (docs/datapath.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionIds {
+    /// WireGuard receiver indices (UDP).
+    Wireguard,
+    /// IKE responder SPIs and ESP SPIs (UDP 500, NAT-T on any other UDP port, esp).
+    Ipsec,
+    /// OpenVPN P_DATA_V2 peer-ids (UDP).
+    Openvpn,
+}
+
+impl SessionIds {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionIds::Wireguard => "wireguard",
+            SessionIds::Ipsec => "ipsec",
+            SessionIds::Openvpn => "openvpn",
+        }
+    }
+
+    /// The `VIP_F_IDS_*` flag.
+    pub fn flag(self) -> u32 {
+        match self {
+            SessionIds::Wireguard => VIP_F_IDS_WIREGUARD,
+            SessionIds::Ipsec => VIP_F_IDS_IPSEC,
+            SessionIds::Openvpn => VIP_F_IDS_OPENVPN,
+        }
+    }
 }
 
 pub fn default_ring_size() -> u32 {
@@ -429,13 +535,14 @@ impl VipConfig {
         VipKey::new(self.address, self.port(), self.protocol.number())
     }
 
-    /// The `VipMeta::flags` the config decides (`VIP_F_HASH_SRC_ONLY`); flags that follow from
-    /// installed state (classes) are the agent's.
+    /// The `VipMeta::flags` the config decides (`VIP_F_HASH_SRC_ONLY`, `VIP_F_IDS_*`); flags
+    /// that follow from installed state (classes) are the agent's.
     pub fn flags(&self) -> u32 {
-        match self.hash {
+        let hash = match self.hash {
             HashMode::Source => VIP_F_HASH_SRC_ONLY,
             HashMode::FiveTuple => 0,
-        }
+        };
+        hash | self.session_ids.map_or(0, SessionIds::flag)
     }
 
     pub fn idle_timeout_ns(&self) -> u64 {

@@ -1768,3 +1768,109 @@ fn helpers() {
     assert!(!MacAddr([0xff; 6]).is_unicast());
     assert_eq!(Protocol::Esp.number(), PROTO_ESP);
 }
+
+#[test]
+fn session_ids_and_static_ranges() {
+    use crate::session_ids::{esp_range_prefixes, ike_label_prefix};
+    use vpnlb_common::{VIP_F_IDS_IPSEC, VIP_F_IDS_OPENVPN, VIP_F_IDS_WIREGUARD};
+    let vip = |proto: &str, port: &str, ids: &str| {
+        format!(
+            "{HEAD}\n[[vip]]\nname = \"v\"\naddress = \"203.0.113.30\"\n{port}protocol = \
+             \"{proto}\"\nsession_ids = \"{ids}\" #!\n[[vip.pool]]\nname = \"p\"\nbackends = \
+             [\"gw1\"]\n"
+        )
+    };
+    for (proto, port, ids, flag) in [
+        ("udp", "port = 51820\n", "wireguard", VIP_F_IDS_WIREGUARD),
+        ("udp", "port = 4500\n", "ipsec", VIP_F_IDS_IPSEC),
+        ("esp", "", "ipsec", VIP_F_IDS_IPSEC),
+        ("udp", "port = 1194\n", "openvpn", VIP_F_IDS_OPENVPN),
+    ] {
+        let cfg = ok(&vip(proto, port, ids));
+        assert_eq!(cfg.vips[0].flags(), flag, "{ids} over {proto}");
+    }
+    rejects(
+        &vip("tcp", "port = 443\n", "openvpn"),
+        "vip \"v\".session_ids",
+        "\"openvpn\" ids are not carried by protocol = \"tcp\" (udp only)",
+    );
+    rejects(
+        &vip("esp", "", "wireguard"),
+        "vip \"v\".session_ids",
+        "not carried by protocol = \"esp\"",
+    );
+    let e = fails(&vip("udp", "port = 1\n", "l2tp"));
+    assert!(e.to_string().contains("unknown variant"), "{e}");
+
+    let ranges = |gw1: &str, gw2: &str| {
+        HEAD.replace(
+            "address = \"10.0.0.11\"\n",
+            &format!("address = \"10.0.0.11\"\n{gw1}\n"),
+        )
+        .replace(
+            "address = \"10.0.0.12\"\n",
+            &format!("address = \"10.0.0.12\"\n{gw2}\n"),
+        )
+    };
+    let cfg = ok(&ranges(
+        "esp_spi_min = 0xc1000000\nesp_spi_max = 0xc1ffffff\nike_spi_mask = \
+         \"0xff00000000000000\"\nike_spi_label = \"0x0100000000000000\"",
+        "esp_spi_min = 0xc2000000\nesp_spi_max = 0xc2ffffff\nike_spi_mask = \
+         \"0xff00000000000000\"\nike_spi_label = 0x0200000000000000",
+    ));
+    let mut want = esp_range_prefixes(0xc100_0000, 0xc1ff_ffff);
+    want.push(ike_label_prefix(0xff00_0000_0000_0000, 0x0100_0000_0000_0000).unwrap());
+    assert_eq!(cfg.backends[0].id_prefixes(), want);
+    rejects(
+        &ranges("esp_spi_min = 0xc1000000 #!", ""),
+        "backend \"gw1\".esp_spi_min",
+        "esp_spi_min needs esp_spi_max",
+    );
+    rejects(
+        &ranges("esp_spi_min = 0xc2000000 #!\nesp_spi_max = 0xc1000000", ""),
+        "backend \"gw1\".esp_spi_min",
+        "is not a range of valid SPIs",
+    );
+    rejects(
+        &ranges("esp_spi_min = 1 #!\nesp_spi_max = 100", ""),
+        "backend \"gw1\".esp_spi_min",
+        "reserved by RFC 4303",
+    );
+    rejects(
+        &ranges(
+            "ike_spi_mask = \"0x00ff000000000000\" #!\nike_spi_label = \"0x0001000000000000\"",
+            "",
+        ),
+        "backend \"gw1\".ike_spi_mask",
+        "contiguous high bits",
+    );
+    rejects(
+        &ranges(
+            "ike_spi_mask = \"0xf000000000000000\" #!\nike_spi_label = \"0x0100000000000000\"",
+            "",
+        ),
+        "backend \"gw1\".ike_spi_mask",
+        "outside ike_spi_mask",
+    );
+    rejects(
+        &ranges(
+            "esp_spi_min = 0xc1000000\nesp_spi_max = 0xc1ffffff",
+            "esp_spi_min = 0xc1800000 #!\nesp_spi_max = 0xc2ffffff",
+        ),
+        "backend \"gw2\".esp_spi_min",
+        "overlaps the range of backend \"gw1\" (line 5)",
+    );
+    rejects(
+        &ranges(
+            "ike_spi_mask = \"0xf000000000000000\"\nike_spi_label = \"0x1000000000000000\"",
+            "ike_spi_mask = \"0xff00000000000000\"\nike_spi_label = \"0x1200000000000000\" #!",
+        ),
+        "backend \"gw2\".ike_spi_label",
+        "overlaps the range of backend \"gw1\"",
+    );
+    let e = fails(&ranges(
+        "ike_spi_mask = \"ff\"\nike_spi_label = \"0x1\"",
+        "",
+    ));
+    assert!(e.to_string().contains("invalid 64-bit value \"ff\""), "{e}");
+}

@@ -11,7 +11,7 @@ use super::error::FieldPath;
 use super::locate::Doc;
 use super::{
     AgentConfig, BackendConfig, CheckSpec, Config, Forwarding, HashMode, HooksConfig, Protocol,
-    VipConfig,
+    SessionIds, VipConfig,
 };
 
 /// Longest backend/VIP/pool/class name.
@@ -29,6 +29,8 @@ const MAX_BFD_INTERVAL_MS: u64 = u32::MAX as u64 / 1000;
 const MAX_IDLE_TIMEOUT_S: u64 = u64::MAX / 1_000_000_000;
 /// Linux IFNAMSIZ - 1.
 const MAX_IFNAME_LEN: usize = 15;
+/// Lowest ESP SPI a static range may start at (1..=255 are reserved, RFC 4303 2.1).
+const MIN_ESP_SPI: u32 = 256;
 
 pub(crate) type Issue = (FieldPath, String);
 
@@ -222,6 +224,7 @@ impl Checker<'_, '_> {
         for (i, b) in cfg.backends.iter().enumerate() {
             self.backend(path("backend").index(i), b);
         }
+        self.id_range_overlaps(cfg);
         self.unique(
             "backend name",
             cfg.backends
@@ -253,6 +256,7 @@ impl Checker<'_, '_> {
                 format!("{} is out of range 1..={MAX_WEIGHT}", b.weight),
             );
         }
+        self.id_ranges(&at, b);
         let mut bfd_seen = false;
         for (j, check) in b.checks.iter().enumerate() {
             let cat = at.clone().key("check").index(j);
@@ -266,6 +270,70 @@ impl Checker<'_, '_> {
                 bfd_seen = true;
             }
             self.check(cat, check);
+        }
+    }
+
+    /// A backend's static session-id ranges: both ends (or mask and label) or neither, in order.
+    fn id_ranges(&mut self, at: &FieldPath, b: &BackendConfig) {
+        let k = |key: &str| at.clone().key(key);
+        match (b.esp_spi_min, b.esp_spi_max) {
+            (Some(_), None) => self.err(k("esp_spi_min"), "esp_spi_min needs esp_spi_max"),
+            (None, Some(_)) => self.err(k("esp_spi_max"), "esp_spi_max needs esp_spi_min"),
+            (Some(min), Some(max)) if min < MIN_ESP_SPI || min > max => self.err(
+                k("esp_spi_min"),
+                format!(
+                    "{min:#x}..={max:#x} is not a range of valid SPIs ({MIN_ESP_SPI}..=0xffffffff, \
+                     min <= max; SPIs below 256 are reserved by RFC 4303)"
+                ),
+            ),
+            _ => {}
+        }
+        match (b.ike_spi_mask, b.ike_spi_label) {
+            (Some(_), None) => self.err(k("ike_spi_mask"), "ike_spi_mask needs ike_spi_label"),
+            (None, Some(_)) => self.err(k("ike_spi_label"), "ike_spi_label needs ike_spi_mask"),
+            (Some(mask), Some(label)) => {
+                if let Err(e) = crate::session_ids::ike_label_prefix(mask.0, label.0) {
+                    self.err(k("ike_spi_mask"), e);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Two backends must not claim the same ESP SPI or IKE SPI label: the data plane could only
+    /// send such ids to one of them.
+    fn id_range_overlaps(&mut self, cfg: &Config) {
+        let ranges: Vec<(usize, Vec<crate::session_ids::IdPrefix>)> = cfg
+            .backends
+            .iter()
+            .map(|b| b.id_prefixes())
+            .enumerate()
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        for (n, (i, mine)) in ranges.iter().enumerate() {
+            let Some((j, key)) = ranges[..n].iter().find_map(|(j, theirs)| {
+                mine.iter().find_map(|a| {
+                    theirs
+                        .iter()
+                        .find(|b| a.matches(&b.data) || b.matches(&a.data))
+                        .map(|_| (*j, a.data.kind))
+                })
+            }) else {
+                continue;
+            };
+            let field = if key == vpnlb_common::ID_ESP {
+                "esp_spi_min"
+            } else {
+                "ike_spi_label"
+            };
+            let line = self.line(&path("backend").index(j));
+            self.err(
+                path("backend").index(*i).key(field),
+                format!(
+                    "overlaps the range of backend {:?} (line {line}): an id can have one owner",
+                    cfg.backends[j].name
+                ),
+            );
         }
     }
 
@@ -568,6 +636,24 @@ impl Checker<'_, '_> {
                 "must be absent or 0 with protocol = \"esp\" (ESP has no ports)",
             ),
             _ => {}
+        }
+        match (v.session_ids, v.protocol) {
+            (Some(SessionIds::Ipsec), Protocol::Udp | Protocol::Esp)
+            | (Some(SessionIds::Wireguard | SessionIds::Openvpn), Protocol::Udp)
+            | (None, _) => {}
+            (Some(ids), proto) => self.err(
+                k("session_ids"),
+                format!(
+                    "{:?} ids are not carried by protocol = {:?} ({})",
+                    ids.as_str(),
+                    proto.as_str(),
+                    if ids == SessionIds::Ipsec {
+                        "ipsec: udp (500, NAT-T) or esp"
+                    } else {
+                        "udp only"
+                    }
+                ),
+            ),
         }
         match (v.forwarding, v.gue_port) {
             (Forwarding::Gue, Some(0)) => self.err(k("gue_port"), "must be 1..=65535"),

@@ -76,6 +76,20 @@ impl MapWriter for Rec {
     fn remove_session(&mut self, key: &FlowKey) -> Result<(), MapError> {
         self.maps.remove_session(key)
     }
+    fn set_session_id(&mut self, key: &vpnlb_common::IdKey, id: u32) -> Result<(), MapError> {
+        self.maps.set_session_id(key, id)
+    }
+    fn remove_session_id(&mut self, key: &vpnlb_common::IdKey) -> Result<(), MapError> {
+        self.maps.remove_session_id(key)
+    }
+    fn set_id_range(&mut self, p: &crate::session_ids::IdPrefix, id: u32) -> Result<(), MapError> {
+        self.step(format!("id_range {}", p.prefix_len))?;
+        self.maps.set_id_range(p, id)
+    }
+    fn remove_id_range(&mut self, p: &crate::session_ids::IdPrefix) -> Result<(), MapError> {
+        self.step(format!("remove_id_range {}", p.prefix_len))?;
+        self.maps.remove_id_range(p)
+    }
     fn set_class_ring(&mut self, vip_id: u32, dscp: u8, ring_plus1: u32) -> Result<(), MapError> {
         self.step(format!("class {vip_id}/{dscp}={ring_plus1}"))?;
         self.maps.set_class_ring(vip_id, dscp, ring_plus1)

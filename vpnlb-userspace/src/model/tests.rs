@@ -1185,5 +1185,54 @@ fn verdict_names() {
 fn every_ingress_outcome_is_covered_by_these_tests() {
     // Guard: if a counter is added, this file must learn to reach it.
     assert_eq!(INGRESS_OUTCOMES, 0..28);
-    assert_eq!(NUM_COUNTERS, 40);
+    assert_eq!(NUM_COUNTERS, 43);
+}
+
+#[test]
+fn session_ids_are_learned_on_hits_and_followed_by_new_flows() {
+    let mut dp = Dataplane::new(MemMaps::new());
+    dp.set_config(cfg()).unwrap();
+    dp.upsert_backend(gw(1, "10.1.0.1", 0)).unwrap();
+    dp.upsert_backend(gw(2, "10.1.0.2", 0)).unwrap();
+    let mut v = vip4(51820, FWD_MODE_L2DSR, vec![1, 2]);
+    v.flags = VIP_F_IDS_WIREGUARD;
+    dp.upsert_vip(v).unwrap();
+    let m = dp.writer_mut();
+    // WireGuard transport data: type 4, receiver index 0x01020304 (little-endian).
+    let mut wg = vec![4, 0, 0, 0, 4, 3, 2, 1];
+    wg.extend_from_slice(&[0x55; 24]);
+    let frame = |sp: u16| {
+        eth(
+            0x0800,
+            None,
+            &ipv4(CLIENT, VIP4, 17, 0, &udp(sp, 51820, &wg)),
+        )
+    };
+    let r = run(m, &frame(1000));
+    assert_eq!(r.events, vec![SESSION_MISS, SESSION_INSERT]);
+    let home = r.backend_id.unwrap();
+    let sid = IdKey::new(IpAddr::from(VIP4), ID_WIREGUARD, 0x0102_0304);
+    assert_eq!(r.session_id, Some(sid));
+    assert!(m.session_ids.is_empty(), "a new flow teaches nothing");
+    let r = run(m, &frame(1000));
+    assert_eq!(r.events, vec![SESSION_HIT, SESSION_ID_LEARNED]);
+    assert_eq!(m.session_ids[&sid], home);
+    assert_eq!(run(m, &frame(1000)).events, vec![SESSION_HIT]);
+    // Every other source port keeps the gateway by id, whatever the ring says.
+    for sp in 2000..2040 {
+        let r = run(m, &frame(sp));
+        assert_eq!(
+            r.events,
+            vec![SESSION_MISS, SESSION_ID_USED, SESSION_INSERT]
+        );
+        assert_eq!(r.backend_id, Some(home));
+    }
+    // The id's gateway goes down (and leaves the ring): rejected, the hash decides.
+    dp.set_backend_state(home, BACKEND_DOWN).unwrap();
+    let r = run(dp.writer_mut(), &frame(3000));
+    assert_eq!(
+        r.events,
+        vec![SESSION_MISS, SESSION_ID_REJECTED, SESSION_INSERT]
+    );
+    assert_ne!(r.backend_id, Some(home));
 }

@@ -1,0 +1,142 @@
+//! Stage 3b: the session id a packet carries for its VIP's VPN protocol (docs/datapath.md,
+//! "Session ids"): the WireGuard receiver index, the IKE responder SPI, the ESP SPI (native or
+//! NAT-T) or the OpenVPN peer-id, all chosen by the gateway.
+
+use aya_ebpf::programs::XdpContext;
+use vpnlb_common::{
+    FlowKey, ID_ESP, ID_IKE, ID_OPENVPN, ID_WIREGUARD, IdKey, PROTO_ESP, PROTO_UDP, VIP_F_IDS,
+    VIP_F_IDS_IPSEC, VIP_F_IDS_WIREGUARD, VipMeta,
+};
+
+use crate::parse::{Packet, load16, load32};
+
+/// IKE's well-known port: the IKE header starts the UDP payload (no non-ESP marker).
+const IKE_PORT_BE: u16 = 500u16.to_be();
+/// UDP header length: the payload starts here.
+const UDP_LEN: usize = 8;
+/// IKE header length (RFC 7296 3.1).
+const IKE_HDR_LEN: u32 = 28;
+/// OpenVPN's P_DATA_V2 opcode (top 5 bits of the first payload byte).
+const P_DATA_V2: u8 = 9;
+/// "No peer-id" in P_DATA_V2.
+const PEER_ID_UNSET: u32 = 0x00FF_FFFF;
+
+/// The UDP payload view: a packet pointer and the payload length from the UDP header.
+struct Payload {
+    start: usize,
+    end: usize,
+    len: u32,
+}
+
+impl Payload {
+    /// A pointer to `n` bytes at payload offset `off` (constants after inlining), if the UDP
+    /// length covers them (the frame then does too; the second test is for the verifier).
+    #[inline(always)]
+    fn at(&self, off: usize, n: usize) -> Option<*const u8> {
+        if self.len < (off + n) as u32 || self.start + off + n > self.end {
+            return None;
+        }
+        Some((self.start + off) as *const u8)
+    }
+
+    /// The little-endian u32 load of payload bytes `off..off+4`.
+    #[inline(always)]
+    fn word(&self, off: usize) -> Option<u32> {
+        // SAFETY: `at` proved the 4 bytes are in the packet.
+        self.at(off, 4).map(|p| unsafe { load32(p) })
+    }
+
+    /// The IKE responder SPI of the header at payload offset `off` (None when zero or short).
+    #[inline(always)]
+    fn ike_responder_spi(&self, off: usize) -> Option<(u8, u64)> {
+        if self.len < off as u32 + IKE_HDR_LEN {
+            return None;
+        }
+        let lo = self.word(off + 8)?;
+        let hi = self.word(off + 12)?;
+        let spi = u64::from(lo) | (u64::from(hi) << 32);
+        (spi != 0).then_some((ID_IKE, spi))
+    }
+}
+
+/// The id key of the packet, or `None` when the VIP learns no ids or the packet carries none.
+#[inline(always)]
+pub fn session_id(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipMeta) -> Option<IdKey> {
+    let flags = vip.flags;
+    let (kind, id) = if key.proto == PROTO_ESP {
+        if flags & VIP_F_IDS_IPSEC == 0 {
+            return None;
+        }
+        // The SPI (non-zero, checked by parse) is the first word of the ESP header.
+        (ID_ESP, u64::from(key.ports))
+    } else {
+        if key.proto != PROTO_UDP || flags & VIP_F_IDS == 0 {
+            return None;
+        }
+        // SAFETY: parse proved the 8-byte UDP header at `l4`.
+        let udp_len = u32::from(u16::from_be(unsafe { load16(pkt.l4.add(4)) }));
+        let p = Payload {
+            start: pkt.l4 as usize + UDP_LEN,
+            end: ctx.data_end(),
+            len: udp_len - UDP_LEN as u32,
+        };
+        if flags & VIP_F_IDS_WIREGUARD != 0 {
+            wireguard(&p)?
+        } else if flags & VIP_F_IDS_IPSEC != 0 {
+            ipsec(&p, (key.ports >> 16) as u16)?
+        } else {
+            openvpn(&p)?
+        }
+    };
+    Some(IdKey {
+        addr: key.dst,
+        id,
+        kind,
+        family: key.family,
+        _pad: [0; 6],
+    })
+}
+
+/// Receiver index: type 4 (transport data) and 3 (cookie reply) at offset 4, type 2 (handshake
+/// response) at offset 8; the three reserved bytes after the type must be zero.
+#[inline(always)]
+fn wireguard(p: &Payload) -> Option<(u8, u64)> {
+    let head = p.word(0)?;
+    let (msg_type, reserved) = (head & 0xff, head >> 8);
+    if reserved != 0 {
+        return None;
+    }
+    let index = match msg_type {
+        3 | 4 => p.word(4)?,
+        2 => p.word(8)?,
+        _ => return None,
+    };
+    Some((ID_WIREGUARD, u64::from(index)))
+}
+
+/// UDP 500: the IKE header; any other port (NAT-T): a single 0xff byte is a keepalive (no id),
+/// a zero non-ESP marker is followed by the IKE header, otherwise the payload is ESP (SPI first).
+#[inline(always)]
+fn ipsec(p: &Payload, dport_be: u16) -> Option<(u8, u64)> {
+    if dport_be == IKE_PORT_BE {
+        return p.ike_responder_spi(0);
+    }
+    let marker = p.word(0)?;
+    if marker == 0 {
+        return p.ike_responder_spi(4);
+    }
+    // An ESP header is at least SPI + sequence number.
+    p.at(0, 8)?;
+    Some((ID_ESP, u64::from(marker)))
+}
+
+/// P_DATA_V2 (opcode 9): the 24-bit peer-id in payload bytes 1..4, unless unset (0xFFFFFF).
+#[inline(always)]
+fn openvpn(p: &Payload) -> Option<(u8, u64)> {
+    let w = p.word(0)?;
+    if (w & 0xff) as u8 >> 3 != P_DATA_V2 {
+        return None;
+    }
+    let peer = w >> 8;
+    (peer != PEER_ID_UNSET).then_some((ID_OPENVPN, u64::from(peer)))
+}
