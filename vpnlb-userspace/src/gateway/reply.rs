@@ -26,6 +26,8 @@ use super::host::{self, ip};
 
 /// Prefix of the temporary namespaces (followed by the PID).
 pub const NS_PREFIX: &str = "vpnlb-gwcheck-";
+/// Serializes reply tests on this machine.
+const LOCK: &str = "/run/vpnlb-gwcheck.lock";
 
 /// One UDP packet to the probe client seen leaving this namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -341,6 +343,12 @@ pub fn run(
 ) -> anyhow::Result<Outcome> {
     if vip.is_ipv4() != client.is_ipv4() {
         anyhow::bail!("the probe client {client} and the VIP {vip} are of different families");
+    }
+    // One reply test at a time: two would fight over the probe client's route.
+    let lock = std::fs::File::create(LOCK).with_context(|| format!("create {LOCK}"))?;
+    // SAFETY: flock on a file we own; released when `lock` is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("flock");
     }
     let sock = capture_socket(client, port)?;
     let ns = wire(vip, client, route_src)?;
