@@ -1,5 +1,5 @@
 //! End to end with real WireGuard behind an encapsulating VIP: the real agent (`vpnlb run`) forwards
-//! UDP VIP 51820 to three `wireguard-go` gateways by GUE (`forwarding = "gue"`) or IPIP, with
+//! UDP VIP 51820 to three `wireguard-go` gateways by GUE (`forwarding = "gue"`, port 6081) or IPIP, with
 //! `agent.encap_source_v4` set; every gateway holds the VIP on lo and runs the real `vpnlb decap
 //! attach --iface eth0`, which unwraps the packets in XDP (this kernel has no ipip/fou modules).
 //! Checks: every one of 24 client tunnels carries traffic, every gateway gets a share, every client
@@ -33,8 +33,13 @@ fn decap_status(ns: &str, pin_dir: &str) -> Value {
     serde_json::from_str(&out).expect("decap status JSON")
 }
 
+/// The VIP's GUE port: not the default 6080, so the flags are exercised end to end.
+const GUE_PORT: &str = "6081";
+
 fn run(mode: &str) {
     let t_start = Instant::now();
+    // GUE: the VIP's port; IPIP: GUE off on the gateways.
+    let gue_port = if mode == "gue" { GUE_PORT } else { "0" };
     let prefix = format!("vpnlb-enc{}", &mode[..1]);
     let mut bed = AgentBed::up(&prefix, 3, CLIENTS, |t, _| {
         // Still in the [agent] table: the outer source of the encapsulated packets.
@@ -42,10 +47,13 @@ fn run(mode: &str) {
         for (i, g) in t.gws.iter().enumerate() {
             s.push_str(&backend(i, Some(g.mac("eth0")), 1, &["icmp"]));
         }
-        s.push_str(&vip(&[("all", 0, &["gw1", "gw2", "gw3"])]).replace(
-            "forwarding = \"l2dsr\"",
-            &format!("forwarding = \"{mode}\""),
-        ));
+        let mut fwd = format!("forwarding = \"{mode}\"");
+        if mode == "gue" {
+            fwd.push_str(&format!("\ngue_port = {GUE_PORT}"));
+        }
+        s.push_str(
+            &vip(&[("all", 0, &["gw1", "gw2", "gw3"])]).replace("forwarding = \"l2dsr\"", &fwd),
+        );
         s
     });
     bed.topo.sinks.clear();
@@ -65,7 +73,16 @@ fn run(mode: &str) {
     for (gw, dir) in bed.topo.gws.iter().zip(&pin_dirs) {
         let (code, out, err) = vpnlb_in(
             gw.name(),
-            &["decap", "attach", "--iface", "eth0", "--decap-pin-dir", dir],
+            &[
+                "decap",
+                "attach",
+                "--iface",
+                "eth0",
+                "--gue-port",
+                gue_port,
+                "--decap-pin-dir",
+                dir,
+            ],
         );
         assert_eq!(code, Some(0), "decap attach in {}: {out}{err}", gw.name());
         println!("{}: {}", gw.name(), out.trim());
@@ -154,6 +171,7 @@ fn run(mode: &str) {
         assert_eq!(c[other].as_u64(), Some(0), "{}: {s}", gw.name());
         assert_eq!(c["decap_bad_inner"].as_u64(), Some(0), "{}: {s}", gw.name());
         assert_eq!(s["interfaces"][0]["attached"], true, "{s}");
+        assert_eq!(s["gue_port"].to_string(), gue_port, "{s}");
     }
     // Every packet the LB encapsulated to a gateway was unwrapped there: its per-backend count,
     // read between two reads of the gateway's counter (keepalives still flow), lies between them.
@@ -219,6 +237,8 @@ fn run(mode: &str) {
                 &VIP_PORT.to_string(),
                 "--encap",
                 mode,
+                "--gue-port",
+                gue_port,
                 "--iface",
                 "eth0",
                 "--decap-pin-dir",
@@ -319,6 +339,8 @@ fn run(mode: &str) {
         "attach",
         "--iface",
         "eth0",
+        "--gue-port",
+        gue_port,
         "--decap-pin-dir",
         &pin_dirs[0],
     ];
