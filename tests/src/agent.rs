@@ -498,6 +498,32 @@ impl AgentProcess {
             )
         })
     }
+
+    /// A data-plane counter by name (`vpnlb inspect stats`, e.g. `session_id_used`).
+    pub fn counter(&self, name: &str) -> u64 {
+        let r = self.cli_json(&["inspect", "stats"]);
+        r["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {r}"))
+    }
+
+    /// The backend name `vpnlb simulate` gives a UDP flow `src` -> `dst` on the live maps (the
+    /// reference model; no session is created): for a flow no session knows, the VIP's hash pick.
+    pub fn simulate_udp(&self, src: SocketAddr, dst: SocketAddr) -> String {
+        let r = self.cli_json(&[
+            "simulate",
+            "--src",
+            &src.to_string(),
+            "--dst",
+            &dst.to_string(),
+            "--proto",
+            "udp",
+        ]);
+        r["backend"]
+            .as_str()
+            .unwrap_or_else(|| panic!("simulate named no backend: {r}"))
+            .to_string()
+    }
 }
 
 fn wait_child(c: &mut Child, timeout: Duration) -> Option<ExitStatus> {

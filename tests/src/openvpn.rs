@@ -306,6 +306,30 @@ impl OvpnClient {
     }
 }
 
+impl OvpnClient {
+    /// Acts as a NAT in front of the client that rebinds it to public port `port`: from now on its
+    /// packets leave from `port` and the replies to `port` are rewritten back (stateless nftables
+    /// rewrites after the counters on the way out, before conntrack on the way in), so openvpn on
+    /// the client does not notice; its gateway sees the client at a new address.
+    pub fn rebind(&self, port: u16) {
+        self.ns.sh(&format!(
+            "nft -f - <<'EOF'
+table inet vpnlb_ovp_nat {{
+  chain out {{
+    type filter hook output priority 100;
+    udp sport {own} udp sport set {port}
+  }}
+  chain in {{
+    type filter hook prerouting priority -300;
+    udp dport {port} udp dport set {own}
+  }}
+}}
+EOF",
+            own = self.port
+        ));
+    }
+}
+
 /// Packet counts of a client's OpenVPN socket, split by whether the peer is the VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VipCounters {

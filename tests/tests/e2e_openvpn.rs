@@ -20,14 +20,15 @@
 //! openvpn, easy-rsa, nftables and iputils-ping.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vpnlb_tests::agent::{
     AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, backend_in, vip, wait_for,
 };
-use vpnlb_tests::openvpn::{OvpnBed, PING_RESTART_S, Pki};
-use vpnlb_tests::testbed::VIP_PORT;
+use vpnlb_tests::openvpn::{OvpnBed, OvpnSession, PING_RESTART_S, Pki};
+use vpnlb_tests::testbed::{VIP, VIP_PORT};
 use vpnlb_tests::wg::now_epoch;
 
 const CLIENTS: usize = 12;
@@ -69,60 +70,103 @@ fn check_up(status: &Value, name: &str, kind: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The agent (`icmp` + openvpn checks) in front of three openvpn gateways, and [`CLIENTS`] clients
+/// connected. Field order is drop order: the daemons die before the namespaces.
+struct Lb {
+    ovpn: OvpnBed,
+    bed: AgentBed,
+}
+
+impl Lb {
+    /// `vip_keys` is added to the VIP's table.
+    fn up(vip_keys: &str) -> Lb {
+        let t0 = Instant::now();
+        let pki = Pki::generate("vpnlb-ovp");
+        let probe = pki.hard_reset_probe("vpnlb-ovp");
+        println!(
+            "PKI and a {}-byte hard-reset probe in {:.0} ms",
+            probe.len(),
+            ms(t0.elapsed())
+        );
+        let mut bed = AgentBed::up("vpnlb-ovp", 3, 0, |t, _| {
+            let mut s = String::from(INTERFACE);
+            for (i, g) in t.gws.iter().enumerate() {
+                s.push_str(&backend(i, Some(g.mac("eth0")), 1, &["icmp"]));
+                s.push_str(&openvpn_check(&probe));
+            }
+            let v = vip(&[("all", 0, &GWS)]);
+            s.push_str(&v.replacen("[[vip.pool]]", &format!("{vip_keys}[[vip.pool]]"), 1));
+            s
+        });
+        // The echo sinks hold VIP:51820: OpenVPN takes the port.
+        bed.topo.sinks.clear();
+        let mut ovpn = OvpnBed::up(&bed.topo, "vpnlb-ovp", pki);
+        bed.agent.wait_all_up(&GWS, Duration::from_secs(15));
+        ovpn.connect(&bed.topo, CLIENTS);
+        println!(
+            "openvpn: 3 gateways + {CLIENTS} clients, all connected through the VIP in {:.0} ms \
+             (not counting the wait for the agent's checks)",
+            ms(ovpn.setup)
+        );
+        Lb { ovpn, bed }
+    }
+
+    /// Waits until every client is on exactly one gateway, and checks that two seconds later each
+    /// is still there with the same session; returns the placement and each client's gateway.
+    fn settle(&self) -> (Vec<Vec<(usize, OvpnSession)>>, Vec<usize>) {
+        let all = [0usize, 1, 2];
+        let placed = wait_for(Duration::from_secs(10), || {
+            let p = self.ovpn.placement(&all);
+            p.iter().all(|g| g.len() == 1).then_some(p)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "not every client is on exactly one gateway: {:?}\n{}",
+                self.ovpn.placement(&all),
+                self.ovpn.logs()
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let first = self.ovpn.placement(&all);
+        let owner = first
+            .iter()
+            .enumerate()
+            .map(|(n, g)| {
+                assert_eq!(g, &placed[n], "client {n} changed gateway or session");
+                g[0].0
+            })
+            .collect();
+        (first, owner)
+    }
+
+    /// Every client sent to the VIP only and heard from the VIP only, and still does (keepalives
+    /// every second flow both ways).
+    fn assert_vip_only(&self) {
+        let before: Vec<_> = self.ovpn.clients.iter().map(|c| c.udp_counters()).collect();
+        std::thread::sleep(Duration::from_millis(2500));
+        for (n, c) in self.ovpn.clients.iter().enumerate() {
+            let now = c.udp_counters();
+            assert_eq!(
+                (now.to_other, now.from_other),
+                (0, 0),
+                "client {n} exchanged packets with something other than the VIP: {now:?}"
+            );
+            assert!(
+                now.to_vip > before[n].to_vip && now.from_vip > before[n].from_vip,
+                "client {n}: no packets to and from the VIP at the end: {:?} -> {now:?}",
+                before[n]
+            );
+        }
+    }
+}
+
 fn failover(failure: Failure) {
     let t_start = Instant::now();
-    let pki = Pki::generate("vpnlb-ovp");
-    let probe = pki.hard_reset_probe("vpnlb-ovp");
-    println!(
-        "PKI and a {}-byte hard-reset probe in {:.0} ms",
-        probe.len(),
-        ms(t_start.elapsed())
-    );
-    let mut bed = AgentBed::up("vpnlb-ovp", 3, 0, |t, _| {
-        let mut s = String::from(INTERFACE);
-        for (i, g) in t.gws.iter().enumerate() {
-            s.push_str(&backend(i, Some(g.mac("eth0")), 1, &["icmp"]));
-            s.push_str(&openvpn_check(&probe));
-        }
-        s.push_str(&vip(&[("all", 0, &GWS)]));
-        s
-    });
-    // The echo sinks hold VIP:51820: OpenVPN takes the port.
-    bed.topo.sinks.clear();
-    let mut ovpn = OvpnBed::up(&bed.topo, "vpnlb-ovp", pki);
-    bed.agent.wait_all_up(&GWS, Duration::from_secs(15));
-    ovpn.connect(&bed.topo, CLIENTS);
-    println!(
-        "openvpn: 3 gateways + {CLIENTS} clients, all connected through the VIP in {:.0} ms \
-         (not counting the wait for the agent's checks)",
-        ms(ovpn.setup)
-    );
-
-    let mut pingers = ovpn.ping_all(Duration::from_millis(50));
+    let mut lb = Lb::up("");
+    let mut pingers = lb.ovpn.ping_all(Duration::from_millis(50));
+    let (first, owner) = lb.settle();
+    let Lb { ovpn, bed } = &mut lb;
     let all = [0usize, 1, 2];
-    let placed = wait_for(Duration::from_secs(10), || {
-        let p = ovpn.placement(&all);
-        p.iter().all(|g| g.len() == 1).then_some(p)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "not every client is on exactly one gateway: {:?}\n{}",
-            ovpn.placement(&all),
-            ovpn.logs()
-        )
-    });
-    std::thread::sleep(Duration::from_secs(2));
-
-    // Same gateway and same session (connected-since) two seconds later.
-    let first = ovpn.placement(&all);
-    let owner: Vec<usize> = first
-        .iter()
-        .enumerate()
-        .map(|(n, g)| {
-            assert_eq!(g, &placed[n], "client {n} changed gateway or session");
-            g[0].0
-        })
-        .collect();
     let mut share: BTreeMap<usize, usize> = BTreeMap::new();
     for g in &owner {
         *share.entry(*g).or_default() += 1;
@@ -257,24 +301,8 @@ fn failover(failure: Failure) {
             assert_eq!(end[n][0].1, first[n][0].1, "client {n}: session changed");
         }
     }
-    let before: Vec<_> = ovpn.clients.iter().map(|c| c.udp_counters()).collect();
-    // Keepalives (ping 1 s) flow both ways.
-    std::thread::sleep(Duration::from_millis(2500));
-    for (n, c) in ovpn.clients.iter().enumerate() {
-        let now = c.udp_counters();
-        assert_eq!(
-            (now.to_other, now.from_other),
-            (0, 0),
-            "client {n} exchanged packets with something other than the VIP: {now:?}"
-        );
-        assert!(
-            now.to_vip > before[n].to_vip && now.from_vip > before[n].from_vip,
-            "client {n}: no packets to and from the VIP at the end: {:?} -> {now:?}",
-            before[n]
-        );
-    }
+    lb.assert_vip_only();
     println!("whole test {:.1} s", t_start.elapsed().as_secs_f64());
-    drop(ovpn);
 }
 
 #[test]
@@ -293,4 +321,86 @@ fn openvpn_clients_moved_off_a_wedged_gateway() {
 #[ignore = "needs root and openvpn: run cargo xtask test"]
 fn openvpn_clients_moved_off_a_gateway_whose_link_is_cut() {
     failover(Failure::Cut);
+}
+
+#[test]
+#[ignore = "needs root and openvpn: run cargo xtask test"]
+fn openvpn_client_behind_a_rebinding_nat_keeps_its_gateway() {
+    let lb = Lb::up("session_ids = \"openvpn\"\n");
+    let mut pingers = lb.ovpn.ping_all(Duration::from_millis(50));
+    let (first, owner) = lb.settle();
+    // OpenVPN peer ids are per-gateway counters from 0, so most ids are in use on several gateways
+    // at once, and the data plane's id table keeps the last gateway it saw one on: an ambiguous id
+    // cannot steer. Roam a client whose peer id no other gateway uses.
+    let ids: Vec<u32> = first.iter().map(|g| g[0].1.peer_id).collect();
+    let n = (0..CLIENTS)
+        .find(|&n| ids.iter().filter(|&&i| i == ids[n]).count() == 1)
+        .unwrap_or_else(|| panic!("every peer id is used on several gateways: {ids:?}"));
+    let c = &lb.ovpn.clients[n];
+    let vip = SocketAddr::from((VIP, VIP_PORT));
+    let new_port = (c.port + 1000..c.port + 1100)
+        .find(|&p| {
+            lb.bed
+                .agent
+                .simulate_udp(SocketAddr::from((c.addr, p)), vip)
+                != GWS[owner[n]]
+        })
+        .expect("a port that the VIP's hash sends to another gateway");
+    let to = SocketAddr::from((c.addr, new_port));
+    let used0 = lb.bed.agent.counter("session_id_used");
+    let epoch = now_epoch();
+    c.rebind(new_port);
+    // The gateway floats the session to the new address (authenticated P_DATA_V2 with its peer id).
+    let floated = wait_for(Duration::from_secs(5), || {
+        lb.ovpn.gws[owner[n]]
+            .sessions()
+            .into_iter()
+            .find(|s| s.real == to)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "client {n} (peer id {}) rebound to {to}: gw{} never saw it there\n{}",
+            ids[n],
+            owner[n] + 1,
+            lb.ovpn.logs()
+        )
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let log = pingers[n].stop();
+    let (lost, span) = log.lost_after(epoch);
+    println!(
+        "client {n} (peer id {}) rebound from {} to {to}: still on gw{} in the same session, {lost} of {span} pings lost",
+        ids[n],
+        c.underlay(),
+        owner[n] + 1
+    );
+    assert_eq!(floated.since, first[n][0].1.since, "a new session");
+    assert_eq!(floated.peer_id, ids[n]);
+    assert!(
+        log.replies_after(epoch + 1.0) > 0,
+        "no ping reply after the rebinding"
+    );
+    assert_eq!(
+        c.daemon.count("Initialization Sequence Completed"),
+        1,
+        "client {n} reconnected"
+    );
+    for g in (0..3).filter(|&g| g != owner[n]) {
+        assert!(
+            !lb.ovpn.gws[g].sessions().iter().any(|s| s.real == to),
+            "gw{} has a session with {to}",
+            g + 1
+        );
+    }
+    let used = lb.bed.agent.counter("session_id_used") - used0;
+    println!(
+        "session ids: {used} used, {} learned, {} rejected",
+        lb.bed.agent.counter("session_id_learned"),
+        lb.bed.agent.counter("session_id_rejected")
+    );
+    assert!(
+        used >= 1,
+        "the rebound client was not steered by its peer id"
+    );
+    lb.assert_vip_only();
 }

@@ -6,12 +6,15 @@
 //! down, its clients re-handshake onto healthy gateways, and the other tunnels lose no packet.
 //! Drain (`vpnlb drain`/`undrain` through the control socket): the drained gateway's tunnels keep
 //! working, clients that arrive meanwhile avoid it, clients that arrive after the undrain reach it.
+//! Roaming (issue #6, session-id learning): a client that changes its source port, and one that
+//! changes its address, keep their gateway with no new handshake, although the VIP's hash would send
+//! their new five-tuples elsewhere (without learning, that gateway drops their data and they stall).
 //!
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! wireguard-go, wireguard-tools and iputils-ping.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, backend_in, vip, wait_for};
@@ -310,6 +313,17 @@ impl WgLb {
             .collect()
     }
 
+    /// The gateway a new flow from `src` would get (the VIP's hash).
+    fn hash_pick(&self, src: SocketAddr) -> usize {
+        let name = self
+            .lb
+            .agent
+            .simulate_udp(src, SocketAddr::from((VIP, VIP_PORT)));
+        GWS.iter()
+            .position(|g| *g == name)
+            .unwrap_or_else(|| panic!("simulate picked {name}"))
+    }
+
     /// `vpnlb drain|undrain NAME` through the agent's control socket; returns the new state.
     fn admin(&self, verb: &str, name: &str) -> String {
         let r = self.lb.agent.cli_json(&[verb, name]);
@@ -423,4 +437,115 @@ fn wireguard_drain_keeps_tunnels_and_steers_new_clients() {
         on_drained.len(),
         t_start.elapsed().as_secs_f64()
     );
+}
+
+/// The VIP key that turns on WireGuard session-id learning (issue #6).
+const SESSION_IDS: &str = "session_ids = \"wireguard\"\n";
+
+#[test]
+#[ignore = "needs root and wireguard-go: run cargo xtask test"]
+fn wireguard_client_roams_and_keeps_its_gateway() {
+    const CLIENTS: usize = 6;
+    let b = WgLb::up("vpnlb-wgr", "wgr", "wgrc", CLIENTS, SESSION_IDS);
+    let mut pingers = b.wg.ping_all(PING);
+    let owner = b.settle(&(0..CLIENTS).collect::<Vec<_>>());
+    // Data packets through the sessions teach the data plane the gateways' receiver indexes.
+    std::thread::sleep(Duration::from_secs(1));
+    let handshakes = |b: &WgLb, n: usize| {
+        let c = &b.wg.clients[n];
+        let gw = b.wg.gw_peers(owner[n]);
+        let on_gw = gw.iter().find(|p| p.public == c.keys.public).cloned();
+        (b.wg.client_peer(n).map(|p| p.latest_handshake), on_gw)
+    };
+    let before: Vec<_> = (0..CLIENTS).map(|n| handshakes(&b, n)).collect();
+
+    // Client 0 moves to another source port, client 1 to another address (the old one is gone,
+    // as after a Wi-Fi to LTE switch): each to one that the VIP's hash sends to another gateway,
+    // so only the learned receiver index can keep it on its gateway.
+    let (pc, ac) = (0usize, 1usize);
+    let c = b.wg.clients[pc].clone();
+    let new_port = (c.port + 100..c.port + 200)
+        .find(|&p| b.hash_pick(SocketAddr::from((c.addr, p))) != owner[pc])
+        .expect("a port the hash sends elsewhere");
+    let a = b.wg.clients[ac].clone();
+    let new_addr = (CLIENTS..CLIENTS + 50)
+        .map(|k| Ipv4Addr::new(10, 77, 0, 20 + k as u8))
+        .find(|&ip| b.hash_pick(SocketAddr::from((ip, a.port))) != owner[ac])
+        .expect("an address the hash sends elsewhere");
+    let used0 = b.lb.agent.counter("session_id_used");
+    let roam_epoch = now_epoch();
+    // wireguard-go (unlike kernel WireGuard) keeps sending from the source address it cached for
+    // the endpoint and fails once that address is gone: setting the same endpoint again clears it.
+    b.lb.topo.client.sh(&format!(
+        "wg set {} listen-port {new_port} && ip addr add {new_addr}/24 dev eth0 && \
+         ip route replace 10.77.0.0/24 dev eth0 src {new_addr} table {} && ip addr del {}/24 dev eth0 && \
+         wg set {} peer {} endpoint {VIP}:{VIP_PORT}",
+        c.ifname,
+        a.table(),
+        a.addr,
+        a.ifname,
+        b.wg.server.public
+    ));
+    let moved = [
+        (pc, SocketAddr::from((c.addr, new_port)), "source port"),
+        (ac, SocketAddr::from((new_addr, a.port)), "address"),
+    ];
+    // Each roamer's gateway sees its new endpoint (authenticated data from there).
+    let unseen: Vec<String> = moved
+        .iter()
+        .filter(|(n, to, _)| {
+            wait_for(Duration::from_secs(5), || {
+                b.wg.gw_peers(owner[*n])
+                    .into_iter()
+                    .find(|p| p.public == b.wg.clients[*n].keys.public && p.endpoint == Some(*to))
+            })
+            .is_none()
+        })
+        .map(|(n, to, what)| {
+            format!(
+                "client {n} changed its {what} to {to}: gw{} never saw it there ({:?})",
+                owner[*n] + 1,
+                b.wg.placement(&[0, 1, 2])[*n]
+            )
+        })
+        .collect();
+    assert!(unseen.is_empty(), "{}", unseen.join("\n"));
+    // Pings go on through the roamed tunnels for a while.
+    std::thread::sleep(Duration::from_secs(3));
+    let logs: Vec<_> = pingers.iter_mut().map(|p| p.stop()).collect();
+    let after: Vec<_> = (0..CLIENTS).map(|n| handshakes(&b, n)).collect();
+    let end = b.settle(&(0..CLIENTS).collect::<Vec<_>>());
+    for (n, to, what) in moved {
+        let (lost, span) = logs[n].lost_after(roam_epoch);
+        println!(
+            "client {n} changed its {what} to {to}: still on gw{}, no new handshake, {lost} of {span} pings lost",
+            owner[n] + 1
+        );
+        assert!(
+            logs[n].replies_after(roam_epoch + 1.0) > 0,
+            "client {n}: no ping reply after changing its {what}"
+        );
+    }
+    for n in 0..CLIENTS {
+        assert_eq!(end[n], owner[n], "client {n} changed gateway");
+        let (hs0, gw0) = &before[n];
+        let (hs1, gw1) = &after[n];
+        assert_eq!(hs1, hs0, "client {n}: a new handshake");
+        assert_eq!(
+            gw1.as_ref().map(|p| p.latest_handshake),
+            gw0.as_ref().map(|p| p.latest_handshake),
+            "client {n}: a new handshake on gw{}",
+            owner[n] + 1
+        );
+    }
+    let p = b.wg.client_peer(pc).expect("client peer");
+    assert_eq!(p.endpoint, Some(SocketAddr::from((VIP, VIP_PORT))));
+    // Each roamer's first packet from its new five-tuple was steered by its receiver index.
+    let used = b.lb.agent.counter("session_id_used") - used0;
+    println!(
+        "session ids: {used} used, {} learned, {} rejected",
+        b.lb.agent.counter("session_id_learned"),
+        b.lb.agent.counter("session_id_rejected")
+    );
+    assert!(used >= 2, "session_id_used grew by {used}, not by 2");
 }
