@@ -1,7 +1,8 @@
-//! End to end with real WireGuard behind an encapsulating VIP: the real agent (`vpnlb run`) forwards
-//! UDP VIP 51820 to three `wireguard-go` gateways by GUE (`forwarding = "gue"`, port 6081) or IPIP, with
-//! `agent.encap_source_v4` set; every gateway holds the VIP on lo and runs the real `vpnlb decap
-//! attach --iface eth0`, which unwraps the packets in XDP (this kernel has no ipip/fou modules).
+//! End to end with real WireGuard behind an encapsulating VIP: the real agent (`vpnlb run`)
+//! forwards UDP VIP 51820 to three `wireguard-go` gateways by GUE (`forwarding = "gue"`, port 6081)
+//! or IPIP, with `agent.encap_source_v4` set; every gateway holds the VIP on lo and runs the real
+//! `vpnlb decap attach --iface eth0`, which unwraps the packets in XDP (this kernel has no ipip/fou
+//! modules).
 //! Checks: every one of 24 client tunnels carries traffic, every gateway gets a share, every client
 //! stays on one gateway and keeps the VIP as its endpoint (gateways reply from the VIP, directly),
 //! the gateways see the clients' own addresses, each gateway's decap counter of the mode counted

@@ -6,9 +6,9 @@
 //!   0.0.0.0 replying without pktinfo, OpenVPN without `--multihome`) fail; daemons that answer
 //!   from the VIP (a server bound to the VIP, `openvpn --multihome`, wireguard-go with the probe key
 //!   as a peer, a 0.0.0.0 server behind policy routing by source port with `src VIP`: boringtun's
-//!   fix, charon answering the IKEv2 probe) pass, also when the reply leaves by another interface;
-//!   the same over IPv6 (wireguard-go and servers on [::] / on the VIP). Exit codes: 0 without a fail, 1
-//!   with one.
+//!   fix, charon answering the IKEv2 probe) pass, also when the reply leaves by another
+//!   interface; the same over IPv6 (wireguard-go and servers on [::] / on the VIP). Exit codes: 0
+//!   without a fail, 1 with one.
 //!
 //! Needs root, $VPNLB_BIN and $VPNLB_EBPF_OBJ (see tests/src/agent.rs), and the Debian packages
 //! openvpn, openssl, wireguard-go, wireguard-tools and strongSwan (charon, swanctl).

@@ -187,7 +187,11 @@ pub fn render(s: &Status) -> (serde_json::Value, String) {
     let j = json!({
         "pin_dir": s.pin_dir,
         "gue_port": s.gue_port,
-        "interfaces": s.links.iter().map(|(i, on)| json!({"iface": i, "attached": on})).collect::<Vec<_>>(),
+        "interfaces": s
+            .links
+            .iter()
+            .map(|(i, on)| json!({"iface": i, "attached": on}))
+            .collect::<Vec<_>>(),
         "counters": counters,
     });
     let mut t = format!("pin dir {}\n", s.pin_dir.display());
