@@ -424,6 +424,19 @@ EOF",
     pub fn lan_addr(&self, j: usize) -> Ipv4Addr {
         Ipv4Addr::new(192, 168, self.k as u8 + 1, 10 + j as u8)
     }
+
+    /// The NAT gets a new public address (an ISP renumbering it): the old one goes, which also
+    /// drops the masquerade's conntrack entries, so every client flow leaves from `new` with
+    /// fresh mappings. The new address comes first (promoted when the old one goes): removing
+    /// the last address of `eth0` would flush its neighbours, the VIP's static entry included.
+    pub fn renumber(&mut self, new: Ipv4Addr) {
+        self.ns.sh(&format!(
+            "sysctl -qw net.ipv4.conf.eth0.promote_secondaries=1 && ip addr add {new}/24 dev eth0 \
+             && ip addr del {old}/24 dev eth0",
+            old = self.public
+        ));
+        self.public = new;
+    }
 }
 
 /// One IPsec client: its namespace behind a NAT site and its charon.

@@ -6,8 +6,10 @@
 //! agree), every CHILD_SA carries pings, every gateway gets a share, and the clients' SAs still
 //! point at the VIP at the end (DSR: the gateways answer from the VIP). Then a gateway's charon is
 //! killed with -9 and another gateway's link is cut: the agent marks each down, their clients come
-//! back on healthy gateways by DPD, the other clients lose no ping. Separately: admin drain, and an
-//! IKE_AUTH fragmented at IKE level completing through the LB.
+//! back on healthy gateways by DPD, the other clients lose no ping. Separately: admin drain, an
+//! IKE_AUTH fragmented at IKE level completing through the LB, and (with `session_ids = "ipsec"`)
+//! a client whose NAT gets a new public address keeping its gateway and IKE_SA by the learned SPIs
+//! although the source hash of the new address picks another gateway.
 //!
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
@@ -559,4 +561,106 @@ fn ike_fragmentation_completes_through_the_lb() {
             );
         }
     }
+}
+
+/// `vpnlb inspect stats --json`: data-plane counter `name`.
+fn counter(bed: &AgentBed, name: &str) -> u64 {
+    bed.agent.cli_json(&["inspect", "stats"])["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+#[test]
+#[ignore = "needs root and strongswan: run cargo xtask test"]
+fn ipsec_client_keeps_its_gateway_when_its_nat_is_renumbered() {
+    let (bed, mut ips) = beds(
+        2,
+        "session_ids = \"ipsec\"\n",
+        &IpsecOpts {
+            sites: &[1, 1, 1],
+            gw_charon: "",
+            gw_conn: "",
+            client_charon: CLIENT_CHARON,
+            client_conn: "",
+        },
+    );
+    ips.connect_all();
+    let owner = wait_placed(&ips, &[0, 1, 2], Duration::from_secs(10));
+    let (g, n) = (owner[0], 0);
+    let first = ips.placement()[n][0].1.clone();
+    let old = ips.public(n);
+    // A new public address that the source hash gives to another gateway: only the learned SPI
+    // can keep the client where its SAs are.
+    let new = (120..250)
+        .map(|i| std::net::Ipv4Addr::new(10, 77, 0, i))
+        .find(|a| simulated_pick(&bed, *a) != GWS[g])
+        .expect("an address hashing elsewhere");
+    let hashed = simulated_pick(&bed, new);
+    let used0 = counter(&bed, "session_id_used");
+
+    let mut pingers = ips.ping_all(PING_EVERY);
+    std::thread::sleep(Duration::from_secs(1));
+    let epoch = now_epoch();
+    let t0 = Instant::now();
+    ips.nats[ips.clients[n].site].renumber(new);
+    let moved = wait_for(Duration::from_secs(10), || {
+        let p = ips.placement();
+        p[n].iter()
+            .find(|(_, sa)| sa.remote.map(|r| r.ip()) == Some(new.into()))
+            .map(|(gw, sa)| (*gw, sa.clone(), t0.elapsed()))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let logs = stop_all(&mut pingers);
+    let (gw, sa, t) = moved.unwrap_or_else(|| {
+        panic!(
+            "no gateway saw client {n} from {new}: {:#?}\n{}",
+            ips.placement()[n],
+            ips.gws[g].log()
+        )
+    });
+    let (lost, span) = logs[n].lost_after(epoch);
+    let back = logs[n]
+        .first_after(epoch)
+        .map_or(f64::NAN, |r| (r - epoch) * 1e3);
+    println!(
+        "client {n}: NAT {old} -> {new} (the hash would pick {hashed}); {} follows it to {} after {:.0} ms, \
+         IKE_SA #{} -> #{}; first ping reply after {back:.0} ms, {lost} of {span} pings lost \
+         (the gateway answers the old address until the client's DPD updates the NAT mapping)",
+        GWS[gw],
+        sa.remote.expect("remote"),
+        ms(t),
+        first.id,
+        sa.id
+    );
+    assert_eq!(gw, g, "client {n} moved from {} to {}", GWS[g], GWS[gw]);
+    assert_eq!(sa.id, first.id, "client {n} built a new IKE_SA");
+    assert_eq!(
+        ips.placement()[n].len(),
+        1,
+        "client {n} on several gateways"
+    );
+    for (o, gw) in ips.gws.iter().enumerate().filter(|(o, _)| *o != g) {
+        assert!(
+            !gw.log().contains(&new.to_string()),
+            "{} got packets from {new}",
+            GWS[o]
+        );
+    }
+    assert!(
+        logs[n].replies_after(epoch + t.as_secs_f64()) > 0,
+        "client {n}: no ping through the tunnel after the change"
+    );
+    let table = sessions(&bed);
+    let mine: Vec<&Value> = table
+        .iter()
+        .filter(|s| s["client"].as_str() == Some(&new.to_string()))
+        .collect();
+    assert!(!mine.is_empty(), "no session from {new}");
+    for s in &mine {
+        assert_eq!(s["backend"].as_str(), Some(GWS[g]), "{s}");
+    }
+    let used = counter(&bed, "session_id_used") - used0;
+    println!("session_id_used +{used}; sessions from {new}: {mine:?}");
+    assert!(used > 0, "no packet was steered by a learned id");
+    assert_through_vip(&ips, n);
 }
