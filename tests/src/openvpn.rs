@@ -28,7 +28,7 @@ use serde_json::Value;
 use crate::agent::wait_for;
 use crate::netns::{Netns, cable};
 use crate::testbed::{Topology, VIP, VIP_PORT};
-use crate::wg::{Pinger, die_with_parent};
+use crate::wg::{Pinger, die_with_parent, run};
 
 /// The gateways' tun address (the same in every gateway): what clients ping through the tunnel.
 pub const GW_TUNNEL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 8, 0, 1);
@@ -41,20 +41,6 @@ pub const CLIENT_PORT0: u16 = 40000;
 /// Address of client `n` (each in its own namespace on the switch).
 pub fn client_addr(n: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, 20 + n as u8)
-}
-
-/// Runs a command to completion; Err with its stderr on failure.
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The files of a throw-away PKI, in a scratch dir that the [`OvpnBed`] using it removes.
@@ -153,37 +139,23 @@ impl OvpnDaemon {
         let config = dir.join(format!("{name}.conf"));
         std::fs::write(&config, conf).expect("write openvpn config");
         let log = dir.join(format!("{name}.log"));
-        let mut d = OvpnDaemon {
-            config,
-            log,
-            child: None,
-        };
-        d.spawn(ns);
-        d
-    }
-
-    fn spawn(&mut self, ns: &str) {
-        assert!(self.child.is_none(), "openvpn already running");
-        let f = File::create(&self.log).expect("openvpn log");
+        let f = File::create(&log).expect("openvpn log");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}"))
             .arg("openvpn")
             .arg("--config")
-            .arg(&self.config)
+            .arg(&config)
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup"))
             .stderr(f);
         die_with_parent(&mut cmd);
-        self.child = Some(
-            cmd.spawn()
-                .expect("spawn openvpn (apt-get install openvpn)"),
-        );
-    }
-
-    pub fn alive(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().ok().flatten().is_none(),
-            None => false,
+        let child = cmd
+            .spawn()
+            .expect("spawn openvpn (apt-get install openvpn)");
+        OvpnDaemon {
+            config,
+            log,
+            child: Some(child),
         }
     }
 
@@ -259,7 +231,6 @@ pub fn read_status(path: &Path) -> Option<Vec<OvpnSession>> {
 /// A gateway's `openvpn` server.
 pub struct OvpnGateway {
     pub daemon: OvpnDaemon,
-    pub ns: String,
     pub status: PathBuf,
 }
 
@@ -349,7 +320,7 @@ pub struct OvpnBed {
     /// Namespace prefix of the clients.
     pub prefix: String,
     pub dir: PathBuf,
-    /// PKI, gateways, and clients until each completed its first connection.
+    /// Gateways, and clients until each completed its first connection.
     pub setup: Duration,
 }
 
@@ -373,7 +344,6 @@ impl OvpnBed {
                 let conf = gateway_conf(&pki, i, &status);
                 OvpnGateway {
                     daemon: OvpnDaemon::start(ns.name(), &format!("gw{}", i + 1), &conf, &dir),
-                    ns: ns.name().to_string(),
                     status,
                 }
             })

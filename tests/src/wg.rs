@@ -49,7 +49,8 @@ pub fn now_epoch() -> f64 {
         .as_secs_f64()
 }
 
-fn run(cmd: &mut Command) -> Result<String, String> {
+/// Runs a command to completion: its stdout, or Err naming it with its stderr.
+pub fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
@@ -203,14 +204,30 @@ impl Drop for WgDaemon {
     }
 }
 
+/// Policy routing on a gateway: WireGuard packets (UDP source port 51820) leave from the VIP even
+/// when `wireguard-go` has no remembered source. It forgets it on purpose when a handshake it
+/// retries goes unanswered (after ~15 s of sending without receiving); without this, a gateway taken
+/// out of the pool but still alive (black-holed, or back after a flap) then initiates a handshake
+/// from its own address, and since every gateway has the same key, its former clients accept it and
+/// roam past the LB for good (found by `cargo xtask drill`). Replies to packets sent to the
+/// gateway's own address (the agent's probes) keep that address: wireguard-go sets it explicitly.
+/// Idempotent (a restarted gateway runs it again).
+pub fn source_from_vip() -> String {
+    format!(
+        "ip route replace 10.77.0.0/24 dev eth0 src {VIP} table 100 && (ip rule del ipproto udp sport {VIP_PORT} lookup 100 2>/dev/null || true) && ip rule add ipproto udp sport {VIP_PORT} lookup 100"
+    )
+}
+
 /// A gateway's `wireguard-go` in `ns`: configured with `conf`, its tun up, routes to the clients'
-/// tunnel addresses, and the clients' targets (10.98.0.0/16) answered locally.
+/// tunnel addresses, the clients' targets (10.98.0.0/16) answered locally, and its WireGuard
+/// packets leaving from the VIP ([`source_from_vip`]).
 fn gateway(ns: &crate::netns::Netns, ifname: &str, conf: &str, dir: &Path) -> WgDaemon {
     ns.sh("sysctl -qw net.ipv4.conf.default.rp_filter=0");
     let d = WgDaemon::start(ns.name(), ifname, dir);
     d.setconf(conf);
     ns.sh(&format!(
-        "ip link set {ifname} up && ip route replace 10.99.1.0/24 dev {ifname} && ip route replace local 10.98.0.0/16 dev lo"
+        "ip link set {ifname} up && ip route replace 10.99.1.0/24 dev {ifname} && ip route replace local 10.98.0.0/16 dev lo && {}",
+        source_from_vip()
     ));
     d
 }
