@@ -9,7 +9,7 @@
 //!
 //! Two things every gateway of a shared-key WireGuard pool needs, found by these drills:
 //! - its WireGuard packets must leave from the VIP even when `wireguard-go` has no remembered source
-//!   ([`source_from_vip`]);
+//!   ([`crate::wg::source_from_vip`], applied by `WgBed`);
 //! - a gateway the LB took out must forget its tunnels (fencing): its `wireguard-go`, still alive,
 //!   otherwise initiates handshakes to its former clients ~15 s after it last heard from them and
 //!   every 5 s after that (for up to 90 s). Each initiation (same server key) replaces the handshake
@@ -98,19 +98,6 @@ fn hook_script(events: &Path, gw_conf: &Path, fence: bool) -> String {
     s
 }
 
-/// Policy routing on a gateway: WireGuard packets (UDP source port 51820) leave from the VIP even
-/// when `wireguard-go` has no remembered source. It forgets it on purpose when a handshake it
-/// retries goes unanswered (after ~15 s of sending without receiving); without this, a gateway taken
-/// out of the pool but still alive (black-holed, or back after a flap) then initiates a handshake
-/// from its own address, and since every gateway has the same key, its former clients accept it and
-/// roam past the LB for good (seen in the drill before this rule). The route is the DSR fix of
-/// TESTBED.md for daemons that never reply from the VIP.
-fn source_from_vip() -> String {
-    format!(
-        "ip route add 10.77.0.0/24 dev eth0 src {VIP} table 100 && ip rule add ipproto udp sport {VIP_PORT} lookup 100"
-    )
-}
-
 /// Everything of one scenario, in drop order: pings, WireGuard daemons, then the agent, check
 /// servers, namespaces and pins.
 pub struct DrillBed {
@@ -147,9 +134,6 @@ impl DrillBed {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         bed.agent.wait_all_up(&names, Duration::from_secs(15));
         let mut wg = WgBed::up(&bed.topo, "wgd", "wgdc");
-        for ns in &bed.topo.gws {
-            ns.sh(&source_from_vip());
-        }
 
         // The probe's key: a peer of every gateway, and a file only root reads.
         let probe = Keypair::generate();

@@ -437,14 +437,15 @@ fn check_decap(opts: &Options, ifaces: &[Iface], r: &mut Report) {
 /// What makes `d` reply from the VIP (the fix line of its findings).
 fn daemon_fix(kind: Kind, vip: IpAddr, port: u16, iface: &str) -> String {
     match kind {
-        Kind::WireguardGo => "nothing to set: wireguard-go replies from the address it was reached at; do not re-apply ListenPort (`wg set ... listen-port`, `wg setconf`) on a live gateway, or add the policy routing of boringtun".to_string(),
-        Kind::Boringtun => format!(
+        Kind::WireguardGo | Kind::Boringtun => format!(
             "ip route add <client-net> dev {iface} src {vip} table 100 && ip rule add ipproto udp sport {port} lookup 100 (or nft: ip saddr <own> udp sport {port} ip saddr set {vip}, with notrack)"
         ),
         Kind::Charon => format!(
             "in every swanctl connection: mobike = no and local_addrs = {vip} (else MOBIKE moves the SA to the own address ~1 s after IKE_AUTH)"
         ),
-        Kind::Openvpn => format!("openvpn --multihome (or --local {vip}; `multihome` in the config file)"),
+        Kind::Openvpn => {
+            format!("openvpn --multihome (or --local {vip}; `multihome` in the config file)")
+        }
     }
 }
 
@@ -472,17 +473,23 @@ fn check_daemons(opts: &Options, running: &[Daemon], iface: &str, r: &mut Report
         let fix = daemon_fix(d.kind, vip, port, iface);
         let what = format!("{} (pid {})", d.kind.name(), d.pid);
         let (level, msg, fix) = match d.kind {
-            Kind::WireguardGo => (
-                Level::Ok,
-                format!("{what} replies from the VIP it was reached at"),
-                None,
-            ),
-            Kind::Boringtun if sport_rule_to_vip(vip, port) => (
+            Kind::WireguardGo | Kind::Boringtun if sport_rule_to_vip(vip, port) => (
                 Level::Ok,
                 format!(
                     "{what}: policy routing by source port {port} gives its replies {vip} as source"
                 ),
                 None,
+            ),
+            // wireguard-go replies from the VIP it was reached at, but forgets it when a
+            // handshake it retries goes unanswered; handshakes it then initiates (a gateway out
+            // of the pool, back after a flap) leave from its own address and, every gateway
+            // having the same key, clients roam to it past the LB (found by `cargo xtask drill`).
+            Kind::WireguardGo => (
+                Level::Warn,
+                format!(
+                    "{what} replies from the VIP it was reached at, but handshakes it initiates after an unanswered one leave from the route's source: clients then roam to this host's own address, past the LB"
+                ),
+                Some(fix),
             ),
             Kind::Boringtun => (
                 Level::Fail,
