@@ -515,6 +515,47 @@ pub fn arp_request(sender_mac: Mac, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u
     out
 }
 
+/// `f`'s datagram split into IP fragments of at most `chunk` L4 bytes each (a multiple of 8),
+/// identification `id`: IPv4 with MF/offset, IPv6 with a Fragment header. The first carries the
+/// L4 header; every fragment keeps `f`'s Ethernet header, addresses and TOS.
+pub fn fragments(f: &Frame, chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    assert!(
+        chunk > 0 && chunk.is_multiple_of(8),
+        "fragment size must be a multiple of 8"
+    );
+    let l4 = f.l4_bytes();
+    let proto = f.l4.proto();
+    let n = l4.len().div_ceil(chunk);
+    (0..n)
+        .map(|i| {
+            let part = &l4[i * chunk..l4.len().min((i + 1) * chunk)];
+            let units = (i * chunk / 8) as u16;
+            let more = i + 1 < n;
+            let mut g = f.clone();
+            match &mut g.ip {
+                Ip::V4(h) => {
+                    h.id = id as u16;
+                    h.flags_frag = units | if more { IPV4_MF } else { 0 };
+                    h.proto = Some(proto);
+                    g.l4 = L4::Raw {
+                        proto,
+                        bytes: part.to_vec(),
+                    };
+                }
+                Ip::V6(_) => {
+                    let mut b = ipv6_fragment_header(proto, units, more, id);
+                    b.extend_from_slice(part);
+                    g.l4 = L4::Raw {
+                        proto: IPPROTO_FRAGMENT,
+                        bytes: b,
+                    };
+                }
+            }
+            g.bytes()
+        })
+        .collect()
+}
+
 /// An IPv6 Fragment extension header (8 bytes) announcing `next` after it.
 pub fn ipv6_fragment_header(next: u8, offset_units: u16, more: bool, id: u32) -> Vec<u8> {
     let mut h = vec![next, 0];

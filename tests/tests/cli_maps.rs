@@ -1006,6 +1006,42 @@ fn inspect_and_simulate_session_ids() {
 
 #[test]
 #[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn simulate_explains_fragments() {
+    let mut bed = Bed::new();
+    bed.program();
+    let f = Frame::udp(ip("192.0.2.77"), 40077, ip(WG), WG_PORT, &[0x33; 100]);
+    let frags = vpnlb_tests::packet::fragments(&f, 32, 0x1234);
+    let path = bed.dir.join("frags.pcap");
+    let refs: Vec<&[u8]> = frags.iter().map(Vec::as_slice).collect();
+    pcap::write(&path, &refs).unwrap();
+    let out = bed.ok(&["simulate", "--pcap", path.to_str().unwrap(), "--json"]);
+    let sims: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(sims.len(), 4, "{out}");
+    assert_eq!(sims[0]["reason"], "maglev_pick", "{}", sims[0]);
+    for v in &sims[1..] {
+        assert_eq!(v["reason"], "fragment", "{v}");
+        assert_eq!(v["backend_id"], sims[0]["backend_id"], "{v}");
+        assert!(v["why"].as_str().unwrap().contains("later fragment"), "{v}");
+    }
+    // The real program sends every fragment where simulate said.
+    for (i, frag) in frags.iter().enumerate() {
+        let (a, out) = bed.run(frag);
+        assert_eq!(a, XDP_TX, "fragment {i}");
+        assert_eq!(
+            u64::from(out[5]),
+            sims[i]["backend_id"].as_u64().unwrap(),
+            "fragment {i}"
+        );
+    }
+    let c = bed.maps().counters().unwrap();
+    assert_eq!((c[FRAG_RECORD as usize], c[FRAG_HIT as usize]), (1, 3));
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
 fn bpftool_dumps_readable_keys() {
     let mut bed = Bed::new();
     bed.program();

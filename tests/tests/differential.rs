@@ -475,6 +475,23 @@ fn id_sequences(defs: &[VipDef], add: &mut impl FnMut(String, Vec<u8>)) {
     }
 }
 
+/// Fragmented datagrams to every VIP: one in order, one out of order (later fragments before the
+/// first, then after it), with distinct identifications.
+fn fragment_sequences(defs: &[VipDef], add: &mut impl FnMut(String, Vec<u8>)) {
+    for (n, d) in defs.iter().enumerate() {
+        let label = vpnlb::dataplane::vip_label(&d.key());
+        for (k, order) in [(31u8, [0usize, 1, 2, 3]), (32, [2, 0, 3, 1])] {
+            let f = vip_frame(d, k, 100, packet::TCP_ACK);
+            let frags = packet::fragments(&f, 32, 0x5000 + (n as u32) * 4 + u32::from(k));
+            for i in order {
+                if let Some(b) = frags.get(i) {
+                    add(format!("{label} c{k} fragment {i}"), b.clone());
+                }
+            }
+        }
+    }
+}
+
 /// A frame of `d` from client `k`, port `sport`, with `payload` (for ESP: `payload` is the SPI).
 fn id_frame(d: &VipDef, k: u8, sport: u16, payload: &[u8]) -> Frame {
     let c = client(d.addr.is_ipv6(), k);
@@ -699,6 +716,7 @@ fn synthetic(defs: &[VipDef]) -> Vec<(String, Vec<u8>)> {
     }
 
     id_sequences(defs, &mut add);
+    fragment_sequences(defs, &mut add);
 
     // One packet per PASS reason.
     let vip4 = IpAddr::V4(GW4);
@@ -794,6 +812,10 @@ fn synthetic(defs: &[VipDef]) -> Vec<(String, Vec<u8>)> {
     let mut b = packet::ipv6_fragment_header(PROTO_UDP, 0, true, 7);
     b.extend_from_slice(&udp);
     add("ipv6 fragment".into(), Frame::raw(c6, vip6, 44, &b).bytes());
+    add(
+        "ipv6 fragment header truncated".into(),
+        Frame::raw(c6, vip6, 44, &[17, 0, 0, 1]).bytes(),
+    );
     add(
         "icmpv6".into(),
         Frame::raw(c6, vip6, 58, &[128, 0, 0, 0, 0, 1, 0, 1]).bytes(),
@@ -1281,6 +1303,27 @@ impl Diff {
                 diffs.join("\n      ")
             ));
         }
+        let real_frags: HashMap<FragKey, (u32, u32)> = self
+            .h
+            .maps()
+            .frags()
+            .unwrap_or_else(|e| panic!("reading FRAGS: {e}"))
+            .into_iter()
+            .map(|(k, s)| (k, (s.backend_id, s.hash)))
+            .collect();
+        let model_frags: HashMap<FragKey, (u32, u32)> = self
+            .model
+            .frags
+            .iter()
+            .map(|(k, s)| (*k, (s.backend_id, s.hash)))
+            .collect();
+        if real_frags != model_frags {
+            problems.push(format!(
+                "fragment records differ: XDP {} entries, model {}",
+                real_frags.len(),
+                model_frags.len()
+            ));
+        }
         let counters = self.read_counters();
         if counters != self.model.counters {
             let diffs: Vec<String> = counters
@@ -1361,6 +1404,7 @@ impl Diff {
         self.model.tx_ports = fresh.tx_ports;
         self.model.class_rings = fresh.class_rings;
         self.model.id_ranges = fresh.id_ranges;
+        self.model.frag_vips = fresh.frag_vips;
     }
 
     /// Runs `vpnlb_decap` on an ingress output that was encapsulated (and on mutations of it).
@@ -1650,6 +1694,9 @@ fn xdp_and_model_agree() {
         SESSION_ID_LEARNED,
         SESSION_ID_USED,
         SESSION_ID_REJECTED,
+        FRAG_RECORD,
+        FRAG_HIT,
+        FRAG_MISS,
         DECAP_IPIP,
         DECAP_GUE,
         DECAP_PASS,

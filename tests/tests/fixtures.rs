@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use vpnlb::dataplane::{BackendSpec, ClassSpec, VipSpec};
 use vpnlb::maps::{MapReader, MapWriter};
-use vpnlb_common::hash::pick_hash;
+use vpnlb_common::hash::{hash_src, pick_hash};
 use vpnlb_common::*;
 use vpnlb_tests::harness::*;
 use vpnlb_tests::packet::*;
@@ -1141,29 +1141,10 @@ fn l4_length_boundaries_are_forwarded() {
 
 #[test]
 #[ignore = "needs root and the eBPF object: run cargo xtask test"]
-fn fragments_and_extension_headers() {
+fn extension_headers_and_bad_fragments_pass() {
     let mut h = lb_with_vips();
     let mut cases = Vec::new();
-    let base = Frame::udp(c4(1), 40001, vip4(), WG_PORT, &[0x42; 64]);
-    for (tag, ff) in [
-        ("first", IPV4_MF),
-        ("middle", IPV4_MF | 185),
-        ("last", 185),
-        ("last_df", IPV4_DF | 3),
-    ] {
-        let mut f = base.clone();
-        f.v4().flags_frag = ff;
-        cases.push((format!("ipv4_fragment_{tag}"), f.bytes(), PASS_FRAGMENT));
-    }
-    // IPv6 Fragment header (first fragment, with the UDP header behind it).
     let udp = udp_bytes(c6(1), vip6(), 40001, WG_PORT, &[0x42; 64]);
-    let mut frag = ipv6_fragment_header(IPPROTO_UDP, 0, true, 0xdead_beef);
-    frag.extend_from_slice(&udp);
-    cases.push((
-        "ipv6_fragment_header".into(),
-        Frame::raw(c6(1), vip6(), IPPROTO_FRAGMENT, &frag).bytes(),
-        PASS_FRAGMENT,
-    ));
     for nh in [0u8, 43, 60, 135, 139, 140, 253, 254] {
         let mut ext = ipv6_options_header(IPPROTO_UDP);
         ext.extend_from_slice(&udp);
@@ -1173,45 +1154,194 @@ fn fragments_and_extension_headers() {
             PASS_IPV6_EXT_HDR,
         ));
     }
+    // A Fragment header followed by another extension header.
+    let mut b = ipv6_fragment_header(IPPROTO_DSTOPTS, 0, true, 9);
+    b.extend_from_slice(&ipv6_options_header(IPPROTO_UDP));
+    b.extend_from_slice(&udp);
+    cases.push((
+        "ipv6_fragment_then_ext".into(),
+        Frame::raw(c6(1), vip6(), IPPROTO_FRAGMENT, &b).bytes(),
+        PASS_IPV6_EXT_HDR,
+    ));
+    // A payload shorter than the Fragment header.
+    cases.push((
+        "ipv6_fragment_header_truncated".into(),
+        Frame::raw(c6(1), vip6(), IPPROTO_FRAGMENT, &[17, 0, 0, 1]).bytes(),
+        PASS_FRAGMENT,
+    ));
+    // Fragments of a protocol we do not balance, and later fragments to no VIP.
+    let icmp = Frame::raw(c4(1), vip4(), IPPROTO_ICMP, &[8; 64]);
+    cases.push((
+        "ipv4_icmp_fragment".into(),
+        fragments(&icmp, 32, 7)[1].clone(),
+        PASS_OTHER_PROTO,
+    ));
+    let other = Frame::udp(c4(1), 40001, IpAddr::V4(OTHER4), WG_PORT, &[0x42; 64]);
+    cases.push((
+        "ipv4_later_fragment_not_vip".into(),
+        fragments(&other, 32, 7)[1].clone(),
+        PASS_NOT_VIP,
+    ));
     check_pass_all(&mut h, cases);
+}
+
+/// Expected forward of a later fragment (no ports) to backend `id` with `events`.
+fn forward_fragment(h: &Harness, vip: &VipKey, input: &[u8], id: u32, events: &[u32]) -> Expect {
+    let v = h.dp.vip(vip).expect("vip installed").clone();
+    let b = h.dp.backend(id).expect("backend installed").clone();
+    assert_eq!(v.fwd_mode, FWD_MODE_L2DSR, "fragment fixtures use L2 DSR");
+    let mut counters = vec![FWD_L2DSR_TX];
+    counters.extend_from_slice(events);
+    Expect::forward(
+        XDP_TX,
+        l2dsr(input, b.mac, b.src_mac),
+        &counters,
+        v.vip_id,
+        id,
+    )
+}
+
+/// A datagram of `f` (to `vip`, five-tuple hash) in 4 fragments, in the order `order` (indices);
+/// expects the first fragment balanced as usual and recorded, later ones following the record
+/// once it exists and hashed on the source address before. Returns the backends used.
+fn check_datagram(
+    h: &mut Harness,
+    name: &str,
+    vip: &VipKey,
+    f: &Frame,
+    order: &[usize],
+) -> Vec<u32> {
+    let frags = fragments(f, 32, 0x4242);
+    assert_eq!(frags.len(), 4, "{name}: four fragments");
+    let key = f.flow_key();
+    let first_id = h.ring_pick(vip, pick_hash(&key, 0));
+    let src_id = h.ring_pick(vip, hash_src(&key));
+    let mut recorded = false;
+    let mut used = Vec::new();
+    for (n, i) in order.iter().enumerate() {
+        let input = &frags[*i];
+        let what = format!("{name}_{n}_frag{i}");
+        if *i == 0 {
+            let mut events = NEW.to_vec();
+            events.push(FRAG_RECORD);
+            let exp = forward(h, vip, input, &key, first_id, LO, &events);
+            h.check(&what, input, LO, &exp);
+            recorded = true;
+            used.push(first_id);
+        } else if recorded {
+            let exp = forward_fragment(h, vip, input, first_id, &[FRAG_HIT]);
+            h.check(&what, input, LO, &exp);
+            used.push(first_id);
+        } else {
+            let exp = forward_fragment(h, vip, input, src_id, &[FRAG_MISS]);
+            h.check(&what, input, LO, &exp);
+            used.push(src_id);
+        }
+    }
+    used
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn fragments_follow_their_first_fragment() {
+    let (mut h, vip) = lb_pool(&[1, 2, 3], FWD_MODE_L2DSR, 0);
+    let mut v6 = vip_spec(vip6(), WG_PORT, PROTO_UDP, 2, 0, FWD_MODE_L2DSR, &[1, 2, 3]);
+    v6.ring_size = 251;
+    let vip6k = v6.key;
+    h.upsert_vip(v6);
+    // Flows whose five-tuple pick differs from the source-address pick: only the record can
+    // keep their later fragments with the first.
+    for (tag, vk, client) in [("v4", vip, c4(7)), ("v6", vip6k, c6(7))] {
+        let f = (40000..41000)
+            .map(|p| Frame::udp(client, p, vk.ip(), WG_PORT, &[0x5a; 100]))
+            .find(|f| {
+                let k = f.flow_key();
+                h.ring_pick(&vk, pick_hash(&k, 0)) != h.ring_pick(&vk, hash_src(&k))
+            })
+            .expect("a flow whose picks differ");
+        let used = check_datagram(
+            &mut h,
+            &format!("frag_in_order_{tag}"),
+            &vk,
+            &f,
+            &[0, 1, 2, 3],
+        );
+        assert!(used.windows(2).all(|w| w[0] == w[1]), "{tag}: {used:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn fragments_out_of_order_and_without_a_usable_record() {
+    let (mut h, vip) = lb_pool(&[1, 2, 3], FWD_MODE_L2DSR, 0);
+    // Later fragments before the first: hashed on the source address until the first arrives.
+    let f = Frame::udp(c4(8), 40100, vip4(), WG_PORT, &[0x5b; 100]);
+    check_datagram(&mut h, "frag_out_of_order", &vip, &f, &[2, 0, 3, 1]);
+    // A source-hash VIP (an IPsec group): the same gateway whatever the order.
+    let mut s = h.dp.vip(&vip).unwrap().clone();
+    s.flags = VIP_F_HASH_SRC_ONLY;
+    h.upsert_vip(s);
+    let g = Frame::udp(c4(9), 40200, vip4(), WG_PORT, &[0x5c; 100]);
+    let frags = fragments(&g, 32, 0x77);
+    let id = h.ring_pick(&vip, hash_src(&g.flow_key()));
+    let exp = forward_fragment(&h, &vip, &frags[3], id, &[FRAG_MISS]);
+    h.check("frag_src_vip_last_first", &frags[3], LO, &exp);
+    let mut events = NEW.to_vec();
+    events.push(FRAG_RECORD);
+    let exp = forward(&h, &vip, &frags[0], &g.flow_key(), id, LO, &events);
+    h.check("frag_src_vip_first", &frags[0], LO, &exp);
+    // The recorded backend goes down: the rest of the datagram is hashed (never sent there).
+    h.set_backend_state(id, BACKEND_DOWN);
+    let id2 = h.ring_pick(&vip, hash_src(&g.flow_key()));
+    assert_ne!(id2, id);
+    let exp = forward_fragment(&h, &vip, &frags[1], id2, &[FRAG_MISS]);
+    h.check("frag_record_backend_down", &frags[1], LO, &exp);
 }
 
 #[test]
 #[ignore = "needs root and the eBPF object: run cargo xtask test"]
 fn ipv4_fragments_from_a_real_capture() {
-    // ikev2-ipfrag: IKE_AUTH and ESP-in-UDP to 10.200.0.10:4500 fragmented to 576 bytes.
-    let mut h = lb();
-    single(
-        &mut h,
-        VipKey::new(vip4(), 4500, PROTO_UDP),
-        FWD_MODE_L2DSR,
-        backend(1, g4(1), 0, BACKEND_UP),
-    );
+    // ikev2-ipfrag: IKE_AUTH and ESP-in-UDP to 10.200.0.10:4500 fragmented to 576 bytes: every
+    // fragment reaches the one gateway, later ones through their datagram's record.
+    let (mut h, _) = lb_pool(&[1, 2, 3], FWD_MODE_L2DSR, 0);
+    let mut natt = vip_spec(vip4(), 4500, PROTO_UDP, 2, 0, FWD_MODE_L2DSR, &[1, 2, 3]);
+    natt.ring_size = 251;
+    let vip = natt.key;
+    h.upsert_vip(natt);
     let recs = pcap::read(pcap::captures_dir().join("ikev2-ipfrag-c2g.pcap"));
-    let (mut first, mut middle, mut last) = (0, 0, 0);
+    let (mut first, mut later) = (0, 0);
+    let mut datagrams: std::collections::HashMap<u16, u32> = std::collections::HashMap::new();
     for (i, r) in recs.iter().enumerate() {
         let Some(p) = parse(&r.data) else { continue };
         if !p.fragment || p.dst != vip4() {
             continue;
         }
-        let kind = match (p.frag_offset, p.more_fragments) {
-            (0, true) => &mut first,
-            (_, true) => &mut middle,
-            (_, false) => &mut last,
-        };
-        *kind += 1;
-        h.check(
-            &format!("capture_ipfrag_frame{i}"),
-            &r.data,
-            LO,
-            &Expect::pass(PASS_FRAGMENT),
-        );
+        let ip_id = u16::from_be_bytes([r.data[p.l2_len + 4], r.data[p.l2_len + 5]]);
+        let name = format!("capture_ipfrag_frame{i}");
+        if p.frag_offset == 0 {
+            first += 1;
+            let key = p.flow_key(&r.data);
+            let (id, mut events) = match h.session(&key) {
+                Some(s) => (s.backend_id, HIT.to_vec()),
+                None => (h.ring_pick(&vip, pick_hash(&key, 0)), NEW.to_vec()),
+            };
+            events.push(FRAG_RECORD);
+            let exp = forward(&h, &vip, &r.data, &key, id, LO, &events);
+            h.check(&name, &r.data, LO, &exp);
+            datagrams.insert(ip_id, id);
+        } else {
+            later += 1;
+            let id = *datagrams
+                .get(&ip_id)
+                .expect("the capture sends first fragments first");
+            let exp = forward_fragment(&h, &vip, &r.data, id, &[FRAG_HIT]);
+            h.check(&name, &r.data, LO, &exp);
+        }
     }
     assert!(
-        first > 0 && middle > 0 && last > 0,
-        "capture lacks fragment kinds: first {first} middle {middle} last {last}"
+        first > 0 && later > first,
+        "capture: {first} first, {later} later fragments"
     );
-    assert!(h.sessions().is_empty());
 }
 
 #[test]

@@ -55,9 +55,14 @@ pub const DECAP_ADJUST_FAILED: u32 = 39;
 pub const SESSION_ID_LEARNED: u32 = 40;
 pub const SESSION_ID_USED: u32 = 41;
 pub const SESSION_ID_REJECTED: u32 = 42;
+// Fragment events (not outcomes): a first fragment's backend recorded, a later fragment that
+// followed its record, a later fragment without one (hashed on its source address).
+pub const FRAG_RECORD: u32 = 43;
+pub const FRAG_HIT: u32 = 44;
+pub const FRAG_MISS: u32 = 45;
 
 /// Size of the `STATS` array.
-pub const NUM_COUNTERS: u32 = 43;
+pub const NUM_COUNTERS: u32 = 46;
 
 /// Counter names (JSON keys, metric labels), indexed by id.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -104,6 +109,9 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "session_id_learned",
     "session_id_used",
     "session_id_rejected",
+    "frag_record",
+    "frag_hit",
+    "frag_miss",
 ];
 
 /// Outcome counters of `vpnlb_ingress` (exactly one per packet).

@@ -18,6 +18,11 @@ pub const RING_SIZE_MAX: u32 = 65537;
 pub const DEFAULT_MAX_SESSION_IDS: u32 = 1 << 18;
 /// Capacity of the static id range table (`ID_RANGES`, prefixes of all backends together).
 pub const MAX_ID_RANGES: u32 = 8192;
+/// Default capacity of the fragment-record LRU (`FRAGS`).
+pub const DEFAULT_MAX_FRAGS: u32 = 1 << 16;
+/// A fragment record is followed for this long after the first fragment (the kernel's default
+/// reassembly timeout, `ipfrag_time`: a gateway waits no longer for the rest either).
+pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 /// Default Maglev table size (prime).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default capacity of the session LRU (overridable at load time).
@@ -180,7 +185,21 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Value of the `SESSIONS` LRU.
+/// Key of the `FRAGS` LRU: one fragmented datagram (RFC 791 / RFC 8200 reassembly key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// IPv4 identification (16 bits, host order) or IPv6 Fragment header identification.
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// Value of the `SESSIONS` LRU (also of `FRAGS`: the first fragment's backend, hash and time).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Session {
@@ -260,8 +279,10 @@ pub mod map_names {
     pub const CLASS_RINGS: &str = "CLASS_RINGS";
     pub const SESSION_IDS: &str = "SESSION_IDS";
     pub const ID_RANGES: &str = "ID_RANGES";
+    pub const FRAGS: &str = "FRAGS";
+    pub const FRAG_VIPS: &str = "FRAG_VIPS";
     /// Every map the agent pins, in make-before-break creation order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         CONFIG,
         STATS,
         VIP_STATS,
@@ -274,7 +295,9 @@ pub mod map_names {
         ID_RANGES,
         SESSIONS,
         SESSION_IDS,
+        FRAGS,
         VIPS,
+        FRAG_VIPS,
     ];
 }
 
@@ -299,6 +322,7 @@ mod pod {
     unsafe impl aya::Pod for FloodState {}
     unsafe impl aya::Pod for IdKey {}
     unsafe impl aya::Pod for IdRangeData {}
+    unsafe impl aya::Pod for FragKey {}
 }
 
 #[cfg(feature = "user")]

@@ -2,10 +2,10 @@
 
 use vpnlb_common::{FAMILY_V4, FlowKey};
 
-use crate::parse::{Packet, load32};
+use crate::parse::{FRAG_LATER, Packet, load32};
 
 /// Builds the five-tuple key: addresses as on the wire (IPv4 in word 0), the first 4 bytes of the
-/// L4 header (ports, or the ESP SPI), protocol and family; padding zeroed.
+/// L4 header (ports, or the ESP SPI; 0 for a later fragment), protocol and family; padding zeroed.
 #[inline(always)]
 pub fn flow_key(pkt: &Packet) -> FlowKey {
     let h = pkt.l3;
@@ -30,7 +30,13 @@ pub fn flow_key(pkt: &Packet) -> FlowKey {
                 ],
             )
         };
-        (src, dst, load32(pkt.l4))
+        // A later fragment has no ports: 0.
+        let ports = if pkt.frag == FRAG_LATER {
+            0
+        } else {
+            load32(pkt.l4)
+        };
+        (src, dst, ports)
     };
     // Every byte is written (no memset), so the key can go straight to a map helper.
     FlowKey {

@@ -75,10 +75,16 @@ pub fn session_id(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipMeta) 
         }
         // SAFETY: parse proved the 8-byte UDP header at `l4`.
         let udp_len = u32::from(u16::from_be(unsafe { load16(pkt.l4.add(4)) }));
+        // A first fragment holds less than the UDP length says: only what `L` covers.
+        let len = if udp_len < pkt.l4_len {
+            udp_len
+        } else {
+            pkt.l4_len
+        };
         let p = Payload {
             start: pkt.l4 as usize + UDP_LEN,
             end: ctx.data_end(),
-            len: udp_len - UDP_LEN as u32,
+            len: len - UDP_LEN as u32,
         };
         if flags & VIP_F_IDS_WIREGUARD != 0 {
             wireguard(&p)?

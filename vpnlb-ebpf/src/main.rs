@@ -1,5 +1,5 @@
 //! vpnlb's XDP programs: `vpnlb_ingress` (the load balancer, stages parse → flow → vip → ids →
-//! session → maglev → forward/encap, docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
+//! session → maglev → forward/encap; later IP fragments through frag, docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
 #![no_std]
 #![no_main]
 
@@ -7,6 +7,7 @@ mod decap;
 mod encap;
 mod flow;
 mod forward;
+mod frag;
 mod ids;
 mod maglev;
 mod maps;
@@ -36,10 +37,16 @@ pub fn vpnlb_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_ingress(ctx: &XdpContext) -> Result<u32, Stop> {
     let pkt = parse::parse(ctx)?;
+    if pkt.frag == parse::FRAG_LATER {
+        return frag::later(ctx, &pkt);
+    }
     let key = flow::flow_key(&pkt);
     let vip = vip::lookup(&key)?;
     let sid = ids::session_id(ctx, &pkt, &key, vip);
     let target = session::resolve(ctx, &key, vip, pkt.tos, sid.as_ref())?;
+    if pkt.frag == parse::FRAG_FIRST {
+        frag::record(&pkt, &key, &target);
+    }
     forward::forward(ctx, &pkt, vip, &target)
 }
 

@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vpnlb_common::{
-    Backend, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey,
-    GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_ID_RANGES, MAX_VIPS, NUM_COUNTERS,
-    PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
+    Backend, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS, DSCP_VALUES,
+    FloodState, FlowKey, FragKey, GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_ID_RANGES,
+    MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
 };
 
 /// Capacity of `TX_PORTS` (egress interfaces other than the ingress one).
@@ -77,3 +77,11 @@ pub static SESSION_IDS: LruHashMap<IdKey, u32, { DEFAULT_MAX_SESSION_IDS as usiz
 /// the agent from each backend's configured SPI range or label.
 #[btf_map]
 pub static ID_RANGES: LpmTrie<IdRangeData, u32, { MAX_ID_RANGES as usize }> = LpmTrie::new();
+
+/// Fragmented datagram → where its first fragment went (backend, hash, time), for the later ones.
+#[btf_map]
+pub static FRAGS: LruHashMap<FragKey, Session, { DEFAULT_MAX_FRAGS as usize }> = LruHashMap::new();
+
+/// (VIP address, port 0, protocol) → the VIP whose settings later fragments (no ports) use.
+#[btf_map]
+pub static FRAG_VIPS: HashMap<VipKey, VipKey, { MAX_VIPS as usize }> = HashMap::new();

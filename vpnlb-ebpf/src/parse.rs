@@ -28,6 +28,9 @@ const IPV6_LEN: usize = 40;
 const UDP_LEN: u32 = 8;
 const TCP_LEN: u32 = 20;
 const ESP_LEN: u32 = 8;
+/// IPv6 Fragment header: next header 44, 8 bytes.
+const IPPROTO_FRAGMENT: u8 = 44;
+const FRAG_HDR_LEN: usize = 8;
 
 /// A pointer to `len` bytes of the packet starting `off` bytes into it, or `None` if the frame is
 /// shorter.
@@ -110,6 +113,13 @@ pub fn ethernet(ctx: &XdpContext) -> Result<(usize, u16), u32> {
     Ok((VLAN_ETH_LEN, proto))
 }
 
+/// `Packet::frag`: not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// `Packet::frag`: the first fragment (offset 0, more fragments): it has the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// `Packet::frag`: a later fragment (offset > 0): no L4 header; `l4` must not be read.
+pub const FRAG_LATER: u8 = 2;
+
 /// A packet that passed stage 1.
 pub struct Packet {
     /// Bytes in the frame as received.
@@ -118,8 +128,15 @@ pub struct Packet {
     pub l2_len: u32,
     /// The IP header: at least 20 (IPv4) or 40 (IPv6) bytes are known to be present.
     pub l3: *const u8,
-    /// The L4 header: at least 8 (UDP, ESP) or 20 (TCP) bytes are known to be present.
+    /// The L4 header: at least 8 (UDP, ESP) or 20 (TCP) bytes are known to be present (not for
+    /// `FRAG_LATER`, where it equals `l3` and must not be read as L4).
     pub l4: *const u8,
+    /// The L4 length `L` (the fragment's share for a fragment).
+    pub l4_len: u32,
+    /// `FRAG_NONE`, `FRAG_FIRST` or `FRAG_LATER`.
+    pub frag: u8,
+    /// The fragment identification (IPv4: 16 bits; IPv6: the Fragment header's 32), host order.
+    pub frag_id: u32,
     /// `FAMILY_V4` / `FAMILY_V6`.
     pub family: u8,
     /// `PROTO_UDP`, `PROTO_TCP` or `PROTO_ESP`.
@@ -141,12 +158,20 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stop> {
     } else {
         return Err(Stop(PASS_NOT_IP));
     };
-    let l4 = l4(ctx, &ip)?;
+    // A later fragment carries no L4 header.
+    let l4 = if ip.frag == FRAG_LATER {
+        ip.l3
+    } else {
+        l4(ctx, &ip)?
+    };
     Ok(Packet {
         frame_len,
         l2_len: l2_len as u32,
         l3: ip.l3,
         l4,
+        l4_len: ip.l4_len,
+        frag: ip.frag,
+        frag_id: ip.frag_id,
         family: ip.family,
         proto: ip.proto,
         tos: ip.tos,
@@ -163,17 +188,32 @@ struct Ip {
     family: u8,
     proto: u8,
     tos: u8,
+    frag: u8,
+    frag_id: u32,
+}
+
+/// The fragment kind from the offset and the more-fragments flag.
+#[inline(always)]
+fn frag_kind(offset: u16, more: bool) -> u8 {
+    if offset != 0 {
+        FRAG_LATER
+    } else if more {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    }
 }
 
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
     let h = bytes_at(ctx, l3_off, IPV4_LEN).ok_or(Stop(PASS_IPV4_TRUNCATED))?;
     // SAFETY: 20 bytes at `h` are in the packet.
-    let (vihl, tos, tot_len, frag, proto) = unsafe {
+    let (vihl, tos, tot_len, ip_id, frag, proto) = unsafe {
         (
             *h,
             *h.add(1),
             u16::from_be(load16(h.add(2))),
+            u16::from_be(load16(h.add(4))),
             u16::from_be(load16(h.add(6))),
             *h.add(9),
         )
@@ -192,10 +232,6 @@ fn ipv4(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
     if tot_len < hlen || tot_len > ip_room {
         return Err(Stop(PASS_IPV4_BAD_TOTLEN));
     }
-    // More-fragments flag (0x2000) or a fragment offset (0x1fff).
-    if frag & 0x3fff != 0 {
-        return Err(Stop(PASS_FRAGMENT));
-    }
     if proto != PROTO_UDP && proto != PROTO_TCP && proto != PROTO_ESP {
         return Err(Stop(PASS_OTHER_PROTO));
     }
@@ -206,6 +242,9 @@ fn ipv4(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
         family: FAMILY_V4,
         proto,
         tos,
+        // Fragment offset (0x1fff) and more-fragments flag (0x2000).
+        frag: frag_kind(frag & 0x1fff, frag & 0x2000 != 0),
+        frag_id: u32::from(ip_id),
     })
 }
 
@@ -222,19 +261,34 @@ fn ipv6(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
     if payload_len == 0 || IPV6_LEN as u32 + payload_len > ip_room {
         return Err(Stop(PASS_IPV6_BAD_PAYLOAD_LEN));
     }
+    let (mut next, mut hdrs, mut frag, mut frag_id) = (next, IPV6_LEN, FRAG_NONE, 0);
+    if next == IPPROTO_FRAGMENT {
+        // The Fragment header right after the fixed header: next header, offset and M flag, id.
+        if payload_len < FRAG_HDR_LEN as u32 {
+            return Err(Stop(PASS_FRAGMENT));
+        }
+        let f = bytes_at(ctx, l3_off + IPV6_LEN, FRAG_HDR_LEN).ok_or(Stop(PASS_FRAGMENT))?;
+        // SAFETY: 8 bytes at `f` are in the packet.
+        let (nh, off_m, id) = unsafe { (*f, u16::from_be(load16(f.add(2))), load32(f.add(4))) };
+        next = nh;
+        hdrs += FRAG_HDR_LEN;
+        frag = frag_kind(off_m >> 3, off_m & 1 != 0);
+        frag_id = u32::from_be(id);
+    }
     match next {
-        44 => return Err(Stop(PASS_FRAGMENT)),
-        0 | 43 | 60 | 135 | 139 | 140 | 253 | 254 => return Err(Stop(PASS_IPV6_EXT_HDR)),
+        0 | 43 | 44 | 60 | 135 | 139 | 140 | 253 | 254 => return Err(Stop(PASS_IPV6_EXT_HDR)),
         PROTO_UDP | PROTO_TCP | PROTO_ESP => {}
         _ => return Err(Stop(PASS_OTHER_PROTO)),
     }
     Ok(Ip {
         l3: h,
-        l4_off: l3_off + IPV6_LEN,
-        l4_len: payload_len,
+        l4_off: l3_off + hdrs,
+        l4_len: payload_len - (hdrs - IPV6_LEN) as u32,
         family: FAMILY_V6,
         proto: next,
         tos: (b0 << 4) | (b1 >> 4),
+        frag,
+        frag_id,
     })
 }
 
@@ -251,7 +305,8 @@ fn l4(ctx: &XdpContext, ip: &Ip) -> Result<*const u8, Stop> {
             let u = bytes_at(ctx, ip.l4_off, UDP_LEN as usize).ok_or(Stop(PASS_L4_TRUNCATED))?;
             // SAFETY: 8 bytes at `u` are in the packet.
             let udp_len = u32::from(u16::from_be(unsafe { load16(u.add(4)) }));
-            if udp_len < UDP_LEN || udp_len > len {
+            // A first fragment holds only part of the datagram the UDP length counts.
+            if udp_len < UDP_LEN || (udp_len > len && ip.frag != FRAG_FIRST) {
                 return Err(Stop(PASS_UDP_BAD_LEN));
             }
             Ok(u)

@@ -29,13 +29,15 @@ pub struct Target {
     /// Backend id (index of `BACKENDS` and `BACKEND_STATS`).
     pub id: u32,
     pub backend: &'static Backend,
-    /// The flow hash (`pick_hash`); 0 on an L2 DSR session hit, which needs none.
+    /// The flow hash (`pick_hash`); on a session hit the one stored with the session.
     pub hash: u32,
+    /// `bpf_ktime_get_coarse_ns()` of this packet's session stage.
+    pub now: u64,
 }
 
 /// The backend `id` if its entry exists and it is up or draining.
 #[inline(always)]
-fn usable(id: u32) -> Option<&'static Backend> {
+pub fn usable(id: u32) -> Option<&'static Backend> {
     BACKENDS
         .get(id)
         .filter(|b| b.state == BACKEND_UP || b.state == BACKEND_DRAINING)
@@ -65,6 +67,7 @@ pub fn resolve(
             id: hit.id,
             backend,
             hash: hit.hash,
+            now,
         });
     }
     let hash = pick_hash(key, vip.flags);
@@ -76,7 +79,12 @@ pub fn resolve(
         }
     };
     record(ctx, key, id, hash, now);
-    Ok(Target { id, backend, hash })
+    Ok(Target {
+        id,
+        backend,
+        hash,
+        now,
+    })
 }
 
 /// Remembers that `sid` belongs to backend `id`, writing only when that is news (a hit's only

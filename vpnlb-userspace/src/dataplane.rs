@@ -292,6 +292,8 @@ pub struct Dataplane<W: MapWriter> {
     rings: HashMap<u32, Vec<u32>>,
     /// Installed `ID_RANGES` entries (static session-id ranges of the backends).
     id_ranges: BTreeMap<IdPrefix, u32>,
+    /// Installed `FRAG_VIPS` entries.
+    frag_vips: HashMap<VipKey, VipKey>,
     /// A write failed part-way: the next call rewrites every backend, VIP and TX port.
     dirty: bool,
 }
@@ -311,6 +313,7 @@ impl<W: MapWriter> Dataplane<W> {
             vips: HashMap::new(),
             rings: HashMap::new(),
             id_ranges: BTreeMap::new(),
+            frag_vips: HashMap::new(),
             dirty: false,
         }
     }
@@ -492,7 +495,9 @@ impl<W: MapWriter> Dataplane<W> {
         for ring_id in released {
             self.plan_ring_release(&mut plan, ring_id, &vips);
         }
-        self.apply(plan, self.backends.clone(), vips)
+        let mut r = self.apply(plan, self.backends.clone(), vips)?;
+        r.maps_written += self.sync_frag_vips()?;
+        Ok(r)
     }
 
     /// Removes a VIP entry, then zeroes its ring unless another VIP key shares it.
@@ -507,7 +512,43 @@ impl<W: MapWriter> Dataplane<W> {
         for (ring_id, _, _) in old.rings() {
             self.plan_ring_release(&mut plan, ring_id, &vips);
         }
-        self.apply(plan, self.backends.clone(), vips)
+        let mut r = self.apply(plan, self.backends.clone(), vips)?;
+        r.maps_written += self.sync_frag_vips()?;
+        Ok(r)
+    }
+
+    /// Brings `FRAG_VIPS` in line with the installed VIPs: for every (address, protocol) the VIP
+    /// with the lowest port (ESP: itself) serves later fragments, which carry no ports. Written
+    /// after the VIP entries it names; returns the entries written or removed.
+    fn sync_frag_vips(&mut self) -> Result<usize, DataplaneError> {
+        let mut want: HashMap<VipKey, VipKey> = HashMap::new();
+        for k in self.vips.keys() {
+            let portless = VipKey { port_be: 0, ..*k };
+            let e = want.entry(portless).or_insert(*k);
+            if u16::from_be(k.port_be) < u16::from_be(e.port_be) {
+                *e = *k;
+            }
+        }
+        let mut n = 0;
+        for (portless, vip) in &want {
+            if self.frag_vips.get(portless) != Some(vip) {
+                self.writer.set_frag_vip(portless, vip)?;
+                self.frag_vips.insert(*portless, *vip);
+                n += 1;
+            }
+        }
+        let stale: Vec<VipKey> = self
+            .frag_vips
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            self.writer.remove_frag_vip(&k)?;
+            self.frag_vips.remove(&k);
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn check_vip(&self, spec: &VipSpec) -> Result<(), DataplaneError> {

@@ -10,9 +10,9 @@ use aya::maps::{MapInfo, MapType};
 use aya::{Ebpf, EbpfLoader};
 use aya_obj::generated::bpf_map_type;
 use vpnlb_common::{
-    ABI_VERSION, Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, GlobalConfig,
-    IdKey, IdRangeData, MAX_BACKENDS, MAX_VIPS, NUM_COUNTERS, PIN_ROOT, PktBytes, RING_SIZE_MAX,
-    Session, VipKey, VipMeta, map_names,
+    ABI_VERSION, Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, FragKey,
+    GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_VIPS, NUM_COUNTERS, PIN_ROOT, PktBytes,
+    RING_SIZE_MAX, Session, VipKey, VipMeta, map_names,
 };
 
 /// Environment variable naming the eBPF object file to load.
@@ -237,7 +237,7 @@ const fn abi<K, V>(name: &'static str, min_entries: u32) -> MapAbi {
 /// The layout of every map in `map_names::ALL` (per-CPU maps: the size of one CPU's value).
 /// `TX_PORTS` values are the kernel's `struct bpf_devmap_val` (ifindex + program fd/id);
 /// `ID_RANGES` keys are the LPM trie's u32 prefix length followed by the data.
-pub const MAP_ABI: [MapAbi; 13] = [
+pub const MAP_ABI: [MapAbi; 15] = [
     abi::<u32, GlobalConfig>(map_names::CONFIG, 1),
     abi::<u32, u64>(map_names::STATS, NUM_COUNTERS),
     abi::<u32, PktBytes>(map_names::VIP_STATS, MAX_VIPS),
@@ -251,6 +251,8 @@ pub const MAP_ABI: [MapAbi; 13] = [
     abi::<VipKey, VipMeta>(map_names::VIPS, 1),
     abi::<IdKey, u32>(map_names::SESSION_IDS, 1),
     abi::<(u32, IdRangeData), u32>(map_names::ID_RANGES, 1),
+    abi::<FragKey, Session>(map_names::FRAGS, 1),
+    abi::<VipKey, VipKey>(map_names::FRAG_VIPS, 1),
 ];
 
 /// One map as this load creates it (the object's definition with the load-time sizes applied).

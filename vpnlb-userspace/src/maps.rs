@@ -14,9 +14,10 @@ use aya::maps::xdp::{DevMap, DevMapHash, XdpMapError};
 use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray};
 use vpnlb_common::maglev::SlotChange;
 use vpnlb_common::{
-    BACKEND_UNUSED, Backend, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS, DSCP_VALUES,
-    FloodState, FlowKey, GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_VIPS, NUM_COUNTERS,
-    PktBytes, RING_SIZE_MAX, Session, VIP_F_CLASSES, VipKey, VipMeta, class_slot_index, map_names,
+    BACKEND_UNUSED, Backend, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS,
+    DSCP_VALUES, FloodState, FlowKey, FragKey, GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS,
+    MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VIP_F_CLASSES, VipKey, VipMeta,
+    class_slot_index, map_names,
 };
 
 use crate::session_ids::IdPrefix;
@@ -87,6 +88,10 @@ pub trait MapWriter {
     fn set_id_range(&mut self, prefix: &IdPrefix, backend_id: u32) -> Result<(), MapError>;
     /// Removing an absent prefix is not an error.
     fn remove_id_range(&mut self, prefix: &IdPrefix) -> Result<(), MapError>;
+    /// `FRAG_VIPS[portless] = vip`: later fragments to `portless` (port 0) use VIP `vip`.
+    fn set_frag_vip(&mut self, portless: &VipKey, vip: &VipKey) -> Result<(), MapError>;
+    /// Removing an absent entry is not an error.
+    fn remove_frag_vip(&mut self, portless: &VipKey) -> Result<(), MapError>;
 }
 
 /// Reads every map (the CLI, tests, and [`MemMaps::snapshot`]).
@@ -119,6 +124,10 @@ pub trait MapReader {
     fn session_ids(&self) -> Result<Vec<(IdKey, u32)>, MapError>;
     /// Every static id range prefix and its backend.
     fn id_ranges(&self) -> Result<Vec<(IdPrefix, u32)>, MapError>;
+    /// Every fragment record (first fragment's backend, hash, time).
+    fn frags(&self) -> Result<Vec<(FragKey, Session)>, MapError>;
+    /// Every `FRAG_VIPS` entry.
+    fn frag_vips(&self) -> Result<Vec<(VipKey, VipKey)>, MapError>;
 }
 
 fn check_ring(ring_id: u32, slot: u32, rows: u32) -> Result<u32, MapError> {
@@ -199,6 +208,8 @@ pub struct AyaMaps {
     flood: PerCpuArray<MapData, FloodState>,
     session_ids: AyaHashMap<MapData, IdKey, u32>,
     id_ranges: LpmTrie<MapData, IdRangeData, u32>,
+    frags: AyaHashMap<MapData, FragKey, Session>,
+    frag_vips: AyaHashMap<MapData, VipKey, VipKey>,
     /// Cleared after the kernel refuses a batch operation; per-element calls from then on.
     batch: std::cell::Cell<bool>,
 }
@@ -255,6 +266,8 @@ impl AyaMaps {
             flood: typed(FLOOD, take(FLOOD)?)?,
             session_ids: typed(SESSION_IDS, take(SESSION_IDS)?)?,
             id_ranges: typed(ID_RANGES, take(ID_RANGES)?)?,
+            frags: typed(FRAGS, take(FRAGS)?)?,
+            frag_vips: typed(FRAG_VIPS, take(FRAG_VIPS)?)?,
             batch: std::cell::Cell::new(true),
         })
     }
@@ -523,6 +536,27 @@ impl MapWriter for AyaMaps {
             _ => Ok(()),
         }
     }
+
+    fn set_frag_vip(&mut self, portless: &VipKey, vip: &VipKey) -> Result<(), MapError> {
+        self.frag_vips
+            .insert(portless, vip, 0)
+            .map_err(|source| MapError::Op {
+                map: map_names::FRAG_VIPS,
+                op: "update",
+                source,
+            })
+    }
+
+    fn remove_frag_vip(&mut self, portless: &VipKey) -> Result<(), MapError> {
+        match self.frag_vips.remove(portless) {
+            Err(e) if !is_enoent(&e) => Err(MapError::Op {
+                map: map_names::FRAG_VIPS,
+                op: "delete",
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl MapReader for AyaMaps {
@@ -729,6 +763,28 @@ impl MapReader for AyaMaps {
                 source,
             })
     }
+
+    fn frags(&self) -> Result<Vec<(FragKey, Session)>, MapError> {
+        self.frags
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapError::Op {
+                map: map_names::FRAGS,
+                op: "iterate",
+                source,
+            })
+    }
+
+    fn frag_vips(&self) -> Result<Vec<(VipKey, VipKey)>, MapError> {
+        self.frag_vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapError::Op {
+                map: map_names::FRAG_VIPS,
+                op: "iterate",
+                source,
+            })
+    }
 }
 
 /// Things the kernel decides that plain maps cannot show; the reference model reads them.
@@ -741,6 +797,8 @@ pub struct SimEnv {
     /// `SESSION_IDS` capacity; a full table evicts one entry (the smallest key: the kernel's LRU
     /// choice is not modelled).
     pub max_session_ids: u32,
+    /// `FRAGS` capacity; a full table evicts its oldest record.
+    pub max_frags: u32,
     /// Bytes `bpf_xdp_adjust_head` may grow the frame by: `XDP_PACKET_HEADROOM` (256) minus the
     /// `struct xdp_frame` the kernel reserves at the start of the buffer (~40 bytes).
     pub headroom: u32,
@@ -754,6 +812,7 @@ impl Default for SimEnv {
             ring_rows: MAX_VIPS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_session_ids: DEFAULT_MAX_SESSION_IDS,
+            max_frags: DEFAULT_MAX_FRAGS,
             headroom: 216,
             fail_session_insert: false,
         }
@@ -776,6 +835,10 @@ pub struct MemMaps {
     pub session_ids: HashMap<IdKey, u32>,
     /// `ID_RANGES`: static prefix -> backend id (longest prefix wins).
     pub id_ranges: HashMap<IdPrefix, u32>,
+    /// `FRAGS`: datagram -> first fragment's backend, hash and time.
+    pub frags: HashMap<FragKey, Session>,
+    /// `FRAG_VIPS`: (address, port 0, protocol) -> the VIP later fragments use.
+    pub frag_vips: HashMap<VipKey, VipKey>,
     pub tx_ports: HashSet<u32>,
     /// `NUM_COUNTERS` entries (the model runs on one CPU).
     pub counters: Vec<u64>,
@@ -802,6 +865,8 @@ impl MemMaps {
             sessions: HashMap::new(),
             session_ids: HashMap::new(),
             id_ranges: HashMap::new(),
+            frags: HashMap::new(),
+            frag_vips: HashMap::new(),
             tx_ports: HashSet::new(),
             counters: vec![0; NUM_COUNTERS as usize],
             vip_stats: HashMap::new(),
@@ -856,6 +921,8 @@ impl MemMaps {
         m.sessions = reader.sessions()?.into_iter().collect();
         m.session_ids = reader.session_ids()?.into_iter().collect();
         m.id_ranges = reader.id_ranges()?.into_iter().collect();
+        m.frags = reader.frags()?.into_iter().collect();
+        m.frag_vips = reader.frag_vips()?.into_iter().collect();
         m.counters = reader.counters()?;
         Ok(m)
     }
@@ -909,6 +976,25 @@ impl MemMaps {
         if self.env.max_session_ids != 0 {
             self.session_ids.insert(key, backend_id);
         }
+    }
+
+    /// Records a first fragment as the `FRAGS` LRU does (a full table evicts the oldest record).
+    pub fn frag_insert(&mut self, key: FragKey, rec: Session) -> bool {
+        if !self.frags.contains_key(&key)
+            && self.frags.len() >= self.env.max_frags as usize
+            && let Some(victim) = self
+                .frags
+                .iter()
+                .min_by_key(|(k, v)| (v.last_seen_ns, k.src, k.dst, k.id, k.proto, k.family))
+                .map(|(k, _)| *k)
+        {
+            self.frags.remove(&victim);
+        }
+        if self.env.max_frags == 0 {
+            return false;
+        }
+        self.frags.insert(key, rec);
+        true
     }
 
     /// `ID_RANGES` lookup: the backend of the longest prefix matching `data`.
@@ -1015,6 +1101,16 @@ impl MapWriter for MemMaps {
         self.id_ranges.remove(prefix);
         Ok(())
     }
+
+    fn set_frag_vip(&mut self, portless: &VipKey, vip: &VipKey) -> Result<(), MapError> {
+        self.frag_vips.insert(*portless, *vip);
+        Ok(())
+    }
+
+    fn remove_frag_vip(&mut self, portless: &VipKey) -> Result<(), MapError> {
+        self.frag_vips.remove(portless);
+        Ok(())
+    }
 }
 
 impl MapReader for MemMaps {
@@ -1100,6 +1196,14 @@ impl MapReader for MemMaps {
 
     fn id_ranges(&self) -> Result<Vec<(IdPrefix, u32)>, MapError> {
         Ok(self.id_ranges.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn frags(&self) -> Result<Vec<(FragKey, Session)>, MapError> {
+        Ok(self.frags.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn frag_vips(&self) -> Result<Vec<(VipKey, VipKey)>, MapError> {
+        Ok(self.frag_vips.iter().map(|(k, v)| (*k, *v)).collect())
     }
 }
 

@@ -127,11 +127,32 @@ fn parse_eth(f: &[u8]) -> Result<(usize, u16), u32> {
     Ok((l2, et))
 }
 
+/// Fragment kinds (stage 1): not a fragment, first (offset 0, more fragments), later (offset > 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frag {
+    None,
+    First,
+    Later,
+}
+
+fn frag_of(offset: u16, more: bool) -> Frag {
+    match (offset, more) {
+        (0, false) => Frag::None,
+        (0, true) => Frag::First,
+        _ => Frag::Later,
+    }
+}
+
 /// A packet that passed stage 1.
 struct Parsed {
     l2_len: usize,
-    /// Offset of the L4 header in the frame.
+    /// Offset of the L4 header in the frame (a later fragment has none).
     l4: usize,
+    /// The L4 length (the fragment's share of the datagram for fragments).
+    l4_len: usize,
+    frag: Frag,
+    /// IPv4 identification or IPv6 Fragment header identification.
+    frag_id: u32,
     /// The DSCP/ECN byte (IPv4 TOS or IPv6 traffic class).
     tos: u8,
     key: FlowKey,
@@ -142,7 +163,7 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
     let (l2, et) = parse_eth(f)?;
     let l3 = l2;
     let avail = f.len() - l3;
-    let (family, proto, src, dst, tos, l4, l4_len);
+    let (family, proto, src, dst, tos, l4, l4_len, frag, frag_id);
     match et {
         ETH_P_IPV4 => {
             if avail < 20 {
@@ -162,14 +183,13 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
             if tot < ihl || tot > avail {
                 return Err(PASS_IPV4_BAD_TOTLEN);
             }
-            let frag = be16(f, l3 + 6);
-            if frag & 0x2000 != 0 || frag & 0x1fff != 0 {
-                return Err(PASS_FRAGMENT);
-            }
             proto = f[l3 + 9];
             if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&proto) {
                 return Err(PASS_OTHER_PROTO);
             }
+            let ff = be16(f, l3 + 6);
+            frag = frag_of(ff & 0x1fff, ff & 0x2000 != 0);
+            frag_id = u32::from(be16(f, l3 + 4));
             family = FAMILY_V4;
             tos = f[l3 + 1];
             src = [wire32(f, l3 + 12), 0, 0, 0];
@@ -188,11 +208,25 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
             if plen == 0 || 40 + plen > avail {
                 return Err(PASS_IPV6_BAD_PAYLOAD_LEN);
             }
-            let nh = f[l3 + 6];
-            if nh == 44 {
-                return Err(PASS_FRAGMENT);
-            }
-            if IPV6_EXT_HDRS.contains(&nh) || nh == 254 {
+            let mut nh = f[l3 + 6];
+            let mut hdrs = 40;
+            (frag, frag_id) = if nh == 44 {
+                // Fragment header: next header, offset << 3 | M, identification.
+                if plen < 8 {
+                    return Err(PASS_FRAGMENT);
+                }
+                let h = l3 + 40;
+                nh = f[h];
+                hdrs = 48;
+                let om = be16(f, h + 2);
+                (
+                    frag_of(om >> 3, om & 1 != 0),
+                    u32::from_be_bytes([f[h + 4], f[h + 5], f[h + 6], f[h + 7]]),
+                )
+            } else {
+                (Frag::None, 0)
+            };
+            if IPV6_EXT_HDRS.contains(&nh) || nh == 254 || nh == 44 {
                 return Err(PASS_IPV6_EXT_HDR);
             }
             if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&nh) {
@@ -204,19 +238,21 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
             let w = |i: usize| wire32(f, l3 + 8 + 4 * i);
             src = [w(0), w(1), w(2), w(3)];
             dst = [w(4), w(5), w(6), w(7)];
-            l4 = l3 + 40;
-            l4_len = plen;
+            l4 = l3 + hdrs;
+            l4_len = plen - (hdrs - 40);
         }
         _ => return Err(PASS_NOT_IP),
     }
-    // L4, against l4_len (which never exceeds what the frame holds).
+    // L4, against l4_len (which never exceeds what the frame holds); a later fragment has none.
     match proto {
+        _ if frag == Frag::Later => {}
         PROTO_UDP => {
             if l4_len < 8 {
                 return Err(PASS_L4_TRUNCATED);
             }
+            // A first fragment holds only part of the datagram the UDP length counts.
             let ulen = be16(f, l4 + 4) as usize;
-            if ulen < 8 || ulen > l4_len {
+            if ulen < 8 || (ulen > l4_len && frag != Frag::First) {
                 return Err(PASS_UDP_BAD_LEN);
             }
         }
@@ -241,7 +277,11 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
     let key = FlowKey {
         src,
         dst,
-        ports: wire32(f, l4),
+        ports: if frag == Frag::Later {
+            0
+        } else {
+            wire32(f, l4)
+        },
         proto,
         family,
         _pad: [0; 2],
@@ -249,6 +289,9 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
     Ok(Parsed {
         l2_len: l2,
         l4,
+        l4_len,
+        frag,
+        frag_id,
         tos,
         key,
     })
@@ -264,7 +307,8 @@ fn session_id(f: &[u8], p: &Parsed, vip: &VipMeta) -> Option<IdKey> {
         }
         (ID_ESP, &f[p.l4..p.l4 + 4])
     } else if k.proto == PROTO_UDP && ids != 0 {
-        let ulen = be16(f, p.l4 + 4) as usize;
+        // A first fragment holds only what L covers of the UDP length.
+        let ulen = (be16(f, p.l4 + 4) as usize).min(p.l4_len);
         let pl = &f[p.l4 + 8..p.l4 + ulen];
         if ids & VIP_F_IDS_WIREGUARD != 0 {
             // Type byte, three zero bytes, then the receiver index (type 2: after the sender's).
@@ -402,6 +446,9 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
         Err(reason) => return (XDP_PASS, reason),
     };
     r.flow = Some(p.key);
+    if p.frag == Frag::Later {
+        return later_fragment(maps, frame, ctx, &p, r);
+    }
     let vkey = vip_key_of(&p.key);
     let Some(vip) = maps.vips.get(&vkey).copied() else {
         return (XDP_PASS, PASS_NOT_VIP);
@@ -466,29 +513,9 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
         }
         None => {
             // Stage 4.2: Maglev pick.
-            if vip.ring_size == 0 {
+            let Some(id) = ring_pick(maps, &vip, p.tos, hash) else {
                 return (XDP_DROP, DROP_NO_BACKEND);
-            }
-            // A VIP with traffic classes picks from the ring its DSCP maps to (CLASS_RINGS holds
-            // ring id + 1; 0 or absent = the VIP's own ring). The index is u32 arithmetic like the
-            // RINGS index: a vip_id ≥ 2^26 wraps onto another VIP's entries, one whose index lands
-            // past the array reads as absent.
-            let mut ring_id = vip.ring_id;
-            if vip.flags & VIP_F_CLASSES != 0 {
-                let idx = vip
-                    .vip_id
-                    .wrapping_mul(DSCP_VALUES)
-                    .wrapping_add(u32::from(p.tos >> 2));
-                if let Some(r) = maps.class_rings.get(&idx).copied()
-                    && r != 0
-                {
-                    ring_id = r - 1;
-                }
-            }
-            let id = maps.ring_lookup(ring_id, hash % vip.ring_size);
-            if id == 0 {
-                return (XDP_DROP, DROP_NO_BACKEND);
-            }
+            };
             r.backend_id = Some(id);
             if !usable(maps, id) {
                 return (XDP_DROP, DROP_BACKEND_DOWN);
@@ -498,7 +525,102 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
         }
     };
     r.backend_id = Some(id);
+    if p.frag == Frag::First {
+        let rec = Session {
+            backend_id: id,
+            hash,
+            last_seen_ns: now,
+        };
+        if maps.frag_insert(frag_key(&p), rec) {
+            r.events.push(FRAG_RECORD);
+        }
+    }
     forward(maps, frame, ctx, &p, &vip, id, hash, r)
+}
+
+fn frag_key(p: &Parsed) -> FragKey {
+    FragKey {
+        src: p.key.src,
+        dst: p.key.dst,
+        id: p.frag_id,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// "Fragments": a later fragment goes to its datagram's recorded backend (fresh and usable) or,
+/// without one, by the source-address hash on the ring of the address's fragment VIP.
+fn later_fragment(
+    maps: &mut MemMaps,
+    frame: &[u8],
+    ctx: &ModelCtx,
+    p: &Parsed,
+    r: &mut ModelResult,
+) -> (u32, u32) {
+    let portless = VipKey {
+        port_be: 0,
+        ..vip_key_of(&p.key)
+    };
+    let Some(vkey) = maps.frag_vips.get(&portless).copied() else {
+        return (XDP_PASS, PASS_NOT_VIP);
+    };
+    let Some(vip) = maps.vips.get(&vkey).copied() else {
+        return (XDP_PASS, PASS_NOT_VIP);
+    };
+    r.vip = Some(vkey);
+    let now = ctx.now_ns;
+    let rec = maps.frags.get(&frag_key(p)).copied().filter(|s| {
+        now.wrapping_sub(s.last_seen_ns) <= FRAG_TIMEOUT_NS && usable(maps, s.backend_id)
+    });
+    let (id, hash) = match rec {
+        Some(s) => {
+            r.events.push(FRAG_HIT);
+            (s.backend_id, s.hash)
+        }
+        None => {
+            r.events.push(FRAG_MISS);
+            let hash = vpnlb_common::hash::hash_src(&p.key);
+            r.hash = Some(hash);
+            let Some(id) = ring_pick(maps, &vip, p.tos, hash) else {
+                return (XDP_DROP, DROP_NO_BACKEND);
+            };
+            r.backend_id = Some(id);
+            if !usable(maps, id) {
+                return (XDP_DROP, DROP_BACKEND_DOWN);
+            }
+            (id, hash)
+        }
+    };
+    r.hash = Some(hash);
+    r.backend_id = Some(id);
+    forward(maps, frame, ctx, p, &vip, id, hash, r)
+}
+
+/// Stage 4.2: the backend id in slot `hash % ring_size` of the packet's ring (the VIP's, or its
+/// DSCP class's); `None` when the VIP has no ring or the slot is empty.
+fn ring_pick(maps: &MemMaps, vip: &VipMeta, tos: u8, hash: u32) -> Option<u32> {
+    if vip.ring_size == 0 {
+        return None;
+    }
+    // A VIP with traffic classes picks from the ring its DSCP maps to (CLASS_RINGS holds ring
+    // id + 1; 0 or absent = the VIP's own ring). The index is u32 arithmetic like the RINGS
+    // index: a vip_id ≥ 2^26 wraps onto another VIP's entries, one whose index lands past the
+    // array reads as absent.
+    let mut ring_id = vip.ring_id;
+    if vip.flags & VIP_F_CLASSES != 0 {
+        let idx = vip
+            .vip_id
+            .wrapping_mul(DSCP_VALUES)
+            .wrapping_add(u32::from(tos >> 2));
+        if let Some(r) = maps.class_rings.get(&idx).copied()
+            && r != 0
+        {
+            ring_id = r - 1;
+        }
+    }
+    let id = maps.ring_lookup(ring_id, hash % vip.ring_size);
+    (id != 0).then_some(id)
 }
 
 /// Stage 4.3: record the session, guarded against insert floods.

@@ -337,7 +337,18 @@ fn explain(
                 names.backend(owner)
             ));
         }
-        if hit {
+        if r.events.contains(&FRAG_MISS) {
+            pre.push_str(
+                "later fragment without a usable record of its first: source-address hash; ",
+            );
+        }
+        if r.events.contains(&FRAG_HIT) {
+            reason = "fragment";
+            why = format!(
+                "later fragment: follows its datagram's first fragment to {}",
+                backend.clone().unwrap_or_default()
+            );
+        } else if hit {
             reason = "session_hit";
             why = format!(
                 "session hit: existing session to {}",

@@ -90,6 +90,14 @@ impl MapWriter for Rec {
         self.step(format!("remove_id_range {}", p.prefix_len))?;
         self.maps.remove_id_range(p)
     }
+    fn set_frag_vip(&mut self, portless: &VipKey, vip: &VipKey) -> Result<(), MapError> {
+        self.step("frag_vip".into())?;
+        self.maps.set_frag_vip(portless, vip)
+    }
+    fn remove_frag_vip(&mut self, portless: &VipKey) -> Result<(), MapError> {
+        self.step("remove_frag_vip".into())?;
+        self.maps.remove_frag_vip(portless)
+    }
     fn set_class_ring(&mut self, vip_id: u32, dscp: u8, ring_plus1: u32) -> Result<(), MapError> {
         self.step(format!("class {vip_id}/{dscp}={ring_plus1}"))?;
         self.maps.set_class_ring(vip_id, dscp, ring_plus1)
@@ -172,15 +180,16 @@ fn vip_is_written_backends_then_ring_then_vip() {
     );
     dp.upsert_backend(gw(2, 2)).unwrap();
     let r = dp.upsert_vip(vip(500, 4, vec![1, 2])).unwrap();
+    // The fragment VIP entry of the address follows the VIP entry it names.
     assert_eq!(
         dp.writer().kinds(),
-        ["tx", "backend", "backend", "ring", "vip"]
+        ["tx", "backend", "backend", "ring", "vip", "frag_vip"]
     );
     assert_eq!(
         r,
         ApplyReport {
             ring_slots_written: 251,
-            maps_written: 1
+            maps_written: 2
         }
     );
     let m = &dp.writer().maps;
@@ -360,12 +369,15 @@ fn removal_is_vip_then_ring_then_backends() {
     ));
     dp.writer_mut().log.clear();
     let r = dp.remove_vip(&vip(500, 3, vec![]).key).unwrap();
-    assert_eq!(dp.writer().kinds(), ["remove_vip", "ring"]);
+    assert_eq!(
+        dp.writer().kinds(),
+        ["remove_vip", "ring", "remove_frag_vip"]
+    );
     assert_eq!(
         r,
         ApplyReport {
             ring_slots_written: 251,
-            maps_written: 1
+            maps_written: 2
         }
     );
     assert!(dp.writer().maps.vips.is_empty());
@@ -676,4 +688,24 @@ fn all_backends_down_leaves_an_empty_ring() {
         dp.writer().maps.vips.contains_key(&vip(500, 0, vec![]).key),
         "the VIP stays (drops are counted)"
     );
+}
+
+#[test]
+fn fragment_vips_name_the_lowest_port_of_each_address_and_protocol() {
+    let mut dp = dp_with(2);
+    let ike = vip(500, 1, vec![1, 2]);
+    let natt = VipSpec {
+        key: VipKey::new(ike.key.ip(), 4500, PROTO_UDP),
+        vip_id: 2,
+        ..ike.clone()
+    };
+    dp.upsert_vip(natt.clone()).unwrap();
+    let portless = VipKey::new(ike.key.ip(), 0, PROTO_UDP);
+    assert_eq!(dp.writer().maps.frag_vips[&portless], natt.key);
+    dp.upsert_vip(ike.clone()).unwrap();
+    assert_eq!(dp.writer().maps.frag_vips[&portless], ike.key);
+    dp.remove_vip(&ike.key).unwrap();
+    assert_eq!(dp.writer().maps.frag_vips[&portless], natt.key);
+    dp.remove_vip(&natt.key).unwrap();
+    assert!(dp.writer().maps.frag_vips.is_empty());
 }

@@ -270,22 +270,13 @@ fn every_pass_reason_is_reachable_and_untouched() {
             PASS_IPV4_BAD_TOTLEN,
         ),
         (
-            "v4 more fragments",
+            "v4 icmp fragment",
             {
-                let mut p = ipv4(CLIENT, VIP4, 17, 0, &good_udp);
-                p[6] = 0x20;
-                eth(0x0800, None, &p)
-            },
-            PASS_FRAGMENT,
-        ),
-        (
-            "v4 offset",
-            {
-                let mut p = ipv4(CLIENT, VIP4, 17, 0, &good_udp);
+                let mut p = ipv4(CLIENT, VIP4, 1, 0, &good_udp);
                 p[7] = 1;
                 eth(0x0800, None, &p)
             },
-            PASS_FRAGMENT,
+            PASS_OTHER_PROTO,
         ),
         (
             "icmp",
@@ -325,8 +316,8 @@ fn every_pass_reason_is_reachable_and_untouched() {
             PASS_IPV6_BAD_PAYLOAD_LEN,
         ),
         (
-            "v6 fragment",
-            eth(0x86dd, None, &ipv6(CLIENT6, VIP6, 44, 0, &good_udp)),
+            "v6 fragment header truncated",
+            eth(0x86dd, None, &ipv6(CLIENT6, VIP6, 44, 0, &[17, 0, 0, 1])),
             PASS_FRAGMENT,
         ),
         (
@@ -1185,7 +1176,7 @@ fn verdict_names() {
 fn every_ingress_outcome_is_covered_by_these_tests() {
     // Guard: if a counter is added, this file must learn to reach it.
     assert_eq!(INGRESS_OUTCOMES, 0..28);
-    assert_eq!(NUM_COUNTERS, 43);
+    assert_eq!(NUM_COUNTERS, 46);
 }
 
 #[test]
@@ -1235,4 +1226,54 @@ fn session_ids_are_learned_on_hits_and_followed_by_new_flows() {
         vec![SESSION_MISS, SESSION_ID_REJECTED, SESSION_INSERT]
     );
     assert_ne!(r.backend_id, Some(home));
+}
+
+#[test]
+fn later_fragments_follow_the_first_until_the_record_expires() {
+    let mut dp = Dataplane::new(MemMaps::new());
+    dp.set_config(cfg()).unwrap();
+    for id in 1..=3 {
+        dp.upsert_backend(gw(id, &format!("10.1.0.{id}"), 0))
+            .unwrap();
+    }
+    dp.upsert_vip(vip4(51820, FWD_MODE_L2DSR, vec![1, 2, 3]))
+        .unwrap();
+    let m = dp.writer_mut();
+    // A 64-byte UDP datagram (id 0x99) in a 24-byte first fragment and two later ones.
+    let dgram = udp(4000, 51820, &[7; 56]);
+    let frag = |off: usize, len: usize, more: bool| {
+        let mut p = ipv4(CLIENT, VIP4, 17, 0, &dgram[off..off + len]);
+        p[4..6].copy_from_slice(&0x99u16.to_be_bytes());
+        let ff = (off / 8) as u16 | if more { 0x2000 } else { 0 };
+        p[6..8].copy_from_slice(&ff.to_be_bytes());
+        let c = csum(&{
+            let mut h = p[..20].to_vec();
+            h[10..12].copy_from_slice(&[0, 0]);
+            h
+        });
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        eth(0x0800, None, &p)
+    };
+    let r = run(m, &frag(0, 24, true));
+    assert_eq!(r.events, vec![SESSION_MISS, SESSION_INSERT, FRAG_RECORD]);
+    let first = r.backend_id.unwrap();
+    let r = run(m, &frag(24, 24, true));
+    assert_eq!(
+        (r.events.clone(), r.backend_id),
+        (vec![FRAG_HIT], Some(first))
+    );
+    assert_eq!(r.flow.unwrap().ports, 0, "a later fragment has no ports");
+    // Past FRAG_TIMEOUT_NS the record is not followed: the source-address hash decides.
+    let late = ModelCtx {
+        now_ns: CTX.now_ns + FRAG_TIMEOUT_NS + 1,
+        ..CTX
+    };
+    let r = run_ingress(m, &frag(48, 16, false), &late);
+    assert_eq!(r.events, vec![FRAG_MISS]);
+    let k = r.flow.unwrap();
+    assert_eq!(r.hash, Some(vpnlb_common::hash::hash_src(&k)));
+    assert_eq!(r.action, XDP_TX);
+    // No fragment VIP for the address: not for us.
+    m.frag_vips.clear();
+    assert_eq!(run(m, &frag(24, 24, true)).outcome, PASS_NOT_VIP);
 }
