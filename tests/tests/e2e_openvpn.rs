@@ -6,7 +6,9 @@
 //! and its replies come from it (nftables counters in each client namespace). Then one gateway fails
 //! (three tests: its `openvpn` killed with SIGKILL, wedged with SIGSTOP, or its cable cut): the
 //! agent marks it down, its clients reconnect through the VIP to healthy gateways after
-//! `ping-restart` (5 s), and the other tunnels lose no ping.
+//! `ping-restart` (5 s), and the other tunnels lose no ping. With `session_ids = "openvpn"` (issue
+//! #6), a client whose NAT rebinds it to another port keeps its gateway and session by its P_DATA_V2
+//! peer id, although the VIP's hash sends the new five-tuple elsewhere.
 //!
 //! Health checks: `icmp` (the host) and a `udp` check to the gateway's own address, port 51820, whose
 //! payload is a recorded client hard reset ([`Pki::hard_reset_probe`]): openvpn answers it with a
