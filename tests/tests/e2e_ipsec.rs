@@ -30,21 +30,23 @@ const GWS: [&str; 3] = ["gw1", "gw2", "gw3"];
 /// Clients per NAT site: two sites hold two clients each (they share a public address).
 const SITES: [usize; 10] = [2, 2, 1, 1, 1, 1, 1, 1, 1, 1];
 const PING_EVERY: Duration = Duration::from_millis(100);
+/// The recommended IPsec VIP group learns the gateways' SPIs (docs/config.md).
+const SESSION_IDS: &str = "session_ids = \"ipsec\"\n";
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// The agent with the IPsec VIP group over the three gateways (ikev2 checks, `fall` failures,
-/// `vip_extra` lines in each VIP), and charon on the gateways and clients behind NATs as `opts` says; waits for the agent to see
-/// every gateway up. Returns both and the setup times.
-fn beds(fall: u64, vip_extra: &str, opts: &IpsecOpts) -> (AgentBed, IpsecBed) {
+/// SPI learning), and charon on the gateways and clients behind NATs as `opts` says; waits for
+/// the agent to see every gateway up. Returns both.
+fn beds(fall: u64, opts: &IpsecOpts) -> (AgentBed, IpsecBed) {
     let t0 = Instant::now();
     let mut bed = AgentBed::up(PREFIX, 3, 0, |t, _| {
         format!(
             "{INTERFACE}{}{}",
             backends_ikev2(t, fall),
-            ipsec_vips(&GWS, vip_extra)
+            ipsec_vips(&GWS, SESSION_IDS)
         )
     });
     // The topology's UDP echo sinks are not part of these tests.
@@ -160,6 +162,9 @@ fn fail_gateway(
         other => panic!("unknown failure {other}"),
     }
     let detect = bed.agent.wait_state(name, "down", Duration::from_secs(5));
+    // From now on nothing may reach it, not even by a learned SPI.
+    std::thread::sleep(Duration::from_millis(50));
+    let sent_dead = backend_packets(bed)[name];
     let mut back: BTreeMap<usize, (usize, Duration)> = BTreeMap::new();
     let deadline = t_fail + Duration::from_secs(40);
     while back.len() < moved.len() && Instant::now() < deadline {
@@ -177,6 +182,11 @@ fn fail_gateway(
     std::thread::sleep(Duration::from_secs(1));
     let logs = stop_all(&mut pingers);
     let window = t_fail.elapsed();
+    let late = backend_packets(bed)[name] - sent_dead;
+    assert_eq!(
+        late, 0,
+        "the LB sent {late} packets to {name} after marking it down"
+    );
     let not_back: Vec<usize> = moved
         .iter()
         .copied()
@@ -189,7 +199,7 @@ fn fail_gateway(
         ips.placement()
     );
     println!(
-        "{how} {name}: agent marked it down after {:.0} ms",
+        "{how} {name}: agent marked it down after {:.0} ms; the LB sent it {late} packets since",
         ms(detect)
     );
     let mut rec = Vec::new();
@@ -242,7 +252,6 @@ fn ipsec_nat_t_clients_stay_on_one_gateway_and_fail_over() {
     let t_start = Instant::now();
     let (bed, mut ips) = beds(
         2,
-        "",
         &IpsecOpts {
             sites: &SITES,
             gw_charon: "",
@@ -392,7 +401,6 @@ fn simulated_pick(bed: &AgentBed, src: std::net::Ipv4Addr) -> String {
 fn ipsec_drain_keeps_sas_and_steers_new_clients_away() {
     let (bed, mut ips) = beds(
         2,
-        "",
         &IpsecOpts {
             sites: &SITES,
             gw_charon: "",
@@ -494,7 +502,6 @@ fn ike_fragmentation_completes_through_the_lb() {
     let client_charon = format!("{CLIENT_CHARON}\n{frag}");
     let (bed, ips) = beds(
         2,
-        "",
         &IpsecOpts {
             sites: &[1, 1],
             gw_charon: frag,
@@ -575,7 +582,6 @@ fn counter(bed: &AgentBed, name: &str) -> u64 {
 fn ipsec_client_keeps_its_gateway_when_its_nat_is_renumbered() {
     let (bed, mut ips) = beds(
         2,
-        "session_ids = \"ipsec\"\n",
         &IpsecOpts {
             sites: &[1, 1, 1],
             gw_charon: "",
