@@ -381,7 +381,9 @@ pub fn nat_public(k: usize) -> Ipv4Addr {
 }
 
 /// A NAT site: a namespace on the switch (`eth0`, public address, masquerade) with a bridge `lan`
-/// (192.168.(k+1).1/24) its clients hang off.
+/// (192.168.(k+1).1/24) its clients hang off. The bridge does not call netfilter (br_netfilter is
+/// built in here): otherwise conntrack reassembles the clients' IP fragments at the bridge and the
+/// NAT forwards them whole, where a router reassembles, translates and fragments them again.
 pub struct NatSite {
     pub ns: Netns,
     pub public: Ipv4Addr,
@@ -405,7 +407,7 @@ ip neigh replace {VIP} lladdr {} dev eth0 nud permanent
 ip link add lan type bridge forward_delay 0 stp_state 0
 ip addr add 192.168.{}.1/24 dev lan
 ip link set lan up
-sysctl -qw net.ipv4.ip_forward=1
+sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=0
 nft -f - <<EOF
 table ip nat {{
   chain post {{

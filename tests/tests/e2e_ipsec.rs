@@ -7,7 +7,7 @@
 //! point at the VIP at the end (DSR: the gateways answer from the VIP). Then a gateway's charon is
 //! killed with -9 and another gateway's link is cut: the agent marks each down, their clients come
 //! back on healthy gateways by DPD, the other clients lose no ping. Separately: admin drain, an
-//! IKE_AUTH fragmented at IKE level completing through the LB, and (with `session_ids = "ipsec"`)
+//! IKE_AUTH fragmented at IKE level and one fragmented at IP level completing through the LB, and (with `session_ids = "ipsec"`)
 //! a client whose NAT gets a new public address keeping its gateway and IKE_SA by the learned SPIs
 //! although the source hash of the new address picks another gateway.
 //!
@@ -669,4 +669,91 @@ fn ipsec_client_keeps_its_gateway_when_its_nat_is_renumbered() {
     println!("session_id_used +{used}; sessions from {new}: {mine:?}");
     assert!(used > 0, "no packet was steered by a learned id");
     assert_through_vip(&ips, n);
+}
+
+#[test]
+#[ignore = "needs root and strongswan: run cargo xtask test"]
+fn ike_auth_in_ip_fragments_follows_its_first_fragment() {
+    // No IKE fragmentation and 300-byte client links: the client's kernel fragments the ~316-byte
+    // IKE_AUTH datagram on 4500, its NAT reassembles, translates and fragments it again to the
+    // same sizes; the LB sees a first fragment (with the UDP header) and a later one without
+    // ports. The gateways' answers (at most ~276 bytes) fit.
+    let (bed, ips) = beds(
+        2,
+        &IpsecOpts {
+            sites: &[1, 1],
+            gw_charon: "",
+            gw_conn: "",
+            client_charon: CLIENT_CHARON,
+            client_conn: "    fragmentation = no",
+        },
+    );
+    for c in &ips.clients {
+        c.ns.sh("ip link set eth0 mtu 300");
+    }
+    let before: Vec<u64> = ["frag_record", "frag_hit", "frag_miss"]
+        .iter()
+        .map(|c| counter(&bed, c))
+        .collect();
+    ips.connect_all();
+    let owner = wait_placed(&ips, &[0, 1, 2], Duration::from_secs(10));
+    let mut pingers = ips.ping_all(PING_EVERY);
+    std::thread::sleep(Duration::from_secs(1));
+    let logs = stop_all(&mut pingers);
+    let after: Vec<u64> = ["frag_record", "frag_hit", "frag_miss"]
+        .iter()
+        .map(|c| counter(&bed, c))
+        .collect();
+    let (record, hit, miss) = (
+        after[0] - before[0],
+        after[1] - before[1],
+        after[2] - before[2],
+    );
+    println!("LB fragment counters: frag_record +{record}, frag_hit +{hit}, frag_miss +{miss}");
+    for (n, c) in ips.clients.iter().enumerate() {
+        let g = owner[n];
+        let public = ips.public(n);
+        // The gateway got the whole IKE_AUTH (reassembled from the fragments the LB forwarded).
+        let whole = ips.gws[g]
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("received packet: from {public}["))
+                    && l.contains(&format!("to {VIP}[4500]"))
+            })
+            .map(str::to_string)
+            .next();
+        let sent = c
+            .charon
+            .log()
+            .lines()
+            .find(|l| l.contains("sending packet") && l.contains("[4500]"))
+            .map(str::to_string);
+        println!(
+            "client {n} via {public} on {}: sent {sent:?}; gateway got {whole:?}; {} ping replies",
+            GWS[g],
+            logs[n].replies.len()
+        );
+        assert!(
+            whole.is_some(),
+            "{} never got client {n}'s IKE_AUTH",
+            GWS[g]
+        );
+        assert!(
+            !logs[n].replies.is_empty(),
+            "client {n}: no ping through the tunnel"
+        );
+        for (o, gw) in ips.gws.iter().enumerate().filter(|(o, _)| *o != g) {
+            assert!(
+                !gw.log().contains(&format!("client{n}.vpnlb.test")),
+                "{} saw client {n}'s IKE",
+                GWS[o]
+            );
+        }
+        assert_through_vip(&ips, n);
+    }
+    assert!(
+        record >= 2 && hit >= 2,
+        "the LB recorded {record} first fragments and followed {hit} later ones"
+    );
 }
