@@ -556,6 +556,27 @@ pub fn fragments(f: &Frame, chunk: usize, id: u32) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// An ICMP "fragmentation needed" (type 3 code 4) or, between IPv6 addresses, ICMPv6 "packet too
+/// big" (type 2) from `from` to `to`, quoting `quoted` (an IP packet, possibly truncated) with
+/// next-hop `mtu`; checksums correct.
+pub fn icmp_too_big(from: IpAddr, to: IpAddr, mtu: u16, quoted: &[u8]) -> Frame {
+    let v6 = from.is_ipv6();
+    let mut m = if v6 {
+        vec![2, 0, 0, 0, 0, 0]
+    } else {
+        vec![3, 4, 0, 0, 0, 0]
+    };
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quoted);
+    let (proto, csum) = if v6 {
+        (58, l4_checksum(&from, &to, 58, &m))
+    } else {
+        (IPPROTO_ICMP, internet_checksum(&m))
+    };
+    m[2..4].copy_from_slice(&csum.to_be_bytes());
+    Frame::raw(from, to, proto, &m)
+}
+
 /// An IPv6 Fragment extension header (8 bytes) announcing `next` after it.
 pub fn ipv6_fragment_header(next: u8, offset_units: u16, more: bool, id: u32) -> Vec<u8> {
     let mut h = vec![next, 0];

@@ -1006,7 +1006,7 @@ fn inspect_and_simulate_session_ids() {
 
 #[test]
 #[ignore = "needs root and the eBPF object: run cargo xtask test"]
-fn simulate_explains_fragments() {
+fn simulate_explains_fragments_and_pmtu() {
     let mut bed = Bed::new();
     bed.program();
     let f = Frame::udp(ip("192.0.2.77"), 40077, ip(WG), WG_PORT, &[0x33; 100]);
@@ -1038,6 +1038,29 @@ fn simulate_explains_fragments() {
     }
     let c = bed.maps().counters().unwrap();
     assert_eq!((c[FRAG_RECORD as usize], c[FRAG_HIT as usize]), (1, 3));
+    // A router's "fragmentation needed" quoting the gateway's reply to that flow: its session.
+    let reply = Frame::udp(ip(WG), WG_PORT, ip("192.0.2.77"), 40077, &[0x44; 1400]).ip_bytes();
+    let msg = vpnlb_tests::packet::icmp_too_big(ip("192.0.2.254"), ip(WG), 1280, &reply[..64]);
+    let v = simulate_pcap_one(&bed, &msg.bytes());
+    assert_eq!(v["reason"], "pmtu_session", "{v}");
+    assert_eq!(v["backend_id"], sims[0]["backend_id"], "{v}");
+    assert_eq!(
+        v["flow"], "udp 192.0.2.77:40077 -> 203.0.113.10:51820",
+        "{v}"
+    );
+    let (a, out) = bed.run(&msg.bytes());
+    assert_eq!(
+        (a, u64::from(out[5])),
+        (XDP_TX, sims[0]["backend_id"].as_u64().unwrap())
+    );
+}
+
+/// `simulate --pcap --json` of one frame.
+fn simulate_pcap_one(bed: &Bed, frame: &[u8]) -> Value {
+    let path = bed.dir.join("one.pcap");
+    pcap::write(&path, &[frame]).unwrap();
+    let out = bed.ok(&["simulate", "--pcap", path.to_str().unwrap(), "--json"]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 #[test]

@@ -492,6 +492,41 @@ fn fragment_sequences(defs: &[VipDef], add: &mut impl FnMut(String, Vec<u8>)) {
     }
 }
 
+/// ICMP "fragmentation needed" / "packet too big" quoting what each VIP sent to clients that have
+/// sessions (the plain frames above) and to clients that have none, whole and truncated at every
+/// boundary of the quote; and one sent to an address that is not the quote's source.
+fn pmtu_messages(defs: &[VipDef], add: &mut impl FnMut(String, Vec<u8>)) {
+    for d in defs {
+        let label = vpnlb::dataplane::vip_label(&d.key());
+        let router = if d.addr.is_ipv6() { v6(0x99) } else { v4(99) };
+        for k in [1u8, 2, 40] {
+            let up = vip_frame(d, k, 32, packet::TCP_ACK);
+            // The gateway's reply: addresses and ports swapped (ESP: the same SPI field).
+            let mut down = up.clone();
+            match &mut down.ip {
+                packet::Ip::V4(h) => std::mem::swap(&mut h.src, &mut h.dst),
+                packet::Ip::V6(h) => std::mem::swap(&mut h.src, &mut h.dst),
+            }
+            match &mut down.l4 {
+                L4::Udp { sport, dport, .. } | L4::Tcp { sport, dport, .. } => {
+                    std::mem::swap(sport, dport)
+                }
+                _ => {}
+            }
+            let q = down.ip_bytes();
+            let hdr = if d.addr.is_ipv6() { 40 } else { 20 };
+            for cut in [q.len(), hdr + 8, hdr + 4, hdr + 3, hdr] {
+                let f = packet::icmp_too_big(router, d.addr, 1280, &q[..cut.min(q.len())]);
+                add(format!("{label} c{k} pmtu quote {cut}"), f.bytes());
+            }
+        }
+        let other = if d.addr.is_ipv6() { v6(0x98) } else { v4(98) };
+        let q = vip_frame(d, 3, 16, packet::TCP_ACK).ip_bytes();
+        let f = packet::icmp_too_big(router, other, 1280, &q);
+        add(format!("{label} pmtu to another address"), f.bytes());
+    }
+}
+
 /// A frame of `d` from client `k`, port `sport`, with `payload` (for ESP: `payload` is the SPI).
 fn id_frame(d: &VipDef, k: u8, sport: u16, payload: &[u8]) -> Frame {
     let c = client(d.addr.is_ipv6(), k);
@@ -717,6 +752,7 @@ fn synthetic(defs: &[VipDef]) -> Vec<(String, Vec<u8>)> {
 
     id_sequences(defs, &mut add);
     fragment_sequences(defs, &mut add);
+    pmtu_messages(defs, &mut add);
 
     // One packet per PASS reason.
     let vip4 = IpAddr::V4(GW4);
@@ -1697,6 +1733,9 @@ fn xdp_and_model_agree() {
         FRAG_RECORD,
         FRAG_HIT,
         FRAG_MISS,
+        PASS_ICMP_BAD_QUOTE,
+        ICMP_PMTU_SESSION,
+        ICMP_PMTU_HASH,
         DECAP_IPIP,
         DECAP_GUE,
         DECAP_PASS,

@@ -2860,3 +2860,77 @@ fn static_id_ranges_route_without_learning() {
     h.dp.set_id_ranges(&[]).unwrap();
     assert!(h.maps().id_ranges().unwrap().is_empty());
 }
+
+// ------------------------------------------------------------------------------------------------
+// PMTU messages (docs/datapath.md, "PMTU messages")
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn pmtu_messages_reach_the_flows_gateway() {
+    let (mut h, vip) = lb_pool(&[1, 2, 3], FWD_MODE_GUE, 0);
+    let mut v6 = vip_spec(vip6(), WG_PORT, PROTO_UDP, 2, 0, FWD_MODE_L2DSR, &[1, 2, 3]);
+    v6.ring_size = 251;
+    let vip6k = v6.key;
+    h.upsert_vip(v6);
+    let router4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254));
+    let router6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1));
+    for (tag, vk, client, router) in [("v4", vip, c4(20), router4), ("v6", vip6k, c6(20), router6)]
+    {
+        // The client's flow has a session on `gw`, seeded away from its hash pick.
+        let up = Frame::udp(client, 41000, vk.ip(), WG_PORT, &[1; 40]);
+        let key = up.flow_key();
+        let by_hash = h.ring_pick(&vk, pick_hash(&key, 0));
+        let gw = if by_hash == 1 { 2 } else { 1 };
+        h.set_session(
+            &key,
+            &Session {
+                backend_id: gw,
+                hash: pick_hash(&key, 0),
+                last_seen_ns: monotonic_ns(),
+            },
+        );
+        // What the gateway sent (VIP -> client) and a router quotes back to the VIP.
+        let down = Frame::udp(vk.ip(), WG_PORT, client, 41000, &[2; 1400]).ip_bytes();
+        let msg = icmp_too_big(router, vk.ip(), 1280, &down[..down.len().min(576)]).bytes();
+        let exp = forward(&h, &vk, &msg, &key, gw, LO, &[ICMP_PMTU_SESSION]);
+        h.check(&format!("pmtu_{tag}_to_session"), &msg, LO, &exp);
+        // A flow without a session: its hash pick (the message creates no session).
+        let other = Frame::udp(client, 41001, vk.ip(), WG_PORT, &[1; 40]).flow_key();
+        let down = Frame::udp(vk.ip(), WG_PORT, client, 41001, &[2; 1400]).ip_bytes();
+        let msg = icmp_too_big(router, vk.ip(), 1280, &down[..64]).bytes();
+        let id = h.ring_pick(&vk, pick_hash(&other, 0));
+        let exp = forward(&h, &vk, &msg, &other, id, LO, &[ICMP_PMTU_HASH]);
+        h.check(&format!("pmtu_{tag}_by_hash"), &msg, LO, &exp);
+        assert!(h.session(&other).is_none(), "{tag}: no session created");
+        // Quotes too short for the inner header plus the ports: counted, passed.
+        let hdr = if tag == "v4" { 20 } else { 40 };
+        for cut in [0, 8, hdr, hdr + 3] {
+            let msg = icmp_too_big(router, vk.ip(), 1280, &down[..cut]).bytes();
+            h.check(
+                &format!("pmtu_{tag}_quote_{cut}_bytes"),
+                &msg,
+                LO,
+                &Expect::pass(PASS_ICMP_BAD_QUOTE),
+            );
+        }
+    }
+    // A quote of a packet not sent from the address the message went to, a quoted flow to no
+    // VIP, other ICMP types, a quoted IPv4 later fragment.
+    let down = Frame::udp(vip4(), WG_PORT, c4(21), 41000, &[2; 100]).ip_bytes();
+    let elsewhere = icmp_too_big(router4, IpAddr::V4(OTHER4), 1280, &down).bytes();
+    let not_vip = Frame::udp(vip4(), 9999, c4(21), 41000, &[2; 100]).ip_bytes();
+    let not_vip = icmp_too_big(router4, vip4(), 1280, &not_vip).bytes();
+    let mut echo = icmp_too_big(router4, vip4(), 1280, &down).bytes();
+    echo[34] = 8;
+    let mut later = down.clone();
+    later[6..8].copy_from_slice(&0x0010u16.to_be_bytes());
+    let later = icmp_too_big(router4, vip4(), 1280, &later).bytes();
+    for (name, frame, counter) in [
+        ("pmtu_wrong_address", elsewhere, PASS_ICMP_BAD_QUOTE),
+        ("pmtu_not_a_vip_flow", not_vip, PASS_NOT_VIP),
+        ("icmp_echo", echo, PASS_OTHER_PROTO),
+        ("pmtu_quoted_later_fragment", later, PASS_ICMP_BAD_QUOTE),
+    ] {
+        h.check(name, &frame, LO, &Expect::pass(counter));
+    }
+}

@@ -60,9 +60,16 @@ pub const SESSION_ID_REJECTED: u32 = 42;
 pub const FRAG_RECORD: u32 = 43;
 pub const FRAG_HIT: u32 = 44;
 pub const FRAG_MISS: u32 = 45;
+// Outcome: an ICMP "fragmentation needed" / ICMPv6 "packet too big" whose quoted packet is too
+// short or not a UDP/TCP/ESP packet from the address it was sent to: passed to the kernel.
+pub const PASS_ICMP_BAD_QUOTE: u32 = 46;
+// PMTU events (not outcomes): such an ICMP forwarded to the quoted flow's session backend, or
+// (no usable session) to the backend its hash picks.
+pub const ICMP_PMTU_SESSION: u32 = 47;
+pub const ICMP_PMTU_HASH: u32 = 48;
 
 /// Size of the `STATS` array.
-pub const NUM_COUNTERS: u32 = 46;
+pub const NUM_COUNTERS: u32 = 49;
 
 /// Counter names (JSON keys, metric labels), indexed by id.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -112,10 +119,25 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "frag_record",
     "frag_hit",
     "frag_miss",
+    "pass_icmp_bad_quote",
+    "icmp_pmtu_session",
+    "icmp_pmtu_hash",
 ];
 
-/// Outcome counters of `vpnlb_ingress` (exactly one per packet).
-pub const INGRESS_OUTCOMES: core::ops::Range<u32> = FWD_L2DSR_TX..SESSION_HIT;
+/// Outcome counters of `vpnlb_ingress` (exactly one per packet): ids `0..SESSION_HIT` and the
+/// outcomes appended later (ids are never renumbered).
+pub const INGRESS_OUTCOMES: [u32; 29] = ingress_outcomes();
+
+const fn ingress_outcomes() -> [u32; 29] {
+    let mut ids = [0u32; 29];
+    let mut i = 0;
+    while i < SESSION_HIT as usize {
+        ids[i] = i as u32;
+        i += 1;
+    }
+    ids[28] = PASS_ICMP_BAD_QUOTE;
+    ids
+}
 
 /// True for outcome ids whose packets leave the host (forwarded).
 pub fn is_forward(id: u32) -> bool {

@@ -1,5 +1,6 @@
 //! vpnlb's XDP programs: `vpnlb_ingress` (the load balancer, stages parse → flow → vip → ids →
-//! session → maglev → forward/encap; later IP fragments through frag, docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
+//! session → maglev → forward/encap; later IP fragments through frag, PMTU ICMP through icmp;
+//! docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
 #![no_std]
 #![no_main]
 
@@ -8,6 +9,7 @@ mod encap;
 mod flow;
 mod forward;
 mod frag;
+mod icmp;
 mod ids;
 mod maglev;
 mod maps;
@@ -39,6 +41,9 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, Stop> {
     let pkt = parse::parse(ctx)?;
     if pkt.frag == parse::FRAG_LATER {
         return frag::later(ctx, &pkt);
+    }
+    if pkt.proto == parse::PROTO_ICMP || pkt.proto == parse::PROTO_ICMPV6 {
+        return icmp::pmtu(ctx, &pkt);
     }
     let key = flow::flow_key(&pkt);
     let vip = vip::lookup(&key)?;

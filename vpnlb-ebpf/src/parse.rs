@@ -28,6 +28,10 @@ const IPV6_LEN: usize = 40;
 const UDP_LEN: u32 = 8;
 const TCP_LEN: u32 = 20;
 const ESP_LEN: u32 = 8;
+/// ICMP / ICMPv6: the header before the quoted packet.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const ICMP_LEN: usize = 8;
 /// IPv6 Fragment header: next header 44, 8 bytes.
 const IPPROTO_FRAGMENT: u8 = 44;
 const FRAG_HDR_LEN: usize = 8;
@@ -139,7 +143,8 @@ pub struct Packet {
     pub frag_id: u32,
     /// `FAMILY_V4` / `FAMILY_V6`.
     pub family: u8,
-    /// `PROTO_UDP`, `PROTO_TCP` or `PROTO_ESP`.
+    /// `PROTO_UDP`, `PROTO_TCP`, `PROTO_ESP`, or `PROTO_ICMP`/`PROTO_ICMPV6` for a PMTU message
+    /// (then `l4` is its ICMP header, 8 bytes present).
     pub proto: u8,
     /// The DSCP/ECN byte (IPv4 TOS, IPv6 traffic class).
     pub tos: u8,
@@ -158,9 +163,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stop> {
     } else {
         return Err(Stop(PASS_NOT_IP));
     };
-    // A later fragment carries no L4 header.
+    // A later fragment carries no L4 header; ICMP has its own checks.
     let l4 = if ip.frag == FRAG_LATER {
         ip.l3
+    } else if ip.proto == ip.icmp_proto {
+        pmtu_icmp(ctx, &ip)?
     } else {
         l4(ctx, &ip)?
     };
@@ -190,6 +197,8 @@ struct Ip {
     tos: u8,
     frag: u8,
     frag_id: u32,
+    /// The ICMP protocol number of this family (1 or 58).
+    icmp_proto: u8,
 }
 
 /// The fragment kind from the offset and the more-fragments flag.
@@ -232,7 +241,9 @@ fn ipv4(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
     if tot_len < hlen || tot_len > ip_room {
         return Err(Stop(PASS_IPV4_BAD_TOTLEN));
     }
-    if proto != PROTO_UDP && proto != PROTO_TCP && proto != PROTO_ESP {
+    let frag = frag_kind(frag & 0x1fff, frag & 0x2000 != 0);
+    let icmp = proto == PROTO_ICMP && frag == FRAG_NONE;
+    if proto != PROTO_UDP && proto != PROTO_TCP && proto != PROTO_ESP && !icmp {
         return Err(Stop(PASS_OTHER_PROTO));
     }
     Ok(Ip {
@@ -242,9 +253,9 @@ fn ipv4(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
         family: FAMILY_V4,
         proto,
         tos,
-        // Fragment offset (0x1fff) and more-fragments flag (0x2000).
-        frag: frag_kind(frag & 0x1fff, frag & 0x2000 != 0),
+        frag,
         frag_id: u32::from(ip_id),
+        icmp_proto: PROTO_ICMP,
     })
 }
 
@@ -278,6 +289,7 @@ fn ipv6(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
     match next {
         0 | 43 | 44 | 60 | 135 | 139 | 140 | 253 | 254 => return Err(Stop(PASS_IPV6_EXT_HDR)),
         PROTO_UDP | PROTO_TCP | PROTO_ESP => {}
+        PROTO_ICMPV6 if frag == FRAG_NONE => {}
         _ => return Err(Stop(PASS_OTHER_PROTO)),
     }
     Ok(Ip {
@@ -289,7 +301,30 @@ fn ipv6(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
         tos: (b0 << 4) | (b1 >> 4),
         frag,
         frag_id,
+        icmp_proto: PROTO_ICMPV6,
     })
+}
+
+/// An ICMP packet (not fragmented) is ours only as a PMTU message: ICMP type 3 code 4
+/// ("fragmentation needed") or ICMPv6 type 2 ("packet too big"); need 8 bytes of ICMP header.
+/// Anything else is `PASS_OTHER_PROTO`. Returns the ICMP header.
+#[inline(always)]
+fn pmtu_icmp(ctx: &XdpContext, ip: &Ip) -> Result<*const u8, Stop> {
+    if ip.l4_len < ICMP_LEN as u32 {
+        return Err(Stop(PASS_OTHER_PROTO));
+    }
+    let h = bytes_at(ctx, ip.l4_off, ICMP_LEN).ok_or(Stop(PASS_OTHER_PROTO))?;
+    // SAFETY: 8 bytes at `h` are in the packet.
+    let (ty, code) = unsafe { (*h, *h.add(1)) };
+    let pmtu = if ip.family == FAMILY_V4 {
+        ty == 3 && code == 4
+    } else {
+        ty == 2
+    };
+    if !pmtu {
+        return Err(Stop(PASS_OTHER_PROTO));
+    }
+    Ok(h)
 }
 
 /// Checks the L4 header against `L` and returns a pointer to it.

@@ -36,6 +36,9 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_HLEN: usize = 14;
 const NS_PER_SEC: u64 = 1_000_000_000;
+/// ICMP and ICMPv6 protocol numbers (PMTU messages).
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
 /// IPv6 extension headers that make the packet `PASS_IPV6_EXT_HDR` (44, Fragment, is separate).
 const IPV6_EXT_HDRS: [u8; 7] = [0, 43, 60, 135, 139, 140, 253];
 
@@ -184,11 +187,12 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
                 return Err(PASS_IPV4_BAD_TOTLEN);
             }
             proto = f[l3 + 9];
-            if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&proto) {
-                return Err(PASS_OTHER_PROTO);
-            }
             let ff = be16(f, l3 + 6);
             frag = frag_of(ff & 0x1fff, ff & 0x2000 != 0);
+            let icmp = proto == ICMP && frag == Frag::None;
+            if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&proto) && !icmp {
+                return Err(PASS_OTHER_PROTO);
+            }
             frag_id = u32::from(be16(f, l3 + 4));
             family = FAMILY_V4;
             tos = f[l3 + 1];
@@ -229,7 +233,8 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
             if IPV6_EXT_HDRS.contains(&nh) || nh == 254 || nh == 44 {
                 return Err(PASS_IPV6_EXT_HDR);
             }
-            if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&nh) {
+            let icmp = nh == ICMPV6 && frag == Frag::None;
+            if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&nh) && !icmp {
                 return Err(PASS_OTHER_PROTO);
             }
             proto = nh;
@@ -246,6 +251,17 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
     // L4, against l4_len (which never exceeds what the frame holds); a later fragment has none.
     match proto {
         _ if frag == Frag::Later => {}
+        // ICMP is ours only as a PMTU message with its 8-byte header.
+        ICMP | ICMPV6 => {
+            let pmtu = if family == FAMILY_V4 {
+                l4_len >= 8 && f[l4] == 3 && f[l4 + 1] == 4
+            } else {
+                l4_len >= 8 && f[l4] == 2
+            };
+            if !pmtu {
+                return Err(PASS_OTHER_PROTO);
+            }
+        }
         PROTO_UDP => {
             if l4_len < 8 {
                 return Err(PASS_L4_TRUNCATED);
@@ -277,7 +293,7 @@ fn parse(f: &[u8]) -> Result<Parsed, u32> {
     let key = FlowKey {
         src,
         dst,
-        ports: if frag == Frag::Later {
+        ports: if frag == Frag::Later || proto == ICMP || proto == ICMPV6 {
             0
         } else {
             wire32(f, l4)
@@ -445,6 +461,9 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
         Ok(p) => p,
         Err(reason) => return (XDP_PASS, reason),
     };
+    if p.key.proto == ICMP || p.key.proto == ICMPV6 {
+        return pmtu_message(maps, frame, ctx, &p, r);
+    }
     r.flow = Some(p.key);
     if p.frag == Frag::Later {
         return later_fragment(maps, frame, ctx, &p, r);
@@ -536,6 +555,93 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
         }
     }
     forward(maps, frame, ctx, &p, &vip, id, hash, r)
+}
+
+/// "PMTU messages": the client flow a quoted packet (VIP → client) belongs to, reversed; `None`
+/// for a bad quote (too short, not IPv4/IPv6 of the ICMP's family with UDP/TCP/ESP, a later
+/// fragment).
+fn quoted_flow(f: &[u8], p: &Parsed) -> Option<FlowKey> {
+    let q = f.get(p.l4 + 8..p.l4 + p.l4_len)?;
+    let (src, dst, proto, l4): ([u32; 4], [u32; 4], u8, usize) = if p.key.family == FAMILY_V4 {
+        if q.len() < 20 || q[0] >> 4 != 4 || q[0] & 0x0f < 5 || be16(q, 6) & 0x1fff != 0 {
+            return None;
+        }
+        (
+            [wire32(q, 12), 0, 0, 0],
+            [wire32(q, 16), 0, 0, 0],
+            q[9],
+            (q[0] & 0x0f) as usize * 4,
+        )
+    } else {
+        if q.len() < 40 || q[0] >> 4 != 6 {
+            return None;
+        }
+        let w = |i: usize| wire32(q, 8 + 4 * i);
+        ([w(0), w(1), w(2), w(3)], [w(4), w(5), w(6), w(7)], q[6], 40)
+    };
+    if ![PROTO_UDP, PROTO_TCP, PROTO_ESP].contains(&proto) || q.len() < l4 + 4 {
+        return None;
+    }
+    let w = wire32(q, l4);
+    // The client's direction: addresses swapped, and the ports (ESP keeps its SPI).
+    let ports = if proto == PROTO_ESP {
+        w
+    } else {
+        w.rotate_left(16)
+    };
+    Some(FlowKey {
+        src: dst,
+        dst: src,
+        ports,
+        proto,
+        family: p.key.family,
+        _pad: [0; 2],
+    })
+}
+
+/// "PMTU messages": forwarded to the quoted flow's session backend, else its hash pick.
+fn pmtu_message(
+    maps: &mut MemMaps,
+    frame: &[u8],
+    ctx: &ModelCtx,
+    p: &Parsed,
+    r: &mut ModelResult,
+) -> (u32, u32) {
+    let Some(key) = quoted_flow(frame, p).filter(|k| k.dst == p.key.dst) else {
+        return (XDP_PASS, PASS_ICMP_BAD_QUOTE);
+    };
+    r.flow = Some(key);
+    let vkey = vip_key_of(&key);
+    let Some(vip) = maps.vips.get(&vkey).copied() else {
+        return (XDP_PASS, PASS_NOT_VIP);
+    };
+    r.vip = Some(vkey);
+    let (id, hash) = match maps
+        .sessions
+        .get(&key)
+        .filter(|s| usable(maps, s.backend_id))
+    {
+        Some(s) => {
+            r.events.push(ICMP_PMTU_SESSION);
+            (s.backend_id, s.hash)
+        }
+        None => {
+            r.events.push(ICMP_PMTU_HASH);
+            let hash = pick_hash(&key, vip.flags);
+            r.hash = Some(hash);
+            let Some(id) = ring_pick(maps, &vip, p.tos, hash) else {
+                return (XDP_DROP, DROP_NO_BACKEND);
+            };
+            r.backend_id = Some(id);
+            if !usable(maps, id) {
+                return (XDP_DROP, DROP_BACKEND_DOWN);
+            }
+            (id, hash)
+        }
+    };
+    r.hash = Some(hash);
+    r.backend_id = Some(id);
+    forward(maps, frame, ctx, p, &vip, id, hash, r)
 }
 
 fn frag_key(p: &Parsed) -> FragKey {

@@ -592,7 +592,8 @@ pub fn stats(src: &Source) -> Result<(Value, String)> {
         ct.row(vec![name.to_string(), kind.to_string(), v.to_string()]);
     }
     let processed: u64 = INGRESS_OUTCOMES
-        .map(|i| counters.get(i as usize).copied().unwrap_or(0))
+        .iter()
+        .map(|i| counters.get(*i as usize).copied().unwrap_or(0))
         .sum();
     text.push_str(&vt.render());
     text.push('\n');

@@ -302,7 +302,12 @@ fn explain(
     let mut class: Option<String> = None;
     let mut dscp = None;
     let (reason, mut why);
-    if r.flow.is_none() {
+    if r.outcome == PASS_ICMP_BAD_QUOTE {
+        reason = "pass";
+        why = "ICMP packet-too-big whose quoted packet is too short or not from this address: \
+               passed to the kernel"
+            .to_string();
+    } else if r.flow.is_none() {
         reason = "pass";
         why = format!("passed to the kernel untouched: {}", counter(r.outcome));
     } else if r.outcome == PASS_NOT_VIP {
@@ -342,7 +347,17 @@ fn explain(
                 "later fragment without a usable record of its first: source-address hash; ",
             );
         }
-        if r.events.contains(&FRAG_HIT) {
+        if r.events.contains(&ICMP_PMTU_HASH) {
+            pre.push_str("ICMP packet-too-big for a flow without a session: its hash; ");
+        }
+        if r.events.contains(&ICMP_PMTU_SESSION) {
+            reason = "pmtu_session";
+            why = format!(
+                "ICMP packet-too-big quoting flow {}: sent to that flow's session on {}",
+                flow.clone().unwrap_or_default(),
+                backend.clone().unwrap_or_default()
+            );
+        } else if r.events.contains(&FRAG_HIT) {
             reason = "fragment";
             why = format!(
                 "later fragment: follows its datagram's first fragment to {}",

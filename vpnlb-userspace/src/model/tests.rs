@@ -186,7 +186,10 @@ fn run(m: &mut MemMaps, f: &[u8]) -> ModelResult {
 }
 
 fn outcome_sum(m: &MemMaps) -> u64 {
-    INGRESS_OUTCOMES.map(|i| m.counters[i as usize]).sum()
+    INGRESS_OUTCOMES
+        .iter()
+        .map(|i| m.counters[*i as usize])
+        .sum()
 }
 
 // ---- stage 1 ----
@@ -1175,8 +1178,9 @@ fn verdict_names() {
 #[test]
 fn every_ingress_outcome_is_covered_by_these_tests() {
     // Guard: if a counter is added, this file must learn to reach it.
-    assert_eq!(INGRESS_OUTCOMES, 0..28);
-    assert_eq!(NUM_COUNTERS, 46);
+    assert_eq!(INGRESS_OUTCOMES[..28], (0..28).collect::<Vec<u32>>()[..]);
+    assert_eq!(INGRESS_OUTCOMES[28], PASS_ICMP_BAD_QUOTE);
+    assert_eq!(NUM_COUNTERS, 49);
 }
 
 #[test]
@@ -1276,4 +1280,51 @@ fn later_fragments_follow_the_first_until_the_record_expires() {
     // No fragment VIP for the address: not for us.
     m.frag_vips.clear();
     assert_eq!(run(m, &frag(24, 24, true)).outcome, PASS_NOT_VIP);
+}
+
+#[test]
+fn pmtu_messages_follow_the_quoted_flow() {
+    let mut dp = Dataplane::new(MemMaps::new());
+    dp.set_config(cfg()).unwrap();
+    for id in 1..=3 {
+        dp.upsert_backend(gw(id, &format!("10.1.0.{id}"), 0))
+            .unwrap();
+    }
+    dp.upsert_vip(vip4(51820, FWD_MODE_L2DSR, vec![1, 2, 3]))
+        .unwrap();
+    let m = dp.writer_mut();
+    // The client's flow gets a session.
+    let r = run(
+        m,
+        &eth(
+            0x0800,
+            None,
+            &ipv4(CLIENT, VIP4, 17, 0, &udp(4000, 51820, b"up")),
+        ),
+    );
+    let (key, home) = (r.flow.unwrap(), r.backend_id.unwrap());
+    // A router's "fragmentation needed" quoting the gateway's reply (VIP:51820 -> client:4000).
+    let quoted = ipv4(VIP4, CLIENT, 17, 0, &udp(51820, 4000, &[9; 600]));
+    let icmp = |q: &[u8]| {
+        let mut i = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
+        i.extend_from_slice(q);
+        eth(0x0800, None, &ipv4([192, 0, 2, 254], VIP4, 1, 0, &i))
+    };
+    let r = run(m, &icmp(&quoted[..64]));
+    assert_eq!(
+        (r.outcome, r.events.clone()),
+        (FWD_L2DSR_TX, vec![ICMP_PMTU_SESSION])
+    );
+    assert_eq!((r.flow, r.backend_id), (Some(key), Some(home)));
+    assert_eq!(m.sessions.len(), 1, "an ICMP message creates no session");
+    // 20 + 3 bytes: the ports are cut off.
+    assert_eq!(run(m, &icmp(&quoted[..23])).outcome, PASS_ICMP_BAD_QUOTE);
+    // Another client's flow (no session): its hash pick.
+    let other = ipv4(VIP4, [198, 51, 100, 9], 17, 0, &udp(51820, 4001, &[9; 60]));
+    let r = run(m, &icmp(&other));
+    assert_eq!(r.events, vec![ICMP_PMTU_HASH]);
+    assert_eq!(
+        r.hash,
+        Some(vpnlb_common::hash::pick_hash(&r.flow.unwrap(), 0))
+    );
 }
