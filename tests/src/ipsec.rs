@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::agent::{INTERVAL_MS, RISE, TIMEOUT_MS, wait_for};
+use crate::agent::{FALL, INTERVAL_MS, RISE, TIMEOUT_MS, wait_for};
 use crate::netns::{Netns, cable, fmt_mac};
 use crate::testbed::{Topology, VIP};
 use crate::wg::{Pinger, client_target, client_tunnel_addr, die_with_parent};
@@ -651,14 +651,14 @@ ethtool -K eth0 tx off >/dev/null",
 }
 
 /// `[[backend]]` entries for the gateways of `topo` (MACs written out) with an `ikev2` check (the
-/// agent tests' timing: interval 200 ms, timeout 150 ms, rise 2, `fall`).
-pub fn backends_ikev2(topo: &Topology, fall: u64) -> String {
+/// agent tests' timing: interval 200 ms, timeout 150 ms, rise 2, fall 2).
+pub fn backends_ikev2(topo: &Topology) -> String {
     topo.gws
         .iter()
         .enumerate()
         .map(|(i, gw)| {
             format!(
-                "{}[[backend.check]]\ntype = \"ikev2\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {fall}\n\n",
+                "{}[[backend.check]]\ntype = \"ikev2\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n",
                 crate::agent::backend(i, Some(gw.mac("eth0")), 1, &[])
             )
         })

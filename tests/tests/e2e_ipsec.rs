@@ -6,10 +6,11 @@
 //! agree), every CHILD_SA carries pings, every gateway gets a share, and the clients' SAs still
 //! point at the VIP at the end (DSR: the gateways answer from the VIP). Then a gateway's charon is
 //! killed with -9 and another gateway's link is cut: the agent marks each down, their clients come
-//! back on healthy gateways by DPD, the other clients lose no ping. Separately: admin drain, an
-//! IKE_AUTH fragmented at IKE level and one fragmented at IP level completing through the LB, and (with `session_ids = "ipsec"`)
-//! a client whose NAT gets a new public address keeping its gateway and IKE_SA by the learned SPIs
-//! although the source hash of the new address picks another gateway.
+//! back on healthy gateways by DPD, the other clients lose no ping. Separately: admin drain
+//! (`vpnlb drain`/`undrain`), an IKE_AUTH fragmented at IKE level and one fragmented at IP level
+//! completing through the LB, and a client whose NAT gets a new public address keeping its gateway
+//! and IKE_SA by the learned SPIs although the source hash of the new address picks another
+//! gateway. All run the recommended VIP group (`session_ids = "ipsec"`).
 //!
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
@@ -37,15 +38,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The agent with the IPsec VIP group over the three gateways (ikev2 checks, `fall` failures,
-/// SPI learning), and charon on the gateways and clients behind NATs as `opts` says; waits for
+/// The agent with the IPsec VIP group over the three gateways (ikev2 checks, SPI learning), and
+/// charon on the gateways and clients behind NATs as `opts` says; waits for
 /// the agent to see every gateway up. Returns both.
-fn beds(fall: u64, opts: &IpsecOpts) -> (AgentBed, IpsecBed) {
+fn beds(opts: &IpsecOpts) -> (AgentBed, IpsecBed) {
     let t0 = Instant::now();
     let mut bed = AgentBed::up(PREFIX, 3, 0, |t, _| {
         format!(
             "{INTERFACE}{}{}",
-            backends_ikev2(t, fall),
+            backends_ikev2(t),
             ipsec_vips(&GWS, SESSION_IDS)
         )
     });
@@ -250,16 +251,13 @@ fn fail_gateway(
 #[ignore = "needs root and strongswan: run cargo xtask test"]
 fn ipsec_nat_t_clients_stay_on_one_gateway_and_fail_over() {
     let t_start = Instant::now();
-    let (bed, mut ips) = beds(
-        2,
-        &IpsecOpts {
-            sites: &SITES,
-            gw_charon: "",
-            gw_conn: "",
-            client_charon: CLIENT_CHARON,
-            client_conn: "",
-        },
-    );
+    let (bed, mut ips) = beds(&IpsecOpts {
+        sites: &SITES,
+        gw_charon: "",
+        gw_conn: "",
+        client_charon: CLIENT_CHARON,
+        client_conn: "",
+    });
     let clients = ips.clients.len();
     let t_conn = Instant::now();
     ips.connect_all();
@@ -399,16 +397,13 @@ fn simulated_pick(bed: &AgentBed, src: std::net::Ipv4Addr) -> String {
 #[test]
 #[ignore = "needs root and strongswan: run cargo xtask test"]
 fn ipsec_drain_keeps_sas_and_steers_new_clients_away() {
-    let (bed, mut ips) = beds(
-        2,
-        &IpsecOpts {
-            sites: &SITES,
-            gw_charon: "",
-            gw_conn: "",
-            client_charon: CLIENT_CHARON,
-            client_conn: "",
-        },
-    );
+    let (bed, mut ips) = beds(&IpsecOpts {
+        sites: &SITES,
+        gw_charon: "",
+        gw_conn: "",
+        client_charon: CLIENT_CHARON,
+        client_conn: "",
+    });
     ips.connect_all();
     let owner = wait_placed(&ips, &[0, 1, 2], Duration::from_secs(10));
     let drained = (0..3)
@@ -500,16 +495,13 @@ fn ike_fragmentation_completes_through_the_lb() {
     // is split into several UDP datagrams on 4500.
     let frag = "  fragment_size = 200";
     let client_charon = format!("{CLIENT_CHARON}\n{frag}");
-    let (bed, ips) = beds(
-        2,
-        &IpsecOpts {
-            sites: &[1, 1],
-            gw_charon: frag,
-            gw_conn: "    fragmentation = yes",
-            client_charon: &client_charon,
-            client_conn: "    fragmentation = yes",
-        },
-    );
+    let (bed, ips) = beds(&IpsecOpts {
+        sites: &[1, 1],
+        gw_charon: frag,
+        gw_conn: "    fragmentation = yes",
+        client_charon: &client_charon,
+        client_conn: "    fragmentation = yes",
+    });
     ips.connect_all();
     let owner = wait_placed(&ips, &[0, 1, 2], Duration::from_secs(10));
     let mut pingers = ips.ping_all(PING_EVERY);
@@ -580,16 +572,13 @@ fn counter(bed: &AgentBed, name: &str) -> u64 {
 #[test]
 #[ignore = "needs root and strongswan: run cargo xtask test"]
 fn ipsec_client_keeps_its_gateway_when_its_nat_is_renumbered() {
-    let (bed, mut ips) = beds(
-        2,
-        &IpsecOpts {
-            sites: &[1, 1, 1],
-            gw_charon: "",
-            gw_conn: "",
-            client_charon: CLIENT_CHARON,
-            client_conn: "",
-        },
-    );
+    let (bed, mut ips) = beds(&IpsecOpts {
+        sites: &[1, 1, 1],
+        gw_charon: "",
+        gw_conn: "",
+        client_charon: CLIENT_CHARON,
+        client_conn: "",
+    });
     ips.connect_all();
     let owner = wait_placed(&ips, &[0, 1, 2], Duration::from_secs(10));
     let (g, n) = (owner[0], 0);
@@ -678,16 +667,13 @@ fn ike_auth_in_ip_fragments_follows_its_first_fragment() {
     // IKE_AUTH datagram on 4500, its NAT reassembles, translates and fragments it again to the
     // same sizes; the LB sees a first fragment (with the UDP header) and a later one without
     // ports. The gateways' answers (at most ~276 bytes) fit.
-    let (bed, ips) = beds(
-        2,
-        &IpsecOpts {
-            sites: &[1, 1],
-            gw_charon: "",
-            gw_conn: "",
-            client_charon: CLIENT_CHARON,
-            client_conn: "    fragmentation = no",
-        },
-    );
+    let (bed, ips) = beds(&IpsecOpts {
+        sites: &[1, 1],
+        gw_charon: "",
+        gw_conn: "",
+        client_charon: CLIENT_CHARON,
+        client_conn: "    fragmentation = no",
+    });
     for c in &ips.clients {
         c.ns.sh("ip link set eth0 mtu 300");
     }
