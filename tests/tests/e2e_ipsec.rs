@@ -10,7 +10,9 @@
 //! (`vpnlb drain`/`undrain`), an IKE_AUTH fragmented at IKE level and one fragmented at IP level
 //! completing through the LB, and a client whose NAT gets a new public address keeping its gateway
 //! and IKE_SA by the learned SPIs although the source hash of the new address picks another
-//! gateway. All run the recommended VIP group (`session_ids = "ipsec"`).
+//! gateway, and path MTU discovery working through the LB (a NAT's "fragmentation needed",
+//! addressed to the VIP, reaches the gateway owning the flow). All run the recommended VIP group
+//! (`session_ids = "ipsec"`).
 //!
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
@@ -741,5 +743,67 @@ fn ike_auth_in_ip_fragments_follows_its_first_fragment() {
     assert!(
         record >= 2 && hit >= 2,
         "the LB recorded {record} first fragments and followed {hit} later ones"
+    );
+}
+
+#[test]
+#[ignore = "needs root and strongswan: run cargo xtask test"]
+fn pmtu_discovery_through_the_lb() {
+    // The NATs' LANs take 576-byte packets (clients fragment their big pings). A big ping's reply leaves the gateway as one
+    // ESP-in-UDP datagram with DF; the NAT cannot forward it and sends "fragmentation needed"
+    // to its source, the VIP. Only if the LB hands that ICMP to the gateway owning the quoted
+    // flow does the gateway learn the path MTU and fragment the next replies.
+    let (bed, ips) = beds(&IpsecOpts {
+        sites: &[1, 1],
+        gw_charon: "",
+        gw_conn: "",
+        client_charon: CLIENT_CHARON,
+        client_conn: "",
+    });
+    for c in &ips.clients {
+        c.ns.sh("ip link set eth0 mtu 576");
+    }
+    for s in &ips.nats {
+        s.ns.sh("for p in /sys/class/net/lan/brif/*; do ip link set ${p##*/} mtu 576; done");
+    }
+    ips.connect_all();
+    let owner = wait_placed(&ips, &[0, 1, 2], Duration::from_secs(10));
+    let before = counter(&bed, "icmp_pmtu_session");
+    for (n, c) in ips.clients.iter().enumerate() {
+        let g = owner[n];
+        let public = ips.public(n);
+        let out = c.ns.sh(&format!(
+            "ping -n -c 10 -i 0.2 -W 1 -s 1200 {} | grep -c 'bytes from' || true",
+            vpnlb_tests::wg::client_target(n)
+        ));
+        let replies: u32 = out.trim().parse().unwrap_or(0);
+        let route = bed.topo.gws[g].sh(&format!("ip route get {public} from {VIP}"));
+        println!(
+            "client {n} via {public} on {}: {replies} of 10 big pings answered; {}'s route: {}",
+            GWS[g],
+            GWS[g],
+            route.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+        assert!(
+            route.contains("mtu 576"),
+            "{} did not learn the path MTU: {route}",
+            GWS[g]
+        );
+        assert!(replies > 0, "client {n}: no big ping answered");
+        for (o, gw) in bed.topo.gws.iter().enumerate().filter(|(o, _)| *o != g) {
+            let r = gw.sh(&format!("ip route get {public} from {VIP}"));
+            assert!(
+                !r.contains("mtu 576"),
+                "{} got client {n}'s ICMP: {r}",
+                GWS[o]
+            );
+        }
+        assert_through_vip(&ips, n);
+    }
+    let pmtu = counter(&bed, "icmp_pmtu_session") - before;
+    println!("LB: icmp_pmtu_session +{pmtu}");
+    assert!(
+        pmtu >= 2,
+        "the LB forwarded {pmtu} fragmentation-needed messages by session"
     );
 }
