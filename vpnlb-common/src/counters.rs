@@ -143,3 +143,28 @@ const fn ingress_outcomes() -> [u32; 29] {
 pub fn is_forward(id: u32) -> bool {
     id <= FWD_GUE
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Readers (`vpnlb top`, `inspect stats`) group outcomes by name prefix: every outcome is
+    /// exactly one of fwd_/pass_/drop_, and no event counter looks like one.
+    #[test]
+    fn outcomes_are_named_by_kind() {
+        for id in 0..NUM_COUNTERS {
+            let n = COUNTER_NAMES[id as usize];
+            let outcome = ["fwd_", "pass_", "drop_"]
+                .iter()
+                .filter(|p| n.starts_with(*p))
+                .count();
+            let is_decap = n.starts_with("decap_");
+            assert_eq!(
+                outcome == 1 && !is_decap,
+                INGRESS_OUTCOMES.contains(&id),
+                "{n} (id {id})"
+            );
+            assert_eq!(is_forward(id), n.starts_with("fwd_"), "{n}");
+        }
+    }
+}

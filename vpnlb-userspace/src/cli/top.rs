@@ -28,7 +28,7 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Row, Table};
-use vpnlb_common::counters::{DROP_NO_BACKEND, FWD_GUE, PASS_NOT_IP, SESSION_HIT};
+use vpnlb_common::counters::INGRESS_OUTCOMES;
 use vpnlb_common::{
     BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, Backend, COUNTER_NAMES, PktBytes,
     VipKey,
@@ -366,9 +366,16 @@ pub fn build_snapshot(
                     .unwrap_or(0) as f64
                     / dt
             };
-            let sum = |r: std::ops::RangeInclusive<u32>| r.map(per_s).sum::<f64>();
-            let top = |r: std::ops::RangeInclusive<u32>, prefix: &str| {
-                let mut v: Vec<(&'static str, f64)> = r
+            // Outcome ids by kind: appended outcomes (e.g. pass_icmp_bad_quote) sit after the
+            // event counters, so go by name over INGRESS_OUTCOMES, not by id range.
+            let ids = |prefix: &'static str| {
+                INGRESS_OUTCOMES
+                    .into_iter()
+                    .filter(move |&id| COUNTER_NAMES[id as usize].starts_with(prefix))
+            };
+            let sum = |prefix: &'static str| ids(prefix).map(per_s).sum::<f64>();
+            let top = |prefix: &'static str| {
+                let mut v: Vec<(&'static str, f64)> = ids(prefix)
                     .map(|id| {
                         let n = COUNTER_NAMES[id as usize];
                         (n.strip_prefix(prefix).unwrap_or(n), per_s(id))
@@ -380,11 +387,11 @@ pub fn build_snapshot(
                 v
             };
             Outcomes {
-                fwd: Some(sum(0..=FWD_GUE)),
-                pass: Some(sum(PASS_NOT_IP..=DROP_NO_BACKEND - 1)),
-                drop: Some(sum(DROP_NO_BACKEND..=SESSION_HIT - 1)),
-                top_pass: top(PASS_NOT_IP..=DROP_NO_BACKEND - 1, "pass_"),
-                top_drop: top(DROP_NO_BACKEND..=SESSION_HIT - 1, "drop_"),
+                fwd: Some(sum("fwd_")),
+                pass: Some(sum("pass_")),
+                drop: Some(sum("drop_")),
+                top_pass: top("pass_"),
+                top_drop: top("drop_"),
             }
         }
         _ => Outcomes::default(),
