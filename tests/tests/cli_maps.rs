@@ -1006,6 +1006,57 @@ fn inspect_and_simulate_session_ids() {
 
 #[test]
 #[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn inspect_and_simulate_openvpn_peer_ids() {
+    use vpnlb_tests::packet::vpn::openvpn_data_v2;
+    let mut bed = Bed::new();
+    bed.program();
+    // The UDP VIP learns OpenVPN peer-ids (only the flag matters to the data plane).
+    let key = VipKey::new(ip(WG), WG_PORT, PROTO_UDP);
+    let mut s = bed.dp.vip(&key).unwrap().clone();
+    s.flags |= VIP_F_IDS_OPENVPN;
+    bed.dp.upsert_vip(s).unwrap();
+    let data = openvpn_data_v2(5, 40);
+    let home = Frame::udp(ip("192.0.2.200"), 40200, ip(WG), WG_PORT, &data);
+    bed.run(&home.bytes());
+    let (a, out) = bed.run(&home.bytes());
+    assert_eq!(a, XDP_TX);
+    let gw = format!("gw{}", out[5]);
+    // Shown as the peer-id and the client address it is scoped to.
+    let v = bed.json(&["inspect", "session-ids", "--json"]);
+    assert_eq!(
+        v["learned"],
+        serde_json::json!([{
+            "vip_address": WG, "kind": "openvpn", "id": "5 from 192.0.2.200",
+            "backend_id": out[5], "backend": gw,
+        }]),
+        "{v}"
+    );
+    let t = bed.ok(&["inspect", "session-ids"]);
+    assert!(t.contains("5 from 192.0.2.200") && t.contains(&gw), "{t}");
+    // The NAT rebinds the client's port: simulate says the id keeps it on gw, the program agrees.
+    let rebound = Frame::udp(ip("192.0.2.200"), 40201, ip(WG), WG_PORT, &data);
+    let v = simulate_pcap_one(&bed, &rebound.bytes());
+    assert_eq!(v["reason"], "session_id", "{v}");
+    assert_eq!(v["backend"], gw.as_str(), "{v}");
+    assert_eq!(
+        v["session_id"],
+        serde_json::json!({"kind": "openvpn", "id": "5 from 192.0.2.200"})
+    );
+    let (a, out) = bed.run(&rebound.bytes());
+    assert_eq!((a, format!("gw{}", out[5])), (XDP_TX, gw));
+    assert_eq!(bed.maps().counters().unwrap()[SESSION_ID_USED as usize], 1);
+    // Peer-id 5 from another address is another client (its gateway numbers from 0 too).
+    let other = Frame::udp(ip("192.0.2.201"), 40200, ip(WG), WG_PORT, &data);
+    let v = simulate_pcap_one(&bed, &other.bytes());
+    assert_eq!(v["reason"], "maglev_pick", "{v}");
+    assert_eq!(
+        v["session_id"],
+        serde_json::json!({"kind": "openvpn", "id": "5 from 192.0.2.201"})
+    );
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
 fn simulate_explains_fragments_and_pmtu() {
     let mut bed = Bed::new();
     bed.program();

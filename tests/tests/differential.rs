@@ -464,6 +464,25 @@ fn id_sequences(defs: &[VipDef], add: &mut impl FnMut(String, Vec<u8>)) {
                 let f = id_frame(d, c, sport, &payload);
                 add(format!("{label} id {n:#x} step {i}"), f.bytes());
             }
+            if d.flags & VIP_F_IDS_OPENVPN != 0 {
+                // The same peer-id from another client (another gateway numbers from 0 too): its
+                // own id, learned and kept over a rebinding, interleaved with the first client.
+                for (i, (c, sport)) in [
+                    (k + 50, 45000),
+                    (k + 50, 45000),
+                    (k, 45002),
+                    (k + 50, 45001),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let f = id_frame(d, c, sport, &payload);
+                    add(
+                        format!("{label} id {n:#x} second client step {i}"),
+                        f.bytes(),
+                    );
+                }
+            }
             let ranged = id_payload(d, n, true).expect("an id VIP");
             let f = id_frame(d, k + 150, 46000, &ranged);
             add(format!("{label} ranged id {n:#x}"), f.bytes());

@@ -8,7 +8,8 @@
 //! agent marks it down, its clients reconnect through the VIP to healthy gateways after
 //! `ping-restart` (5 s), and the other tunnels lose no ping. With `session_ids = "openvpn"` (issue
 //! #6), a client whose NAT rebinds it to another port keeps its gateway and session by its P_DATA_V2
-//! peer id, although the VIP's hash sends the new five-tuple elsewhere.
+//! peer id and address (a peer id another gateway also uses), although the VIP's hash sends the new
+//! five-tuple elsewhere, and every client's id is written to the data plane once.
 //!
 //! Health checks: `icmp` (the host) and a `udp` check to the gateway's own address, port 51820, whose
 //! payload is a recorded client hard reset ([`Pki::hard_reset_probe`]): openvpn answers it with a
@@ -332,12 +333,12 @@ fn openvpn_client_behind_a_rebinding_nat_keeps_its_gateway() {
     let mut pingers = lb.ovpn.ping_all(Duration::from_millis(50));
     let (first, owner) = lb.settle();
     // OpenVPN peer ids are per-gateway counters from 0, so most ids are in use on several gateways
-    // at once, and the data plane's id table keeps the last gateway it saw one on: an ambiguous id
-    // cannot steer. Roam a client whose peer id no other gateway uses.
+    // at once; the data plane keys them by the client's address too (docs/datapath.md, stage 3b).
+    // Roam a client whose peer id another gateway also uses: a bare peer id would follow that one.
     let ids: Vec<u32> = first.iter().map(|g| g[0].1.peer_id).collect();
     let n = (0..CLIENTS)
-        .find(|&n| ids.iter().filter(|&&i| i == ids[n]).count() == 1)
-        .unwrap_or_else(|| panic!("every peer id is used on several gateways: {ids:?}"));
+        .find(|&n| (0..CLIENTS).any(|m| ids[m] == ids[n] && owner[m] != owner[n]))
+        .unwrap_or_else(|| panic!("no peer id is used on two gateways: {ids:?}"));
     let c = &lb.ovpn.clients[n];
     let vip = SocketAddr::from((VIP, VIP_PORT));
     let new_port = (c.port + 1000..c.port + 1100)
@@ -395,14 +396,19 @@ fn openvpn_client_behind_a_rebinding_nat_keeps_its_gateway() {
         );
     }
     let used = lb.bed.agent.counter("session_id_used") - used0;
+    let learned = lb.bed.agent.counter("session_id_learned");
     println!(
-        "session ids: {used} used, {} learned, {} rejected",
-        lb.bed.agent.counter("session_id_learned"),
+        "session ids: {used} used, {learned} learned, {} rejected",
         lb.bed.agent.counter("session_id_rejected")
     );
     assert!(
         used >= 1,
         "the rebound client was not steered by its peer id"
+    );
+    // One id per client, written once: shared peer ids do not flip between gateways.
+    assert!(
+        learned <= CLIENTS as u64,
+        "{learned} id writes for {CLIENTS} clients"
     );
     lb.assert_vip_only();
 }

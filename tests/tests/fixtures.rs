@@ -2563,8 +2563,23 @@ fn session_id_parser_cases() {
     ];
     for (i, (name, vip, payload, want)) in cases.into_iter().enumerate() {
         // A fresh client per case: ids learned earlier never turn a new flow into an id hit.
-        let f = Frame::udp(c4(100 + i as u8), 33000, vip.ip(), vip.port(), &payload);
-        check_learns(&mut h, name, vip, &f, want);
+        let client = c4(100 + i as u8);
+        let f = Frame::udp(client, 33000, vip.ip(), vip.port(), &payload);
+        // An OpenVPN id is the peer-id followed by the client's (IPv4: unfolded) address.
+        let IpAddr::V4(a) = client else {
+            unreachable!()
+        };
+        let want = want.map(|(kind, wire)| match kind {
+            ID_OPENVPN => (kind, [wire, &a.octets()].concat()),
+            _ => (kind, wire.to_vec()),
+        });
+        check_learns(
+            &mut h,
+            name,
+            vip,
+            &f,
+            want.as_ref().map(|(k, w)| (*k, &w[..])),
+        );
     }
     // The UDP length, not the frame, bounds the payload: Ethernet padding is no id.
     let f = Frame::udp(c4(200), 33000, vip4(), WG_PORT, &[4, 0, 0, 0]).pad_to(60);
@@ -2628,6 +2643,70 @@ fn roaming_client_keeps_its_gateway_by_session_id() {
     let init = port_away_from(&h, c4(1), &wg, &vpn::wireguard(1, 0), gw);
     let id = h.ring_pick(&wg, pick_hash(&init.flow_key(), 0));
     check_new_flow(&mut h, "roam_initiation_hashes", &wg, &init, id, LO);
+}
+
+#[test]
+#[ignore = "needs root and the eBPF object: run cargo xtask test"]
+fn openvpn_peer_ids_are_scoped_to_the_client_address() {
+    use vpnlb::session_ids::openvpn_id;
+    let (mut h, [_, ovpn, ..]) = lb_ids();
+    // Every openvpn server numbers its clients from 0: peer-id 0 on two gateways at once.
+    let data = vpn::openvpn_data_v2(0, 40);
+    let (a, b) = (c4(1), c4(2));
+    let fa = Frame::udp(a, 40001, vip4(), OVPN_PORT, &data);
+    let gw_a = h.ring_pick(&ovpn, pick_hash(&fa.flow_key(), 0));
+    let fb = port_away_from(&h, b, &ovpn, &data, gw_a);
+    let gw_b = h.ring_pick(&ovpn, pick_hash(&fb.flow_key(), 0));
+    let mut learn = Vec::new();
+    for (name, f, gw) in [("ovpn_a", &fa, gw_a), ("ovpn_b", &fb, gw_b)] {
+        check_new_flow(&mut h, &format!("{name}_new"), &ovpn, f, gw, LO);
+        let (input, key) = (f.bytes(), f.flow_key());
+        let exp = forward(
+            &h,
+            &ovpn,
+            &input,
+            &key,
+            gw,
+            LO,
+            &[SESSION_HIT, SESSION_ID_LEARNED],
+        );
+        h.check(&format!("{name}_learn"), &input, LO, &exp);
+        learn.push((
+            IdKey::new(vip4(), ID_OPENVPN, openvpn_id(0, f.ip.src())),
+            gw,
+        ));
+    }
+    // Two entries, one per client, each on its own gateway.
+    learn.sort_by_key(|(k, b)| (k.kind, k.id, *b));
+    assert_eq!(learned(&h), learn);
+    // Interleaved data of both clients rewrites nothing (a bare peer-id flipped on every packet).
+    for round in 0..3 {
+        for (name, f, gw) in [("ovpn_a", &fa, gw_a), ("ovpn_b", &fb, gw_b)] {
+            let (input, key) = (f.bytes(), f.flow_key());
+            let exp = forward(&h, &ovpn, &input, &key, gw, LO, HIT);
+            h.check(&format!("{name}_data_{round}"), &input, LO, &exp);
+        }
+    }
+    assert_eq!(learned(&h), learn);
+    // A NAT rebinding a client's source port: the id keeps each on its own gateway.
+    for (name, client, gw) in [("ovpn_a_rebound", a, gw_a), ("ovpn_b_rebound", b, gw_b)] {
+        let moved = port_away_from(&h, client, &ovpn, &data, gw);
+        let (input, key) = (moved.bytes(), moved.flow_key());
+        let exp = forward(
+            &h,
+            &ovpn,
+            &input,
+            &key,
+            gw,
+            LO,
+            &[SESSION_MISS, SESSION_ID_USED, SESSION_INSERT],
+        );
+        h.check(name, &input, LO, &exp);
+    }
+    // A new address with the same peer-id is another client: the hash places it.
+    let roamed = port_away_from(&h, c4(77), &ovpn, &data, gw_a);
+    let id = h.ring_pick(&ovpn, pick_hash(&roamed.flow_key(), 0));
+    check_new_flow(&mut h, "ovpn_new_address_hashes", &ovpn, &roamed, id, LO);
 }
 
 #[test]

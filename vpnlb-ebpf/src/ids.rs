@@ -1,6 +1,6 @@
 //! Stage 3b: the session id a packet carries for its VIP's VPN protocol (docs/datapath.md,
 //! "Session ids"): the WireGuard receiver index, the IKE responder SPI, the ESP SPI (native or
-//! NAT-T) or the OpenVPN peer-id, all chosen by the gateway.
+//! NAT-T) or the OpenVPN peer-id (with the client's folded address), all chosen by the gateway.
 
 use aya_ebpf::programs::XdpContext;
 use vpnlb_common::{
@@ -91,7 +91,7 @@ pub fn session_id(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipMeta) 
         } else if flags & VIP_F_IDS_IPSEC != 0 {
             ipsec(&p, (key.ports >> 16) as u16)?
         } else {
-            openvpn(&p)?
+            openvpn(&p, &key.src)?
         }
     };
     Some(IdKey {
@@ -136,13 +136,20 @@ fn ipsec(p: &Payload, dport_be: u16) -> Option<(u8, u64)> {
     Some((ID_ESP, u64::from(marker)))
 }
 
-/// P_DATA_V2 (opcode 9): the 24-bit peer-id in payload bytes 1..4, unless unset (0xFFFFFF).
+/// P_DATA_V2 (opcode 9): the 24-bit peer-id in payload bytes 1..4, unless unset (0xFFFFFF),
+/// followed by the source address folded to 32 bits (the XOR of its wire-order words: IPv4 is the
+/// address itself). Every openvpn server numbers peer-ids from 0, so the bare peer-id is not
+/// unique across gateways; with the client's address it is (a rebound source port keeps it).
 #[inline(always)]
-fn openvpn(p: &Payload) -> Option<(u8, u64)> {
+fn openvpn(p: &Payload, src: &[u32; 4]) -> Option<(u8, u64)> {
     let w = p.word(0)?;
     if (w & 0xff) as u8 >> 3 != P_DATA_V2 {
         return None;
     }
     let peer = w >> 8;
-    (peer != PEER_ID_UNSET).then_some((ID_OPENVPN, u64::from(peer)))
+    if peer == PEER_ID_UNSET {
+        return None;
+    }
+    let folded = src[0] ^ src[1] ^ src[2] ^ src[3];
+    Some((ID_OPENVPN, u64::from(peer) | (u64::from(folded) << 24)))
 }

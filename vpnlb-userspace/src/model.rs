@@ -361,12 +361,29 @@ fn session_id(f: &[u8], p: &Parsed, vip: &VipMeta) -> Option<IdKey> {
             if pl.len() < 4 || pl[0] >> 3 != 9 || pl[1..4] == [0xff, 0xff, 0xff] {
                 return None;
             }
-            (ID_OPENVPN, &pl[1..4])
+            // Peer-ids repeat across gateways: the id also holds the client's folded address.
+            let mut id = [0u8; 7];
+            id[..3].copy_from_slice(&pl[1..4]);
+            id[3..].copy_from_slice(&fold_addr(f, p));
+            return Some(id_key(k, ID_OPENVPN, &id));
         }
     } else {
         return None;
     };
     Some(id_key(k, kind, wire))
+}
+
+/// The packet's source address folded to 4 bytes: the XOR of its 4-byte groups (IPv4: itself).
+fn fold_addr(f: &[u8], p: &Parsed) -> [u8; 4] {
+    let (at, len) = if p.key.family == FAMILY_V6 {
+        (p.l2_len + 8, 16)
+    } else {
+        (p.l2_len + 12, 4)
+    };
+    f[at..at + len].chunks(4).fold([0; 4], |mut acc, c| {
+        acc.iter_mut().zip(c).for_each(|(a, b)| *a ^= b);
+        acc
+    })
 }
 
 fn id_key(k: &FlowKey, kind: u8, wire: &[u8]) -> IdKey {

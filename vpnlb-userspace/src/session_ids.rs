@@ -1,8 +1,11 @@
 //! Session ids in userspace: the `ID_RANGES` prefixes a backend's static SPI range or IKE SPI
 //! label becomes, and how ids are shown (`vpnlb inspect session-ids`, `vpnlb simulate`).
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use vpnlb_common::{
-    ID_ESP, ID_IKE, ID_OPENVPN, ID_RANGE_KIND_BITS, ID_WIREGUARD, IdKey, IdRangeData,
+    FAMILY_V4, ID_ESP, ID_IKE, ID_OPENVPN, ID_RANGE_KIND_BITS, ID_WIREGUARD, IdKey, IdRangeData,
+    addr_words, id_from_wire,
 };
 
 /// One `ID_RANGES` key: `prefix_len` bits (the 32 of kind + pad, then id bits) of `data`.
@@ -94,15 +97,34 @@ pub fn kind_name(kind: u8) -> &'static str {
     }
 }
 
+/// `IdKey::id` of OpenVPN peer-id `peer_id` (24 bits) sent from `src` (docs/datapath.md, stage
+/// 3b): the peer-id's 3 wire bytes, then the 4 bytes of the XOR of the address's 32-bit words.
+pub fn openvpn_id(peer_id: u32, src: IpAddr) -> u64 {
+    let folded = addr_words(src).0.iter().fold(0u32, |a, w| a ^ w);
+    let mut b = [0u8; 7];
+    b[..3].copy_from_slice(&peer_id.to_be_bytes()[1..]);
+    b[3..].copy_from_slice(&folded.to_ne_bytes());
+    id_from_wire(&b)
+}
+
 /// An id as its protocol's tools show it: WireGuard's little-endian receiver index, the ESP SPI
-/// and IKE SPI in network order (hex, as `swanctl --list-sas`), OpenVPN's 24-bit peer-id.
+/// and IKE SPI in network order (hex, as `swanctl --list-sas`), OpenVPN's 24-bit peer-id and the
+/// client address it is scoped to (IPv6: only its 32-bit fold is kept, shown in hex).
 pub fn format_id(key: &IdKey) -> String {
     let w = key.id.to_le_bytes();
     match key.kind {
         ID_WIREGUARD => format!("{:#010x}", key.id as u32),
         ID_ESP => format!("{:#010x}", u32::from_be_bytes([w[0], w[1], w[2], w[3]])),
         ID_IKE => format!("{:016x}", u64::from_be_bytes(w)),
-        ID_OPENVPN => format!("{}", u32::from_be_bytes([0, w[0], w[1], w[2]])),
+        ID_OPENVPN => {
+            let peer = u32::from_be_bytes([0, w[0], w[1], w[2]]);
+            let src = [w[3], w[4], w[5], w[6]];
+            if key.family == FAMILY_V4 {
+                format!("{peer} from {}", Ipv4Addr::from(src))
+            } else {
+                format!("{peer} from IPv6 fold {:#010x}", u32::from_be_bytes(src))
+            }
+        }
         _ => format!("{:#x}", key.id),
     }
 }
@@ -174,7 +196,16 @@ mod tests {
         let k = |kind, wire: &[u8]| IdKey::new(ip, kind, vpnlb_common::id_from_wire(wire));
         assert_eq!(format_id(&k(ID_ESP, &[0xc1, 2, 3, 4])), "0xc1020304");
         assert_eq!(format_id(&k(ID_WIREGUARD, &[4, 3, 2, 1])), "0x01020304");
-        assert_eq!(format_id(&k(ID_OPENVPN, &[0, 1, 2])), "258");
+        let ovpn = k(ID_OPENVPN, &[0, 1, 2, 198, 51, 100, 7]);
+        assert_eq!(format_id(&ovpn), "258 from 198.51.100.7");
+        assert_eq!(ovpn.id, openvpn_id(258, "198.51.100.7".parse().unwrap()));
+        // IPv6: the XOR of the four words 2001:0db8, 0000:0000, 0001:0000, 0000:0001.
+        let v6 = IdKey::new(
+            "2001:db8::10".parse().unwrap(),
+            ID_OPENVPN,
+            openvpn_id(7, "2001:db8::1:0:0:1".parse().unwrap()),
+        );
+        assert_eq!(format_id(&v6), "7 from IPv6 fold 0x20000db9");
         assert_eq!(
             format_id(&k(ID_IKE, &[0xd1, 0, 0, 0, 0, 0, 0, 0x0f])),
             "d10000000000000f"
