@@ -278,11 +278,14 @@ fn bench(json: bool, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn demo(keep: bool) -> Result<()> {
-    toolchain::require_root("cargo xtask demo")?;
+/// Builds what a testbed binary needs (the eBPF object, the release agent) and returns
+/// `cargo run --release -p vpnlb-tests --bin BIN --` with `VPNLB_BIN` set to that agent; the
+/// caller appends the binary's own flags. `what` names the xtask command in messages.
+fn testbed_binary(what: &str, bin: &str) -> Result<Command> {
+    toolchain::require_root(what)?;
     toolchain::ensure_runtime_prereqs()?;
     let obj = build_ebpf(true)?;
-    eprintln!("xtask: building the agent and the demo (release)");
+    eprintln!("xtask: building the agent and {bin} (release)");
     run(cargo_with_object(&obj).args([
         "build",
         "--quiet",
@@ -301,9 +304,14 @@ fn demo(keep: bool) -> Result<()> {
             "-p",
             "vpnlb-tests",
             "--bin",
-            "vpnlb-demo",
+            bin,
             "--",
         ]);
+    Ok(cmd)
+}
+
+fn demo(keep: bool) -> Result<()> {
+    let mut cmd = testbed_binary("cargo xtask demo", "vpnlb-demo")?;
     if keep {
         cmd.arg("--keep");
     }
@@ -312,40 +320,13 @@ fn demo(keep: bool) -> Result<()> {
 
 /// `vpnlb-drill` with the release agent; its flags as given.
 fn drill(scenario: &str, out: Option<PathBuf>, flags: &[(&str, bool)]) -> Result<()> {
-    toolchain::require_root("cargo xtask drill")?;
-    toolchain::ensure_runtime_prereqs()?;
-    let obj = build_ebpf(true)?;
-    eprintln!("xtask: building the agent and the drill (release)");
-    run(cargo_with_object(&obj).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "vpnlb-userspace",
-        "--bin",
-        "vpnlb",
-    ]))?;
     // The drill runs in the workspace root: a relative --out is the caller's.
     let out = match out {
         Some(p) => std::env::current_dir()?.join(p),
         None => target_dir().join("drill"),
     };
-    let mut cmd = cargo_with_object(&obj);
-    cmd.env("VPNLB_BIN", target_dir().join("release/vpnlb"))
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "vpnlb-tests",
-            "--bin",
-            "vpnlb-drill",
-            "--",
-            "--scenario",
-            scenario,
-        ])
-        .arg("--out")
-        .arg(&out);
+    let mut cmd = testbed_binary("cargo xtask drill", "vpnlb-drill")?;
+    cmd.args(["--scenario", scenario]).arg("--out").arg(&out);
     cmd.args(flags.iter().filter(|f| f.1).map(|f| f.0));
     run(&mut cmd)
 }
