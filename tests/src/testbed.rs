@@ -345,3 +345,30 @@ impl Testbed {
         }
     }
 }
+
+/// Clients per gateway from `owner` (the gateway index of each client), as "gw1: N, gw2: N, ...".
+pub fn spread(owner: &[usize], gateways: usize) -> String {
+    (0..gateways)
+        .map(|g| format!("gw{}: {}", g + 1, owner.iter().filter(|&&o| o == g).count()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Prints the spread of `owner` over `gateways` and asserts every gateway got at least `min`
+/// clients (a fair share, given the hash's variance over few clients).
+pub fn assert_fair_share(owner: &[usize], gateways: usize, min: usize) {
+    let line = spread(owner, gateways);
+    println!(
+        "share over {gateways} gateways ({} clients): {line}",
+        owner.len()
+    );
+    for g in 0..gateways {
+        let k = owner.iter().filter(|&&o| o == g).count();
+        assert!(
+            k >= min,
+            "gateway {} got {k} of {} clients: not a fair share ({line})",
+            g + 1,
+            owner.len()
+        );
+    }
+}

@@ -31,7 +31,7 @@ use vpnlb_tests::agent::{
     AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, backend_in, vip, wait_for,
 };
 use vpnlb_tests::openvpn::{OvpnBed, OvpnSession, PING_RESTART_S, Pki};
-use vpnlb_tests::testbed::{VIP, VIP_PORT};
+use vpnlb_tests::testbed::{VIP, VIP_PORT, assert_fair_share};
 use vpnlb_tests::wg::now_epoch;
 
 const CLIENTS: usize = 12;
@@ -170,29 +170,11 @@ fn failover(failure: Failure) {
     let (first, owner) = lb.settle();
     let Lb { ovpn, bed } = &mut lb;
     let all = [0usize, 1, 2];
-    let mut share: BTreeMap<usize, usize> = BTreeMap::new();
-    for g in &owner {
-        *share.entry(*g).or_default() += 1;
-    }
-    let spread: Vec<String> = (0..3)
-        .map(|g| format!("gw{}: {}", g + 1, share.get(&g).copied().unwrap_or(0)))
-        .collect();
-    println!(
-        "share over 3 gateways ({CLIENTS} clients): {}",
-        spread.join(", ")
-    );
-    for g in 0..3 {
-        let k = share.get(&g).copied().unwrap_or(0);
-        assert!(
-            k >= CLIENTS / 6,
-            "gateway {} got {k} of {CLIENTS} clients: not a fair share",
-            g + 1
-        );
-    }
+    assert_fair_share(&owner, 3, CLIENTS / 6);
 
     // Fail the busiest gateway.
     let dead = (0..3)
-        .max_by_key(|g| share.get(g).copied().unwrap_or(0))
+        .max_by_key(|&g| owner.iter().filter(|&&o| o == g).count())
         .unwrap();
     let moved: Vec<usize> = (0..CLIENTS).filter(|&n| owner[n] == dead).collect();
     let stayed: Vec<usize> = (0..CLIENTS).filter(|&n| owner[n] != dead).collect();

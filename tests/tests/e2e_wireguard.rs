@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, backend_in, vip, wait_for};
-use vpnlb_tests::testbed::{VIP, VIP_PORT};
+use vpnlb_tests::testbed::{VIP, VIP_PORT, assert_fair_share, spread};
 use vpnlb_tests::wg::{Pinger, WgBed, now_epoch};
 
 const CLIENTS: usize = 24;
@@ -86,25 +86,7 @@ fn wireguard_clients_balanced_and_moved_off_a_dead_gateway() {
             *gw
         })
         .collect();
-    let mut share: BTreeMap<usize, usize> = BTreeMap::new();
-    for g in &owner {
-        *share.entry(*g).or_default() += 1;
-    }
-    let spread: Vec<String> = (0..3)
-        .map(|g| format!("gw{}: {}", g + 1, share.get(&g).copied().unwrap_or(0)))
-        .collect();
-    println!(
-        "share over 3 gateways ({CLIENTS} clients): {}",
-        spread.join(", ")
-    );
-    for g in 0..3 {
-        let k = share.get(&g).copied().unwrap_or(0);
-        assert!(
-            k >= CLIENTS / 8,
-            "gateway {} got {k} of {CLIENTS} clients: not a fair share",
-            g + 1
-        );
-    }
+    assert_fair_share(&owner, 3, CLIENTS / 8);
     for n in 0..CLIENTS {
         let p = wg.client_peer(n).expect("client peer");
         assert_eq!(
@@ -333,14 +315,6 @@ impl WgLb {
 
 const PING: Duration = Duration::from_millis(50);
 
-/// Clients per gateway, as "gw1: N, gw2: N, gw3: N".
-fn spread(owner: &[usize]) -> String {
-    (0..3)
-        .map(|g| format!("gw{}: {}", g + 1, owner.iter().filter(|&&o| o == g).count()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 #[test]
 #[ignore = "needs root and wireguard-go: run cargo xtask test"]
 fn wireguard_drain_keeps_tunnels_and_steers_new_clients() {
@@ -354,7 +328,7 @@ fn wireguard_drain_keeps_tunnels_and_steers_new_clients() {
     println!(
         "{FIRST} clients settled {:.1} s after the start: {}",
         t_start.elapsed().as_secs_f64(),
-        spread(&owner)
+        spread(&owner, 3)
     );
     let drained = (0..3)
         .max_by_key(|&g| owner.iter().filter(|&&o| o == g).count())
@@ -380,7 +354,7 @@ fn wireguard_drain_keeps_tunnels_and_steers_new_clients() {
     let placed = b.settle(&during);
     println!(
         "{name} drained: {MORE} new clients placed {}",
-        spread(&placed)
+        spread(&placed, 3)
     );
     assert!(
         !placed.contains(&drained),
@@ -394,7 +368,7 @@ fn wireguard_drain_keeps_tunnels_and_steers_new_clients() {
     let placed_after = b.settle(&after);
     println!(
         "{name} undrained: {MORE} new clients placed {}",
-        spread(&placed_after)
+        spread(&placed_after, 3)
     );
     assert!(
         placed_after.contains(&drained),
