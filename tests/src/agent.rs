@@ -32,7 +32,7 @@ use vpnlb_common::{BACKEND_DOWN, BACKEND_UP};
 
 use crate::bfd_peer::{BfdLab, Bfdd, BfddPeer, Percentiles, kill_to_down_latencies};
 use crate::netns::{Netns, fmt_mac};
-use crate::testbed::{Flows, Topology, VIP, VIP_PORT, gw_addr};
+use crate::testbed::{Flows, LB_ADDR, Topology, VIP, VIP_PORT, gw_addr};
 
 /// Ports of the per-gateway check servers.
 pub const TCP_PORT: u16 = 7001;
@@ -1043,4 +1043,234 @@ pub fn vpnlb_in(ns: &str, args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// GUE port of the agent tests' GUE VIPs: not the default 6080, so the flags are exercised end to
+/// end.
+pub const DECAP_GUE_PORT: u16 = 6081;
+
+/// Gateways behind an encapsulating VIP (issue #5): the config keys of forwarding `mode` ("gue" or
+/// "ipip") and vpnlb's decap program on every gateway of an [`AgentBed`], attached by the real
+/// `vpnlb decap attach --iface eth0` with per-gateway pins under the scratch pin root (removed with
+/// it).
+pub struct Decap {
+    pub mode: String,
+    /// Per gateway: its namespace and decap pin dir.
+    pub gws: Vec<(String, String)>,
+}
+
+impl Decap {
+    /// The `[agent]` key for the outer source of encapsulated packets (the LB's address): the body
+    /// of [`AgentBed::up`] must start with it (it is still in the `[agent]` table).
+    pub fn agent_keys() -> String {
+        format!("encap_source_v4 = \"{LB_ADDR}\"\n\n")
+    }
+
+    /// The VIP keys of `mode`: `forwarding`, the GUE port for "gue", and `mtu` = the gateway links'
+    /// MTU (1500), so an encapsulated packet too big for the link is a counted drop
+    /// (`drop_encap_too_big`, which [`Decap::assert_lb_sent_all_unwrapped`] wants 0) instead of
+    /// one the veth drops silently.
+    pub fn vip_keys(mode: &str) -> String {
+        let fwd = match mode {
+            "gue" => format!("forwarding = \"gue\"\ngue_port = {DECAP_GUE_PORT}\n"),
+            "ipip" => "forwarding = \"ipip\"\n".to_string(),
+            other => panic!("no encapsulating mode {other}"),
+        };
+        format!("{fwd}mtu = 1500\n")
+    }
+
+    /// `--gue-port` of the gateways: the VIP's GUE port, or 0 (GUE off) for IPIP.
+    pub fn gue_port(&self) -> String {
+        if self.mode == "gue" {
+            DECAP_GUE_PORT.to_string()
+        } else {
+            "0".to_string()
+        }
+    }
+
+    /// Attaches the decap program to every gateway's eth0 for `mode`.
+    pub fn attach(bed: &AgentBed, mode: &str) -> Decap {
+        let d = Decap {
+            mode: mode.to_string(),
+            gws: bed
+                .topo
+                .gws
+                .iter()
+                .enumerate()
+                .map(|(i, gw)| {
+                    let dir = bed.scratch.pin_root.join(format!("decap-gw{}", i + 1));
+                    (gw.name().to_string(), dir.display().to_string())
+                })
+                .collect(),
+        };
+        let port = d.gue_port();
+        for (ns, dir) in &d.gws {
+            let args = ["decap", "attach", "--iface", "eth0", "--gue-port", &port];
+            let (code, out, err) = vpnlb_in(ns, &[&args[..], &["--decap-pin-dir", dir]].concat());
+            assert_eq!(code, Some(0), "decap attach in {ns}: {out}{err}");
+        }
+        d
+    }
+
+    /// `vpnlb decap status --json` of gateway `g`.
+    pub fn status(&self, g: usize) -> Value {
+        let (ns, dir) = &self.gws[g];
+        let (code, out, err) = vpnlb_in(ns, &["decap", "status", "--json", "--decap-pin-dir", dir]);
+        assert_eq!(code, Some(0), "decap status in {ns}: {err}");
+        serde_json::from_str(&out).expect("decap status JSON")
+    }
+
+    /// The decap counter of this mode and of the other one.
+    fn counter_names(&self) -> (&'static str, &'static str) {
+        if self.mode == "gue" {
+            ("decap_gue", "decap_ipip")
+        } else {
+            ("decap_ipip", "decap_gue")
+        }
+    }
+
+    /// Per gateway: the packets its decap program unwrapped in this mode.
+    pub fn unwrapped(&self) -> Vec<u64> {
+        let (this, _) = self.counter_names();
+        (0..self.gws.len())
+            .map(|g| self.status(g)["counters"][this].as_u64().unwrap_or(0))
+            .collect()
+    }
+
+    /// Every gateway's decap is attached with the mode's GUE port and unwrapped packets of this
+    /// mode, none of the other, and no bad inner packet.
+    pub fn assert_all_unwrapped(&self) {
+        let (this, other) = self.counter_names();
+        for (g, (ns, _)) in self.gws.iter().enumerate() {
+            let s = self.status(g);
+            let c = &s["counters"];
+            println!("{ns}: decap counters {c}");
+            assert!(
+                c[this].as_u64().unwrap_or(0) > 0,
+                "{ns}: {this} did not move: {s}"
+            );
+            assert_eq!(c[other].as_u64(), Some(0), "{ns}: {s}");
+            assert_eq!(c["decap_bad_inner"].as_u64(), Some(0), "{ns}: {s}");
+            assert_eq!(s["interfaces"][0]["attached"], true, "{s}");
+            assert_eq!(s["gue_port"].to_string(), self.gue_port(), "{s}");
+        }
+    }
+
+    /// Every packet the LB encapsulated to a gateway was unwrapped there: per gateway, the LB's
+    /// count for that backend (`gw<g+1>`), read between two reads of the gateway's counter
+    /// (keepalives still flow), lies between them; none was too big for the VIP's `mtu`. Returns
+    /// the LB's counts.
+    pub fn assert_lb_sent_all_unwrapped(&self, agent: &AgentProcess) -> Vec<u64> {
+        let before = self.unwrapped();
+        let stats = agent.cli_json(&["inspect", "stats"]);
+        let after = self.unwrapped();
+        let sent: Vec<u64> = (0..self.gws.len())
+            .map(|g| {
+                let name = format!("gw{}", g + 1);
+                stats["backends"]
+                    .as_array()
+                    .and_then(|b| b.iter().find(|x| x["name"] == name.as_str()))
+                    .and_then(|b| b["packets"].as_u64())
+                    .unwrap_or_else(|| panic!("{name} not in inspect stats: {stats}"))
+            })
+            .collect();
+        for g in 0..self.gws.len() {
+            println!(
+                "{}: LB sent {} packets to gw{}, it unwrapped {}..{}",
+                self.mode,
+                sent[g],
+                g + 1,
+                before[g],
+                after[g]
+            );
+            assert!(
+                before[g] <= sent[g] && sent[g] <= after[g],
+                "{}: LB sent {} to gw{}, it unwrapped {}..{}",
+                self.mode,
+                sent[g],
+                g + 1,
+                before[g],
+                after[g]
+            );
+        }
+        let fwd = stats["counters"][format!("fwd_{}", self.mode)]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(
+            fwd >= before.iter().sum::<u64>(),
+            "fwd_{} {fwd}: {stats}",
+            self.mode
+        );
+        assert_eq!(stats["counters"]["drop_encap_too_big"], 0, "{stats}");
+        sent
+    }
+
+    /// `vpnlb gateway-check --json` on gateway `g` for VIP:`port` with this mode, eth0 and the
+    /// gateway's decap pins, and `probe` (the probe's flags). Asserts it exits 0 and every finding
+    /// is `ok` except those in `warns` (check, text of its fix), which must be `warn` with that fix
+    /// (e.g. charon's `daemon`: it cannot read charon's configuration); the decap and reply-source
+    /// findings must be there. Returns the findings as (check, level).
+    pub fn assert_gateway_check(
+        &self,
+        g: usize,
+        port: u16,
+        probe: &[&str],
+        warns: &[(&str, &str)],
+    ) -> Vec<(String, String)> {
+        let (ns, dir) = &self.gws[g];
+        let (vip, port, gue) = (VIP.to_string(), port.to_string(), self.gue_port());
+        let args = [
+            "gateway-check",
+            "--vip",
+            &vip,
+            "--port",
+            &port,
+            "--encap",
+            &self.mode,
+            "--gue-port",
+            &gue,
+            "--iface",
+            "eth0",
+            "--decap-pin-dir",
+            dir,
+            "--json",
+        ];
+        let (code, out, err) = vpnlb_in(ns, &[&args[..], probe].concat());
+        let j: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("gateway-check JSON in {ns}: {e}: {out}{err}"));
+        let findings = j["findings"].as_array().expect("findings");
+        let field = |f: &Value, k: &str| f[k].as_str().unwrap_or("").to_string();
+        let levels: Vec<(String, String)> = findings
+            .iter()
+            .map(|f| (field(f, "check"), field(f, "level")))
+            .collect();
+        println!("{ns}: gateway-check {levels:?}");
+        assert_eq!(code, Some(0), "gateway-check failed in {ns}: {j:#}");
+        for want in [
+            "vip_address",
+            "rp_filter",
+            "decap",
+            "reply_source",
+            "daemon",
+        ] {
+            assert!(
+                levels.iter().any(|(c, _)| c == want),
+                "{ns}: no {want} finding: {j:#}"
+            );
+        }
+        for f in findings {
+            let check = field(f, "check");
+            match warns.iter().find(|(c, _)| *c == check) {
+                Some((_, fix)) => {
+                    assert_eq!(field(f, "level"), "warn", "{ns}: {f:#}");
+                    assert!(
+                        field(f, "fix").contains(fix),
+                        "{ns}: fix not {fix:?}: {f:#}"
+                    );
+                }
+                None => assert_eq!(field(f, "level"), "ok", "{ns}: {f:#}"),
+            }
+        }
+        levels
+    }
 }

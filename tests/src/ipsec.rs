@@ -668,6 +668,12 @@ pub fn backends_ikev2(topo: &Topology) -> String {
 /// The IPsec VIP group on the testbed VIP, L2 DSR, `hash = "source"`, one pool over `members`:
 /// `ike` (UDP 500), `natt` (UDP 4500) and `esp` (protocol 50); `extra` lines go into each VIP.
 pub fn ipsec_vips(members: &[&str], extra: &str) -> String {
+    ipsec_vips_forwarding(members, extra, "forwarding = \"l2dsr\"\n")
+}
+
+/// [`ipsec_vips`] with `forwarding` (the VIP's forwarding keys, e.g. from
+/// [`crate::agent::Decap::vip_keys`]) instead of L2 DSR.
+pub fn ipsec_vips_forwarding(members: &[&str], extra: &str, forwarding: &str) -> String {
     let list: Vec<String> = members.iter().map(|m| format!("\"{m}\"")).collect();
     let pool = format!(
         "[[vip.pool]]\nname = \"ipsec\"\nbackends = [{}]\n\n",
@@ -677,7 +683,7 @@ pub fn ipsec_vips(members: &[&str], extra: &str) -> String {
         .iter()
         .map(|(name, l4)| {
             format!(
-                "[[vip]]\nname = \"{name}\"\naddress = \"{VIP}\"\n{l4}\nhash = \"source\"\nforwarding = \"l2dsr\"\n{extra}{pool}"
+                "[[vip]]\nname = \"{name}\"\naddress = \"{VIP}\"\n{l4}\nhash = \"source\"\n{forwarding}{extra}{pool}"
             )
         })
         .collect()

@@ -526,3 +526,19 @@ fn counters_ruleset(port: u16) -> String {
 }}"
     )
 }
+
+/// Lower-case hex of `bytes` (a `udp` check's `payload_hex`, `gateway-check --udp-payload-hex`).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A `[[backend.check]]` of type `udp` on the gateway's openvpn (its own address, port 51820) that
+/// sends `probe` (a recorded client hard reset, [`Pki::hard_reset_probe`]) and wants any answer,
+/// with the agent tests' timing: only a running openvpn answers it.
+pub fn hard_reset_check(probe: &[u8]) -> String {
+    use crate::agent::{FALL, INTERVAL_MS, RISE, TIMEOUT_MS};
+    format!(
+        "[[backend.check]]\ntype = \"udp\"\nport = {VIP_PORT}\npayload_hex = \"{}\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n",
+        hex(probe)
+    )
+}
