@@ -493,6 +493,9 @@ pub struct IpsecBed {
     /// How long bringing the daemons and sites up took (without the connections).
     pub setup: Duration,
     pub dir: RunDir,
+    /// Number of the first client (its tunnel address is `client_tunnel_addr(n)`): a testbed
+    /// whose gateways also serve WireGuard clients 0.. starts past them.
+    pub first_client: usize,
 }
 
 impl IpsecBed {
@@ -527,6 +530,7 @@ impl IpsecBed {
             client_conn: opts.client_conn.to_string(),
             setup: Duration::ZERO,
             dir: RunDir(dir),
+            first_client: 0,
         };
         for (k, &count) in opts.sites.iter().enumerate() {
             bed.add_site(topo, k, count);
@@ -542,7 +546,7 @@ impl IpsecBed {
         let site = NatSite::up(topo, &self.prefix, k);
         let mut added = Vec::new();
         for j in 0..count {
-            let n = self.clients.len();
+            let n = self.first_client + self.clients.len();
             let ns = Netns::new(&format!("{}-c{}", self.prefix, n + 1));
             let port = format!("c{}", n + 1);
             crate::netns::ip(&[

@@ -322,6 +322,11 @@ pub struct OvpnBed {
     pub dir: PathBuf,
     /// Gateways, and clients until each completed its first connection.
     pub setup: Duration,
+    /// The gateways' UDP port (the VIP's port).
+    pub port: u16,
+    /// Number of the first client: client `k` gets [`client_addr`]`(k)`, so a testbed that has
+    /// other clients on the switch starts past them.
+    pub first_client: usize,
 }
 
 impl OvpnBed {
@@ -329,6 +334,11 @@ impl OvpnBed {
     /// agent has every gateway up, so the first packets meet the full ring). Client namespaces are
     /// named `<prefix>-c<n>`.
     pub fn up(topo: &Topology, prefix: &str, pki: Pki) -> OvpnBed {
+        OvpnBed::up_on(topo, prefix, pki, VIP_PORT)
+    }
+
+    /// [`OvpnBed::up`] with the gateways on UDP `port` instead of 51820 (next to WireGuard).
+    pub fn up_on(topo: &Topology, prefix: &str, pki: Pki, port: u16) -> OvpnBed {
         let t0 = Instant::now();
         assert!(
             topo.sinks.is_empty(),
@@ -341,7 +351,7 @@ impl OvpnBed {
             .enumerate()
             .map(|(i, ns)| {
                 let status = dir.join(format!("gw{}.status", i + 1));
-                let conf = gateway_conf(&pki, i, &status);
+                let conf = gateway_conf(&pki, i, &status, port);
                 OvpnGateway {
                     daemon: OvpnDaemon::start(ns.name(), &format!("gw{}", i + 1), &conf, &dir),
                     status,
@@ -355,6 +365,8 @@ impl OvpnBed {
             prefix: prefix.to_string(),
             dir,
             setup: t0.elapsed(),
+            port,
+            first_client: 0,
         }
     }
 
@@ -363,7 +375,7 @@ impl OvpnBed {
     pub fn connect(&mut self, topo: &Topology, n: usize) {
         let t0 = Instant::now();
         let lb_mac = crate::netns::fmt_mac(&topo.lb_mac);
-        let first = self.clients.len();
+        let first = self.first_client + self.clients.len();
         for k in first..first + n {
             let ns = Netns::new(&format!("{}-c{k}", self.prefix));
             let addr = client_addr(k);
@@ -372,14 +384,14 @@ impl OvpnBed {
             // The VIP is routed to the LB (a static neighbour entry), and the counters.
             ns.sh(&format!(
                 "ip neigh replace {VIP} lladdr {lb_mac} dev eth0 nud permanent && nft -f - <<'EOF'\n{}\nEOF",
-                counters_ruleset(port)
+                counters_ruleset(port, self.port)
             ));
             let daemon = OvpnDaemon::start(
                 ns.name(),
                 &format!("client{k}"),
                 &client_conf(
                     &self.pki,
-                    SocketAddr::from((VIP, VIP_PORT)),
+                    SocketAddr::from((VIP, self.port)),
                     &format!("local {addr}\nlport {port}\n"),
                 ),
                 &self.dir,
@@ -474,9 +486,9 @@ impl Drop for OvpnBed {
 /// A gateway's server config: shared certificate, tls-crypt, UDP 51820 on every address with
 /// `multihome` (replies leave from the VIP the client sent to), one client certificate for all
 /// (`duplicate-cn`), status file rewritten every second.
-fn gateway_conf(pki: &Pki, i: usize, status: &Path) -> String {
+fn gateway_conf(pki: &Pki, i: usize, status: &Path, port: u16) -> String {
     format!(
-        "dev ovpg{n}\ndev-type tun\nproto udp\nport {VIP_PORT}\nmultihome\n\
+        "dev ovpg{n}\ndev-type tun\nproto udp\nport {port}\nmultihome\n\
          server 10.8.0.0 255.255.255.0\ntopology subnet\n\
          ca {ca}\ncert {cert}\nkey {key}\ndh none\ntls-crypt {tc}\nduplicate-cn\n\
          keepalive {PING_S} {PING_RESTART_S}\nstatus {status} 1\nstatus-version 2\nverb 3\n",
@@ -506,7 +518,7 @@ fn client_conf(pki: &Pki, remote: SocketAddr, bind: &str) -> String {
 
 /// nftables counters of the client's socket (source/destination port `port`): to/from the VIP and
 /// to/from anywhere else (a client that roamed away from the LB).
-fn counters_ruleset(port: u16) -> String {
+fn counters_ruleset(port: u16, vip_port: u16) -> String {
     format!(
         "table inet vpnlb_ovp {{
   counter to_vip {{}}
@@ -515,12 +527,12 @@ fn counters_ruleset(port: u16) -> String {
   counter from_other {{}}
   chain out {{
     type filter hook output priority 0;
-    udp sport {port} ip daddr {VIP} udp dport {VIP_PORT} counter name to_vip
+    udp sport {port} ip daddr {VIP} udp dport {vip_port} counter name to_vip
     udp sport {port} ip daddr != {VIP} counter name to_other
   }}
   chain in {{
     type filter hook input priority 0;
-    udp dport {port} ip saddr {VIP} udp sport {VIP_PORT} counter name from_vip
+    udp dport {port} ip saddr {VIP} udp sport {vip_port} counter name from_vip
     udp dport {port} ip saddr != {VIP} counter name from_other
   }}
 }}"

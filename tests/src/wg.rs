@@ -564,6 +564,11 @@ impl Pinger {
         }
     }
 
+    /// The replies so far (ping writes a line per reply as it comes; the pinger keeps running).
+    pub fn log(&self) -> PingLog {
+        PingLog::parse(&std::fs::read_to_string(&self.out).unwrap_or_default())
+    }
+
     /// SIGINT (ping flushes its output), wait, parse.
     pub fn stop(&mut self) -> PingLog {
         if let Some(mut c) = self.child.take() {

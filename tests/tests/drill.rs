@@ -1,18 +1,19 @@
 //! Smoke test of `cargo xtask drill`: runs the `gateway-kill` scenario through the real
-//! `vpnlb-drill` binary (real agent, wireguard-go gateways and clients in namespaces `vpnlb-drl-*`)
-//! and checks that the report has every field of the JSON interface with sane values, and
-//! that report.json, summary.md and the SVG timeline are written. The binary itself fails when a
+//! `vpnlb-drill` binary (real agent; gateways running wireguard-go, charon and openvpn; WireGuard,
+//! IPsec and OpenVPN clients in namespaces `vpnlb-drl-*`) and checks that the report has every
+//! field of the JSON interface with sane values, a tunnel recovery per protocol, and that
+//! report.json, summary.md and the SVG timeline are written. The binary itself fails when a
 //! scenario's expectations do not hold (e.g. a client of a healthy gateway lost a ping).
 //!
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), wireguard-go,
-//! wireguard-tools, iputils-ping and nftables.
+//! wireguard-tools, strongSwan (charon, swanctl), openvpn, easy-rsa, iputils-ping and nftables.
 
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
 #[test]
-#[ignore = "needs root and wireguard-go: run cargo xtask test"]
+#[ignore = "needs root, wireguard-go, strongSwan and openvpn: run cargo xtask test"]
 fn drill_gateway_kill_reports_failover_numbers() {
     let out = std::env::temp_dir().join(format!("vpnlb-drill-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
@@ -55,26 +56,55 @@ fn drill_gateway_kill_reports_failover_numbers() {
         "map_write_ms {map} vs detect {detect}"
     );
     assert!(lb >= map, "lb_recovery_ms {lb} before the map write {map}");
-    let wg = &s["tunnel_recovery_ms"]["wireguard"];
-    let (p50, max) = (
-        wg["p50"].as_f64().expect("wireguard p50"),
-        wg["max"].as_f64().expect("wireguard max"),
-    );
+    // Every protocol's tunnels come back, after the LB moved their sessions (each protocol's own
+    // timers: WireGuard ~15 s, IPsec DPD ~4-5 s, OpenVPN ping-restart 5 s).
+    let tunnels = s["tunnel_recovery_ms"]
+        .as_object()
+        .expect("tunnel_recovery_ms map");
+    let mut keys: Vec<&str> = tunnels.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["ipsec", "openvpn", "wireguard"], "{s:#}");
+    let mut moved = 0;
+    for (proto, t) in tunnels {
+        assert_eq!(t["recovered"], t["clients"], "{proto}: {s:#}");
+        let clients = t["clients"].as_u64().expect("clients");
+        moved += clients;
+        if clients > 0 {
+            let (p50, max) = (
+                t["p50"].as_f64().expect("p50"),
+                t["max"].as_f64().expect("max"),
+            );
+            assert!(
+                lb < p50 && p50 <= max,
+                "{proto} tunnel recovery p50 {p50} max {max}, LB {lb}"
+            );
+        }
+    }
     assert!(
-        lb < p50 && p50 <= max,
-        "tunnel recovery p50 {p50} max {max}, LB {lb}"
+        tunnels["wireguard"]["clients"].as_u64() > Some(0),
+        "no client moved: {s:#}"
     );
-    assert!(wg["clients"].as_u64() > Some(0), "no client moved: {s:#}");
-    assert_eq!(wg["recovered"], wg["clients"], "{s:#}");
-    // Losses are counted over real pings: some were sent, none of a healthy tunnel lost.
+    assert_eq!(s["clients_moved"].as_u64(), Some(moved), "{s:#}");
+    // Losses are counted over real pings: some were sent, none of a healthy tunnel lost, for
+    // every protocol.
     assert!(s["healthy_flows_sent_packets"].as_u64() > Some(0), "{s:#}");
     assert_eq!(s["healthy_flows_lost_packets"].as_u64(), Some(0), "{s:#}");
-    assert!(
-        s["caught_by"].as_array().is_some_and(|c| c
-            .iter()
-            .any(|c| c.as_str().is_some_and(|c| c.starts_with("wireguard")))),
-        "the wireguard probe should catch a dead daemon: {s:#}"
-    );
+    for proto in ["wireguard", "ipsec", "openvpn"] {
+        let l = &s["healthy_flows_by_protocol"][proto];
+        assert!(l["sent"].as_u64() > Some(0), "{proto}: {s:#}");
+        assert_eq!(l["lost"].as_u64(), Some(0), "{proto}: {s:#}");
+    }
+    // Every daemon is dead: each protocol's probe catches it, icmp does not.
+    let caught: Vec<&str> = s["caught_by"]
+        .as_array()
+        .expect("caught_by")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for check in ["wireguard:51820", "ikev2:500", "udp:1194"] {
+        assert!(caught.contains(&check), "{check} did not catch it: {s:#}");
+    }
+    assert_eq!(s["missed_by"], serde_json::json!(["icmp"]), "{s:#}");
     assert_eq!(s["ok"], true, "{s:#}");
 
     let on_disk: Value = serde_json::from_str(

@@ -1,4 +1,5 @@
-//! `vpnlb-drill`: run by `cargo xtask drill`. Chaos scenarios over the real WireGuard testbed (see
+//! `vpnlb-drill`: run by `cargo xtask drill`. Chaos scenarios over the real WireGuard, IPsec and
+//! OpenVPN testbed (see
 //! tests/src/drill/): progress on stderr, report.json, summary.md and one SVG timeline per scenario
 //! in `--out`; `--json` prints the report on stdout. Exits 1 when a scenario did not complete or an
 //! expectation failed, 130 on Ctrl-C (after tearing the testbed down).
@@ -71,15 +72,23 @@ fn main() {
         scenarios: Vec::new(),
         testbed: format!(
             "Testbed: the real agent (`vpnlb run`, XDP native on a veth, L2 DSR) in namespace {}-lb; \
-             {} wireguard-go gateways (one server key, VIP on lo) checked with icmp (200 ms) and the \
-             wireguard handshake probe ({} ms), rise 2 / fall 2; {} WireGuard clients pinging through \
-             their tunnels every {} ms. A fresh testbed per scenario; the victim is the gateway with \
-             the most clients. Gateways send WireGuard from the VIP (policy routing by source port). \
+             {} gateways (VIP on lo), each running wireguard-go (UDP 51820, one server key), charon \
+             (IKEv2 PSK, UDP 500 + 4500, kernel-libipsec) and openvpn (UDP {}, tls-crypt, multihome), \
+             behind three VIPs (WireGuard; the IPsec group with hash = source and session_ids = ipsec; \
+             OpenVPN), one backend per gateway in all of them, checked with icmp (200 ms), the \
+             wireguard handshake probe ({} ms), the ikev2 SA_INIT probe and a udp check replaying an \
+             OpenVPN hard reset (200 ms), rise 2 / fall 2; {} WireGuard, {} IPsec (each behind its own \
+             NAT) and {} OpenVPN clients pinging through their tunnels every {} ms. A fresh testbed \
+             per scenario; the victim is the gateway with the most clients of its least-placed \
+             protocol. Gateways send WireGuard from the VIP (policy routing by source port). \
              Fencing: {}.",
             bed::PREFIX,
             bed::GATEWAYS,
+            bed::OVPN_PORT,
             bed::WG_INTERVAL_MS,
             bed::CLIENTS,
+            bed::IPSEC_CLIENTS,
+            bed::OVPN_CLIENTS,
             bed::PING_EVERY.as_millis(),
             if args.no_fence {
                 "off (--no-fence)"

@@ -1,9 +1,16 @@
-//! The drill testbed: [`AgentBed`] (namespaces `vpnlb-drl-*`, the real agent) plus [`WgBed`]
-//! (gateways `wgd1..3`, clients `wgdc0..`) and a steady ping through every tunnel.
+//! The drill testbed: [`AgentBed`] (namespaces `vpnlb-drl-*`, the real agent) and three VPN
+//! protocols served by every gateway at once: [`WgBed`] (`wireguard-go` on UDP 51820, interfaces
+//! `wgd1..3`, clients `wgdc0..`), [`IpsecBed`] (charon on UDP 500 + 4500, clients behind NAT sites
+//! `vpnlb-drl-i-*`) and [`OvpnBed`] (openvpn on UDP 1194, clients `vpnlb-drl-o-*`), with a steady
+//! ping through every tunnel.
 //!
-//! The agent starts with `icmp` checks only (the gateways' WireGuard key does not exist yet), then
-//! a reload adds the `wireguard` handshake probe once `wireguard-go` runs: the probe has its own key,
-//! known to every gateway as a peer with a harmless /32. State changes go to an exec hook
+//! One backend per gateway is in the pools of every VIP (WireGuard 51820; the IPsec group 500,
+//! 4500 and ESP with `hash = "source"` and `session_ids = "ipsec"`; OpenVPN 1194), so a gateway the
+//! agent takes down leaves all three. The agent starts with `icmp` checks only (the daemons and the
+//! probes' keys do not exist yet), then a reload adds one probe per protocol once the daemons run:
+//! the `wireguard` handshake probe (its own key, known to every gateway as a peer with a harmless
+//! /32), the stateless `ikev2` SA_INIT probe, and a `udp` check on 1194 that replays a recorded
+//! tls-crypt hard reset ([`Pki::hard_reset_probe`]). State changes go to an exec hook
 //! ([`hook_script`]) that appends each event (wall-clock time, reason, every check's last result)
 //! to a file and, unless disabled, fences the gateway that went down.
 //!
@@ -27,14 +34,31 @@ use vpnlb::control::Request;
 use vpnlb_common::{FlowKey, PROTO_UDP};
 
 use super::{Progress, poll};
-use crate::agent::{AgentBed, INTERFACE, backend, backend_in, json_stream, vip};
+use crate::agent::{
+    AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, backend_in, json_stream, vip,
+};
+use crate::ipsec::{CLIENT_CHARON, IpsecBed, IpsecOpts, ipsec_vips};
+use crate::openvpn::{OvpnBed, Pki, hex};
 use crate::testbed::{Topology, VIP, VIP_PORT};
 use crate::wg::{Keypair, PingLog, Pinger, WgBed};
 
 /// Namespace prefix of the drill (`vpnlb-drl-lb`, `vpnlb-drl-gw1`, ...).
 pub const PREFIX: &str = "vpnlb-drl";
 pub const GATEWAYS: usize = 3;
+/// WireGuard clients (in one namespace, `wgdc*`).
 pub const CLIENTS: usize = 18;
+/// IPsec clients, each behind its own NAT site (`hash = "source"` places by public address).
+pub const IPSEC_CLIENTS: usize = 6;
+/// OpenVPN clients, each in its own namespace.
+pub const OVPN_CLIENTS: usize = 6;
+/// The OpenVPN VIP's port (WireGuard has 51820).
+pub const OVPN_PORT: u16 = 1194;
+/// Number of the first IPsec client: its tunnel address 10.99.1.101 and up stays clear of the
+/// WireGuard clients' 10.99.1.1.. on the same gateways.
+const IPSEC_FIRST: usize = 100;
+/// Number of the first OpenVPN client: its address 10.77.0.60 and up stays clear of the WireGuard
+/// clients' 10.77.0.20.. and the NAT sites' 10.77.0.40.. on the switch.
+const OVPN_FIRST: usize = 40;
 /// Ping interval through every tunnel: 10 packets/s per client.
 pub const PING_EVERY: Duration = Duration::from_millis(100);
 /// `wireguard` probe timing: a wedged daemon is down after 2 x 250 ms.
@@ -43,28 +67,89 @@ pub const WG_TIMEOUT_MS: u64 = 200;
 /// AllowedIPs of the probe peer on the gateways: a /32 nobody uses (TEST-NET-1).
 const PROBE_ALLOWED: &str = "192.0.2.77/32";
 
+/// The VPN protocols every gateway serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    Wireguard,
+    Ipsec,
+    Openvpn,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Wireguard, Protocol::Ipsec, Protocol::Openvpn];
+
+    /// The report's key (`tunnel_recovery_ms`, per-protocol losses).
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Wireguard => "wireguard",
+            Protocol::Ipsec => "ipsec",
+            Protocol::Openvpn => "openvpn",
+        }
+    }
+
+    /// The gateway's daemon.
+    pub fn daemon(self) -> &'static str {
+        match self {
+            Protocol::Wireguard => "wireguard-go",
+            Protocol::Ipsec => "charon",
+            Protocol::Openvpn => "openvpn",
+        }
+    }
+
+    /// The label (as in the agent's status and hook events) of the check that probes the daemon.
+    pub fn check(self) -> &'static str {
+        match self {
+            Protocol::Wireguard => "wireguard:51820",
+            Protocol::Ipsec => "ikev2:500",
+            Protocol::Openvpn => "udp:1194",
+        }
+    }
+}
+
 /// The name of gateway `g` (0-based) in the agent's config.
 pub fn gw_name(g: usize) -> String {
     format!("gw{}", g + 1)
 }
 
-/// The agent's config body: every gateway with `weights[g]`, an `icmp` check and, once the
-/// gateways' key exists, the `wireguard` probe; the VIP over all of them; the event hook.
-fn config(topo: &Topology, weights: &[u32], wg: Option<(&str, &PathBuf)>, hook: &Path) -> String {
+/// What the protocol probes need: the gateways' WireGuard public key and the probe's private key
+/// file, and the recorded OpenVPN hard reset.
+struct Probes<'a> {
+    wg_public: &'a str,
+    wg_key: &'a Path,
+    ovpn_reset: &'a [u8],
+}
+
+/// The agent's config body: every gateway with `weights[g]`, an `icmp` check and, once the daemons
+/// run, one probe per protocol; the WireGuard, IPsec and OpenVPN VIPs over all of them; the hook.
+fn config(topo: &Topology, weights: &[u32], probes: Option<&Probes>, hook: &Path) -> String {
     let mut s = String::from(INTERFACE);
     for (g, ns) in topo.gws.iter().enumerate() {
         s.push_str(&backend(g, Some(ns.mac("eth0")), weights[g], &["icmp"]));
-        if let Some((server_pub, key_file)) = wg {
+        if let Some(p) = probes {
+            let timing = format!(
+                "interval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n"
+            );
+            let hex = hex(p.ovpn_reset);
             s.push_str(&format!(
-                "[[backend.check]]\ntype = \"wireguard\"\npublic_key = \"{server_pub}\"\nprivate_key_file = \"{}\"\n\
-                 interval_ms = {WG_INTERVAL_MS}\ntimeout_ms = {WG_TIMEOUT_MS}\nrise = 2\nfall = 2\n\n",
-                key_file.display()
+                "[[backend.check]]\ntype = \"wireguard\"\npublic_key = \"{}\"\nprivate_key_file = \"{}\"\n\
+                 interval_ms = {WG_INTERVAL_MS}\ntimeout_ms = {WG_TIMEOUT_MS}\nrise = 2\nfall = 2\n\n\
+                 [[backend.check]]\ntype = \"ikev2\"\n{timing}\
+                 [[backend.check]]\ntype = \"udp\"\nport = {OVPN_PORT}\npayload_hex = \"{hex}\"\n{timing}",
+                p.wg_public,
+                p.wg_key.display()
             ));
         }
     }
     let names: Vec<String> = (0..topo.gws.len()).map(gw_name).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     s.push_str(&vip(&[("all", 0, &names)]));
+    s.push_str(&ipsec_vips(&names, "session_ids = \"ipsec\"\n"));
+    let list: Vec<String> = names.iter().map(|m| format!("\"{m}\"")).collect();
+    s.push_str(&format!(
+        "[[vip]]\nname = \"openvpn\"\naddress = \"{VIP}\"\nport = {OVPN_PORT}\nprotocol = \"udp\"\n\
+         forwarding = \"l2dsr\"\n[[vip.pool]]\nname = \"all\"\nbackends = [{}]\n\n",
+        list.join(", ")
+    ));
     s.push_str(&format!(
         "[hooks]\nexec = [\"sh\", \"{}\"]\ntimeout_ms = 2000\n",
         hook.display()
@@ -98,19 +183,25 @@ fn hook_script(events: &Path, gw_conf: &Path, fence: bool) -> String {
     s
 }
 
-/// Everything of one scenario, in drop order: pings, WireGuard daemons, then the agent, check
-/// servers, namespaces and pins.
+/// Everything of one scenario, in drop order: pings, OpenVPN, IPsec and WireGuard daemons (and
+/// their client namespaces), then the agent, check servers, namespaces and pins.
 pub struct DrillBed {
+    /// One per client of [`DrillBed::clients`], in that order.
     pub pingers: Vec<Pinger>,
+    pub ovpn: OvpnBed,
+    pub ipsec: IpsecBed,
     pub wg: WgBed,
     pub bed: AgentBed,
     /// The exec hook's output: one JSON event per state change or failover.
     pub events: PathBuf,
     hook: PathBuf,
     probe_key: PathBuf,
+    ovpn_reset: Vec<u8>,
     /// Backend id of gateway g in the maps.
     pub ids: Vec<u32>,
-    /// The gateway each client completed its handshake with before the fault.
+    /// Every client tunnel (protocol, index in its bed): WireGuard, then IPsec, then OpenVPN.
+    pub clients: Vec<(Protocol, usize)>,
+    /// The gateway each client's tunnel was established with before the fault.
     pub owner: Vec<usize>,
     /// Current weights (the reload scenario changes one).
     pub weights: Vec<u32>,
@@ -120,6 +211,9 @@ impl DrillBed {
     /// The testbed; `fence`: the hook fences a gateway that goes down (see the module docs).
     pub fn up(p: &Progress, fence: bool) -> Result<DrillBed> {
         let weights = vec![1; GATEWAYS];
+        let ovpn_prefix = format!("{PREFIX}-o");
+        let pki = Pki::generate(&ovpn_prefix);
+        let ovpn_reset = pki.hard_reset_probe(&ovpn_prefix);
         let (mut events, mut hook, mut gw_conf) = Default::default();
         let mut bed = AgentBed::up(PREFIX, GATEWAYS, CLIENTS, |t, s| {
             events = s.dir.join("events.json");
@@ -134,6 +228,23 @@ impl DrillBed {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         bed.agent.wait_all_up(&names, Duration::from_secs(15));
         let mut wg = WgBed::up(&bed.topo, "wgd", "wgdc");
+        let mut ipsec = IpsecBed::up(
+            &bed.topo,
+            &format!("{PREFIX}-i"),
+            &IpsecOpts {
+                sites: &[],
+                gw_charon: "",
+                gw_conn: "",
+                client_charon: CLIENT_CHARON,
+                client_conn: "",
+            },
+        );
+        ipsec.first_client = IPSEC_FIRST;
+        for k in 0..IPSEC_CLIENTS {
+            ipsec.add_site(&bed.topo, k, 1);
+        }
+        let mut ovpn = OvpnBed::up_on(&bed.topo, &ovpn_prefix, pki, OVPN_PORT);
+        ovpn.first_client = OVPN_FIRST;
 
         // The probe's key: a peer of every gateway, and a file only root reads.
         let probe = Keypair::generate();
@@ -167,27 +278,46 @@ impl DrillBed {
                 );
             }
         }
+        let clients = Protocol::ALL
+            .iter()
+            .flat_map(|&pr| {
+                let n = match pr {
+                    Protocol::Wireguard => CLIENTS,
+                    Protocol::Ipsec => IPSEC_CLIENTS,
+                    Protocol::Openvpn => OVPN_CLIENTS,
+                };
+                (0..n).map(move |i| (pr, i))
+            })
+            .collect();
         let mut d = DrillBed {
             pingers: Vec::new(),
+            ovpn,
+            ipsec,
             wg,
             bed,
             events,
             hook,
             probe_key,
+            ovpn_reset,
             ids: Vec::new(),
+            clients,
             owner: Vec::new(),
             weights,
         };
         d.reload()?;
-        let all_wg_up = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        let all_probes_up = poll(Duration::from_secs(10), Duration::from_millis(50), || {
             let st = d.bed.agent.status();
             (0..GATEWAYS)
-                .all(|g| check_of(&st, &gw_name(g), "wireguard").is_some_and(|c| c["up"] == true))
+                .all(|g| {
+                    Protocol::ALL.iter().all(|pr| {
+                        check_of(&st, &gw_name(g), pr.check()).is_some_and(|c| c["up"] == true)
+                    })
+                })
                 .then_some(())
         })?;
-        if all_wg_up.is_none() {
+        if all_probes_up.is_none() {
             bail!(
-                "the wireguard probe did not come up on every gateway: {:#}",
+                "the protocol probes did not come up on every gateway: {:#}",
                 d.bed.agent.status()
             );
         }
@@ -200,36 +330,71 @@ impl DrillBed {
                     .context("backend id in status")
             })
             .collect::<Result<_>>()?;
+        // Connected once every probe is up, so the first packets meet the full ring.
+        d.ipsec.connect_all();
+        d.ovpn.connect(&d.bed.topo, OVPN_CLIENTS);
         p.step(&format!(
-            "testbed up: agent pid {}, {GATEWAYS} wireguard-go gateways (checks icmp + wireguard handshake every {WG_INTERVAL_MS} ms), {CLIENTS} client tunnels",
+            "testbed up: agent pid {}, {GATEWAYS} gateways each running wireguard-go, charon and openvpn \
+             (checks icmp + wireguard handshake every {WG_INTERVAL_MS} ms + ikev2 + openvpn hard reset every {INTERVAL_MS} ms); \
+             {CLIENTS} WireGuard, {IPSEC_CLIENTS} IPsec, {OVPN_CLIENTS} OpenVPN client tunnels",
             d.bed.agent.pid()
         ));
 
         d.pingers = d.wg.ping_all(PING_EVERY);
-        let all: Vec<usize> = (0..GATEWAYS).collect();
-        let placed = poll(Duration::from_secs(15), Duration::from_millis(100), || {
-            let p = d.wg.placement(&all);
-            p.iter().all(|g| g.len() == 1).then_some(p)
+        d.pingers.extend(d.ipsec.ping_all(PING_EVERY));
+        d.pingers.extend(d.ovpn.ping_all(PING_EVERY));
+        let owner = poll(Duration::from_secs(15), Duration::from_millis(100), || {
+            d.placement()
+                .into_iter()
+                .map(|g| (g.len() == 1).then(|| g[0]))
+                .collect::<Option<Vec<usize>>>()
         })?
         .with_context(|| {
             format!(
-                "not every client completed one handshake: {:?}",
-                d.wg.placement(&all)
+                "not every client tunnel is established with exactly one gateway: {:?}",
+                d.placement()
             )
         })?;
-        d.owner = placed.iter().map(|g| g[0].0).collect();
+        d.owner = owner;
         Ok(d)
+    }
+
+    /// For each client of [`DrillBed::clients`]: the gateways its tunnel is established with
+    /// (WireGuard: a completed handshake; IPsec: an IKE_SA with a CHILD_SA; OpenVPN: in the status).
+    pub fn placement(&self) -> Vec<Vec<usize>> {
+        let all: Vec<usize> = (0..GATEWAYS).collect();
+        let mut out = gateways(self.wg.placement(&all));
+        out.extend(gateways(self.ipsec.placement()));
+        out.extend(gateways(self.ovpn.placement(&all)));
+        out
+    }
+
+    /// How many of `of` are of each protocol, as text ("6 wireguard, 2 ipsec, 3 openvpn").
+    pub fn share_of(&self, of: &[usize]) -> String {
+        Protocol::ALL
+            .iter()
+            .map(|&pr| format!("{} {}", self.of_protocol(pr, of).len(), pr.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Indices (into [`DrillBed::clients`]) of protocol `pr`'s clients among `of`.
+    pub fn of_protocol(&self, pr: Protocol, of: &[usize]) -> Vec<usize> {
+        of.iter()
+            .copied()
+            .filter(|&n| self.clients[n].0 == pr)
+            .collect()
     }
 
     /// Writes the config for the current weights (with the wireguard probe) and reloads the agent
     /// through its control socket.
     pub fn reload(&mut self) -> Result<()> {
-        let body = config(
-            &self.bed.topo,
-            &self.weights,
-            Some((&self.wg.server.public, &self.probe_key)),
-            &self.hook,
-        );
+        let probes = Probes {
+            wg_public: &self.wg.server.public,
+            wg_key: &self.probe_key,
+            ovpn_reset: &self.ovpn_reset,
+        };
+        let body = config(&self.bed.topo, &self.weights, Some(&probes), &self.hook);
         self.bed.agent.write_config(&body);
         let r = self.bed.agent.request(Request::Reload {});
         if !r.ok {
@@ -238,10 +403,18 @@ impl DrillBed {
         Ok(())
     }
 
-    /// The clients of each gateway at the start, as text ("gw1: 6, gw2: 7, gw3: 5").
+    /// The clients of each gateway at the start, per protocol, as text
+    /// ("gw1: 6/2/1, gw2: ..." for WireGuard/IPsec/OpenVPN).
     pub fn share(&self) -> String {
         (0..GATEWAYS)
-            .map(|g| format!("{}: {}", gw_name(g), self.clients_of(g).len()))
+            .map(|g| {
+                let of = self.clients_of(g);
+                let per: Vec<String> = Protocol::ALL
+                    .iter()
+                    .map(|&pr| self.of_protocol(pr, &of).len().to_string())
+                    .collect();
+                format!("{}: {}", gw_name(g), per.join("/"))
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -253,26 +426,44 @@ impl DrillBed {
             .collect()
     }
 
-    /// The gateway with the most clients (the drills' victim: the most flows to move).
+    /// The drills' victim: the gateway whose fewest clients of one protocol are the most (every
+    /// protocol has clients to move), then the one with the most clients in all.
     pub fn busiest(&self) -> usize {
         (0..GATEWAYS)
-            .max_by_key(|&g| (self.clients_of(g).len(), usize::MAX - g))
+            .max_by_key(|&g| {
+                let of = self.clients_of(g);
+                let fewest = Protocol::ALL
+                    .iter()
+                    .map(|&pr| self.of_protocol(pr, &of).len())
+                    .min()
+                    .unwrap_or(0);
+                (fewest, of.len(), usize::MAX - g)
+            })
             .unwrap_or(0)
     }
 
-    /// The session key of each client's tunnel at the LB (client underlay address:port -> VIP).
+    /// The session key of each client's tunnel at the LB (client address:port -> VIP:port), in
+    /// the order of [`DrillBed::clients`]. An IPsec client is seen from its NAT site's public
+    /// address, NAT-T port 4500 (the masquerade keeps the port: one client per site).
     pub fn flow_keys(&self) -> Vec<FlowKey> {
-        self.wg
-            .clients
+        let key =
+            |a, sport, dport| FlowKey::new(IpAddr::V4(a), IpAddr::V4(VIP), sport, dport, PROTO_UDP);
+        self.clients
             .iter()
-            .map(|c| {
-                FlowKey::new(
-                    IpAddr::V4(c.addr),
-                    IpAddr::V4(VIP),
-                    c.port,
-                    VIP_PORT,
-                    PROTO_UDP,
-                )
+            .map(|&(pr, i)| match pr {
+                Protocol::Wireguard => {
+                    let c = &self.wg.clients[i];
+                    key(c.addr, c.port, VIP_PORT)
+                }
+                Protocol::Ipsec => key(
+                    self.ipsec.nats[self.ipsec.clients[i].site].public,
+                    4500,
+                    4500,
+                ),
+                Protocol::Openvpn => {
+                    let c = &self.ovpn.clients[i];
+                    key(c.addr, c.port, OVPN_PORT)
+                }
             })
             .collect()
     }
@@ -322,13 +513,25 @@ impl DrillBed {
         self.pingers.iter_mut().map(Pinger::stop).collect()
     }
 
-    /// Every client still uses the VIP as its endpoint (DSR kept: nobody roamed past the LB).
+    /// Every WireGuard client still uses the VIP as its endpoint and every OpenVPN client
+    /// exchanged UDP with the VIP only (DSR kept: nobody roamed past the LB).
     pub fn endpoints_on_vip(&self) -> bool {
         (0..self.wg.clients.len()).all(|n| {
             self.wg.client_peer(n).and_then(|p| p.endpoint)
                 == Some(SocketAddr::from((VIP, VIP_PORT)))
+        }) && self.ovpn.clients.iter().all(|c| {
+            let k = c.udp_counters();
+            k.to_other == 0 && k.from_other == 0
         })
     }
+}
+
+/// The gateways of each client in a bed's placement.
+fn gateways<T>(placement: Vec<Vec<(usize, T)>>) -> Vec<Vec<usize>> {
+    placement
+        .into_iter()
+        .map(|g| g.into_iter().map(|(g, _)| g).collect())
+        .collect()
 }
 
 /// The check of `backend` whose label starts with `kind` in a `status` result.

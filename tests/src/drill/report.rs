@@ -24,6 +24,13 @@ pub struct TunnelRecovery {
     pub recovered: usize,
 }
 
+/// Pings of the untouched clients of one protocol: lost, and sent over the same span.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Loss {
+    pub lost: u64,
+    pub sent: u64,
+}
+
 /// A point of the scenario's timeline (ms from the fault), for the plot and the summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
@@ -43,12 +50,14 @@ pub struct ScenarioReport {
     /// Fault -> every session of the victim's clients points to a healthy gateway (the data plane
     /// forwards their next packet there).
     pub lb_recovery_ms: Option<f64>,
-    /// Per protocol, e.g. `{"wireguard": {"p50": .., "max": .., ..}}`.
+    /// Per protocol: `{"wireguard": {"p50": .., "max": .., ..}, "ipsec": {..}, "openvpn": {..}}`.
     pub tunnel_recovery_ms: Option<BTreeMap<String, TunnelRecovery>>,
     /// Pings lost by clients whose gateway was not touched (all clients when no gateway is).
     pub healthy_flows_lost_packets: u64,
     /// Pings those clients sent over the same span.
     pub healthy_flows_sent_packets: u64,
+    /// The same two numbers per protocol.
+    pub healthy_flows_by_protocol: BTreeMap<String, Loss>,
     pub victim: Option<String>,
     /// Checks that were failing when the agent took the victim down.
     pub caught_by: Vec<String>,
@@ -100,27 +109,31 @@ impl Report {
         s.push_str(
             "Times in ms from the fault. detect: the agent's state change; map write: the change in \
              the pinned maps; LB recovery: every session of the victim's clients on a healthy \
-             gateway; tunnel: first ping reply through each moved client's WireGuard tunnel \
-             (p50 / max); healthy lost: pings lost by clients of untouched gateways.\n\n",
+             gateway; tunnel: first ping reply through each moved client's tunnel, per protocol \
+             (p50 / max, over that protocol's moved clients); healthy lost: pings lost by clients of \
+             untouched gateways, all protocols (per protocol under each scenario).\n\n",
         );
-        s.push_str("| scenario | ok | detect | map write | LB recovery | tunnel wireguard p50 / max | moved | healthy lost / sent | caught by |\n");
-        s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("| scenario | ok | detect | map write | LB recovery | tunnel wireguard p50 / max | tunnel ipsec p50 / max | tunnel openvpn p50 / max | moved | healthy lost / sent | caught by |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
         for r in &self.scenarios {
-            let tunnel = r
-                .tunnel_recovery_ms
-                .as_ref()
-                .and_then(|m| m.get("wireguard"))
-                .map(|t| format!("{} / {}", ms(t.p50), ms(t.max)))
-                .unwrap_or_else(|| "n/a".into());
+            let tunnel = |proto: &str| {
+                r.tunnel_recovery_ms
+                    .as_ref()
+                    .and_then(|m| m.get(proto))
+                    .map(|t| format!("{} / {} ({})", ms(t.p50), ms(t.max), t.clients))
+                    .unwrap_or_else(|| "n/a".into())
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} of {} | {} / {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} of {} | {} / {} | {} |",
                 r.name,
                 if r.ok { "yes" } else { "NO" },
                 ms(r.detect_ms),
                 ms(r.map_write_ms),
                 ms(r.lb_recovery_ms),
-                tunnel,
+                tunnel("wireguard"),
+                tunnel("ipsec"),
+                tunnel("openvpn"),
                 r.clients_moved,
                 r.clients,
                 r.healthy_flows_lost_packets,
@@ -142,6 +155,18 @@ impl Report {
             }
             for n in &r.notes {
                 let _ = writeln!(s, "- {n}");
+            }
+            if !r.healthy_flows_by_protocol.is_empty() {
+                let per: Vec<String> = r
+                    .healthy_flows_by_protocol
+                    .iter()
+                    .map(|(p, l)| format!("{p} {} of {}", l.lost, l.sent))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "- Pings lost by clients of untouched gateways: {}.",
+                    per.join(", ")
+                );
             }
             if !r.missed_by.is_empty() {
                 let _ = writeln!(

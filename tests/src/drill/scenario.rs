@@ -1,7 +1,9 @@
-//! The six drills. Each one brings up a fresh [`DrillBed`], lets the tunnels settle, starts the
-//! [`Monitor`], injects its fault, waits for the outcome (detection, then the moved clients'
-//! WireGuard re-handshakes), and measures from the monitor's samples, the hook events and the
-//! pings. Expectations that fail become `problems` in the report (the drill exits non-zero).
+//! The six drills. Each one brings up a fresh [`DrillBed`] (WireGuard, IPsec and OpenVPN on the
+//! same three gateways), lets the tunnels settle, starts the [`Monitor`], injects its fault, waits
+//! for the outcome (detection, then the moved clients' tunnels: WireGuard re-handshakes, IPsec DPD
+//! and re-initiation, OpenVPN ping-restart and reconnection), and measures from the monitor's
+//! samples, the hook events and the pings, per protocol where the protocols differ. Expectations
+//! that fail become `problems` in the report (the drill exits non-zero).
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -12,11 +14,10 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use vpnlb_common::BACKEND_UP;
 
-use super::bed::{CLIENTS, DrillBed, GATEWAYS, WG_INTERVAL_MS, gw_name};
+use super::bed::{DrillBed, GATEWAYS, Protocol, WG_INTERVAL_MS, gw_name};
 use super::monitor::{Monitor, Sample, first_after};
-use super::report::{Event, ScenarioReport, TunnelRecovery, p50_max};
+use super::report::{Event, Loss, ScenarioReport, TunnelRecovery, p50_max};
 use super::{Progress, pause, poll};
-use crate::testbed::VIP_PORT;
 use crate::wg::{PingLog, now_epoch};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +30,8 @@ pub enum Scenario {
     ConfigReload,
 }
 
-/// How long the moved clients get to re-handshake (WireGuard retries after ~15 s without replies).
+/// How long the moved clients get to re-handshake (WireGuard retries after ~15 s without replies;
+/// IPsec's DPD gives up after ~4 s and OpenVPN's ping-restart after 5 s, then they reconnect).
 const REHANDSHAKE_WAIT: Duration = Duration::from_secs(25);
 /// How long the agent gets to take a failed gateway down.
 const DETECT_WAIT: Duration = Duration::from_secs(5);
@@ -67,10 +69,12 @@ impl Scenario {
 
     pub fn about(self) -> &'static str {
         match self {
-            Scenario::GatewayKill => "kill -9 of the busiest gateway's wireguard-go",
+            Scenario::GatewayKill => {
+                "kill -9 of every VPN daemon on the busiest gateway (wireguard-go, charon, openvpn)"
+            }
             Scenario::GatewayLinkDown => "the busiest gateway's link goes down",
             Scenario::GatewayBlackhole => {
-                "the busiest gateway drops UDP 51820 (nft) but still answers pings"
+                "the busiest gateway drops UDP 51820, 500, 4500 and 1194 (nft) but still answers pings"
             }
             Scenario::GatewayFlap => {
                 "the busiest gateway's link blips 3 x 150 ms, then goes down 2 x 1.5 s"
@@ -91,7 +95,6 @@ pub fn run(s: Scenario, p: &Progress, out: &Path, fence: bool) -> ScenarioReport
     let t0 = Instant::now();
     let mut r = ScenarioReport {
         name: s.name().into(),
-        clients: CLIENTS,
         ..Default::default()
     };
     p.step(&format!("== {}: {}", s.name(), s.about()));
@@ -151,7 +154,10 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
     pause(Duration::from_secs(2))?;
     let victim = s.victim_fault().then(|| d.busiest());
     let moved: Vec<usize> = victim.map(|v| d.clients_of(v)).unwrap_or_default();
-    let stayed: Vec<usize> = (0..CLIENTS).filter(|n| !moved.contains(n)).collect();
+    let stayed: Vec<usize> = (0..d.clients.len())
+        .filter(|n| !moved.contains(n))
+        .collect();
+    r.clients = d.clients.len();
     let healthy: Vec<usize> = (0..GATEWAYS).filter(|&g| Some(g) != victim).collect();
     r.victim = victim.map(gw_name);
     r.clients_moved = moved.len();
@@ -182,10 +188,19 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
         }
         if down.is_some() {
             p.step(&format!(
-                "waiting for the {} clients of {name} to re-handshake on healthy gateways",
-                moved.len()
+                "waiting for the {} clients of {name} ({}) to get their tunnels back",
+                moved.len(),
+                d.share_of(&moved)
             ));
-            back = d.wait_rehandshake(&moved, &healthy, inj.t, REHANDSHAKE_WAIT, p)?;
+            let wg_moved = d.of_protocol(Protocol::Wireguard, &moved);
+            let t_wait = Instant::now();
+            back = d.wait_rehandshake(&wg_moved, &healthy, inj.t, REHANDSHAKE_WAIT, p)?;
+            wait_tunnels(
+                &d,
+                &moved,
+                inj.t,
+                REHANDSHAKE_WAIT.saturating_sub(t_wait.elapsed()),
+            )?;
             // The recovered tunnels carry a few pings before the pings stop.
             pause(Duration::from_secs(1))?;
         }
@@ -197,7 +212,7 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
                 .nth(1)
             {
                 r.notes.push(format!(
-                    "the nft rule on {name} dropped {n} packets to UDP {VIP_PORT} (client tunnels and the agent's wireguard probe)"
+                    "the nft rule on {name} dropped {n} packets to UDP {BLACKHOLE_PORTS} (client tunnels and the agent's protocol probes)"
                 ));
             }
         }
@@ -217,18 +232,31 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
         let f = Failover {
             victim: v,
             moved: &moved,
+            protocols: d.clients.iter().map(|c| c.0).collect(),
             healthy_ids: healthy.iter().map(|&g| d.ids[g]).collect(),
             back: &back,
             inj: &inj,
         };
         measure_failover(r, &f, &samples, &logs, &events, &mut timeline);
     }
-    let (lost, sent) = stayed
-        .iter()
-        .map(|&n| logs[n].lost_after(inj.loss_from))
-        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    r.healthy_flows_lost_packets = lost as u64;
-    r.healthy_flows_sent_packets = sent as u64;
+    for pr in Protocol::ALL {
+        let (lost, sent) = d
+            .of_protocol(pr, &stayed)
+            .iter()
+            .map(|&n| logs[n].lost_after(inj.loss_from))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        r.healthy_flows_by_protocol.insert(
+            pr.name().to_string(),
+            Loss {
+                lost: lost as u64,
+                sent: sent as u64,
+            },
+        );
+    }
+    let lost: u64 = r.healthy_flows_by_protocol.values().map(|l| l.lost).sum();
+    let sent: u64 = r.healthy_flows_by_protocol.values().map(|l| l.sent).sum();
+    r.healthy_flows_lost_packets = lost;
+    r.healthy_flows_sent_packets = sent;
     if lost > 0 {
         r.problems.push(format!(
             "clients of untouched gateways lost {lost} of {sent} pings"
@@ -239,18 +267,30 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
             .push("no ping of the untouched clients was answered after the fault".into());
     }
     if !d.endpoints_on_vip() {
-        r.problems
-            .push("a client's endpoint is no longer the VIP (it roamed past the LB)".into());
+        r.problems.push(
+            "a WireGuard client's endpoint is no longer the VIP, or an OpenVPN client exchanged packets with another address (it roamed past the LB)".into(),
+        );
     }
     match s {
-        Scenario::GatewayBlackhole => {
-            if !r.caught_by.iter().any(|c| c.starts_with("wireguard")) {
-                r.problems
-                    .push("the wireguard handshake probe did not catch the black hole".into());
+        Scenario::GatewayKill | Scenario::GatewayBlackhole if victim.is_some() => {
+            let mut caught = Vec::new();
+            for pr in Protocol::ALL {
+                if r.caught_by.iter().any(|c| c == pr.check()) {
+                    caught.push(format!("{}: {} failing", pr.name(), pr.check()));
+                } else {
+                    r.problems.push(format!(
+                        "the {} probe ({}) did not catch the fault of {}",
+                        pr.name(),
+                        pr.check(),
+                        pr.daemon()
+                    ));
+                }
             }
+            r.notes
+                .push(format!("caught per protocol: {}", caught.join("; ")));
             if r.missed_by.iter().any(|c| c == "icmp") {
                 r.notes.push(
-                    "icmp kept passing: a ping check alone never catches a gateway that black-holes tunnel traffic; the `wireguard` handshake probe (through the same UDP port) does".into(),
+                    "icmp kept passing: a ping check alone never catches a gateway whose VPN daemons are dead or whose tunnel ports are black-holed; each protocol's probe (through its own UDP port) does".into(),
                 );
             }
         }
@@ -277,6 +317,21 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
     Ok(())
 }
 
+/// The ports the black-hole scenario drops: WireGuard, IKE, NAT-T (ESP-in-UDP), OpenVPN.
+const BLACKHOLE_PORTS: &str = "{ 51820, 500, 4500, 1194 }";
+
+/// Waits until every client in `moved` got a ping reply through its tunnel after its first loss
+/// after `since` (epoch s), or `timeout`.
+fn wait_tunnels(d: &DrillBed, moved: &[usize], since: f64, timeout: Duration) -> Result<()> {
+    poll(timeout, Duration::from_millis(200), || {
+        moved
+            .iter()
+            .all(|&n| recovered_at(&d.pingers[n].log(), since).is_some())
+            .then_some(())
+    })?;
+    Ok(())
+}
+
 /// Injects the scenario's fault (on `victim` for the gateway scenarios).
 fn inject(
     s: Scenario,
@@ -288,13 +343,18 @@ fn inject(
     Ok(match s {
         Scenario::GatewayKill => {
             let v = victim.context("victim")?;
-            let pid = d.wg.gws[v].pid().unwrap_or(0);
+            let (wg_pid, charon_pid) = (
+                d.wg.gws[v].pid().unwrap_or(0),
+                d.ipsec.gws[v].pid().unwrap_or(0),
+            );
             let t = now_epoch();
             d.wg.kill_gateway(v);
+            d.ipsec.gws[v].kill();
+            d.ovpn.kill_gateway(v);
             single(
                 t,
                 format!(
-                    "wireguard-go of {} (pid {pid}) killed with SIGKILL",
+                    "{}: wireguard-go (pid {wg_pid}), charon (pid {charon_pid}) and openvpn killed with SIGKILL",
                     gw_name(v)
                 ),
             )
@@ -309,12 +369,12 @@ fn inject(
             let v = victim.context("victim")?;
             let t = now_epoch();
             d.bed.topo.gws[v].sh(&format!(
-                "nft 'add table inet vpnlb_drill; add chain inet vpnlb_drill input {{ type filter hook input priority 0; }}; add rule inet vpnlb_drill input udp dport {VIP_PORT} counter drop'"
+                "nft 'add table inet vpnlb_drill; add chain inet vpnlb_drill input {{ type filter hook input priority 0; }}; add rule inet vpnlb_drill input udp dport {BLACKHOLE_PORTS} counter drop'"
             ));
             single(
                 t,
                 format!(
-                    "{}: nft drops UDP {VIP_PORT} (ICMP still answered)",
+                    "{}: nft drops UDP {BLACKHOLE_PORTS} (ICMP still answered)",
                     gw_name(v)
                 ),
             )
@@ -410,6 +470,8 @@ fn recovered_at(log: &PingLog, t: f64) -> Option<f64> {
 struct Failover<'a> {
     victim: usize,
     moved: &'a [usize],
+    /// The protocol of every client (index as in the pings and the samples).
+    protocols: Vec<Protocol>,
     healthy_ids: Vec<u32>,
     back: &'a [Option<usize>],
     inj: &'a Injected,
@@ -461,8 +523,29 @@ fn measure_failover(
             .push(format!("{name} stayed up in the pinned BACKENDS map")),
     }
     let healthy_ids = &f.healthy_ids;
+    // The sessions the LB had for the moved clients just before the fault (an IPsec client's
+    // NAT-T flow is keyed as its NAT keeps it; one that is not found is left out and noted).
+    let tracked: Vec<usize> = samples
+        .iter()
+        .rev()
+        .find(|s| s.t < inj.t)
+        .map(|s| {
+            moved
+                .iter()
+                .copied()
+                .filter(|&n| s.sessions[n].is_some())
+                .collect()
+        })
+        .unwrap_or_default();
+    if tracked.len() < moved.len() {
+        r.notes.push(format!(
+            "LB recovery covers {} of the {} moved clients' sessions (the others had no session under the key the drill looks up)",
+            tracked.len(),
+            moved.len()
+        ));
+    }
     match first_after(samples, inj.t, |s| {
-        moved
+        tracked
             .iter()
             .all(|&n| s.sessions[n].is_some_and(|id| healthy_ids.contains(&id)))
     }) {
@@ -480,30 +563,58 @@ fn measure_failover(
             "sessions of {name}'s clients were not all re-picked onto healthy gateways"
         )),
     }
-    let rec: Vec<f64> = moved
-        .iter()
-        .filter_map(|&n| recovered_at(&logs[n], inj.t).map(|t| inj.ms(t)))
-        .filter(|&ms| ms > 0.0)
-        .collect();
-    let (p50, max) = p50_max(&rec);
-    if let Some(first) = rec.iter().copied().min_by(f64::total_cmp) {
-        timeline.push(Event {
-            t_ms: first,
-            what: "first moved WireGuard tunnel answers pings again".into(),
-        });
-    }
-    if let Some(m) = max {
-        timeline.push(Event {
-            t_ms: m,
-            what: format!("last of {} moved tunnels answers again", rec.len()),
-        });
-    }
-    if rec.len() < moved.len() {
-        r.problems.push(format!(
-            "{} of {} moved clients got no ping reply through their tunnel again within {REHANDSHAKE_WAIT:?}",
-            moved.len() - rec.len(),
-            moved.len()
-        ));
+    let mut recovery = BTreeMap::new();
+    for pr in Protocol::ALL {
+        let of: Vec<usize> = moved
+            .iter()
+            .copied()
+            .filter(|&n| f.protocols[n] == pr)
+            .collect();
+        let rec: Vec<f64> = of
+            .iter()
+            .filter_map(|&n| recovered_at(&logs[n], inj.t).map(|t| inj.ms(t)))
+            .filter(|&ms| ms > 0.0)
+            .collect();
+        let (p50, max) = p50_max(&rec);
+        if let Some(first) = rec.iter().copied().min_by(f64::total_cmp) {
+            timeline.push(Event {
+                t_ms: first,
+                what: format!("first moved {} tunnel answers pings again", pr.name()),
+            });
+        }
+        if let Some(m) = max {
+            timeline.push(Event {
+                t_ms: m,
+                what: format!(
+                    "last of {} moved {} tunnels answers again",
+                    rec.len(),
+                    pr.name()
+                ),
+            });
+        }
+        if rec.len() < of.len() {
+            r.problems.push(format!(
+                "{} of {} moved {} clients got no ping reply through their tunnel again within {REHANDSHAKE_WAIT:?}",
+                of.len() - rec.len(),
+                of.len(),
+                pr.name()
+            ));
+        }
+        if of.is_empty() {
+            r.notes.push(format!(
+                "no {} client was on {name}: nothing to measure for it",
+                pr.name()
+            ));
+        }
+        recovery.insert(
+            pr.name().to_string(),
+            TunnelRecovery {
+                p50,
+                max,
+                clients: of.len(),
+                recovered: rec.len(),
+            },
+        );
     }
     let landed: BTreeMap<String, usize> =
         f.back.iter().flatten().fold(BTreeMap::new(), |mut m, g| {
@@ -511,18 +622,10 @@ fn measure_failover(
             m
         });
     r.notes.push(format!(
-        "{} clients moved off {name}; re-handshaken on {landed:?}. Tunnel recovery is bounded by WireGuard itself: a client re-handshakes only after ~15 s without replies, whatever the LB does",
+        "{} clients moved off {name}; the WireGuard ones re-handshaken on {landed:?}. Tunnel recovery is bounded by each protocol's own timers, whatever the LB does: a WireGuard client re-handshakes only after ~15 s without replies, an IPsec client's DPD (every 1 s, 3 retransmissions) declares the gateway dead after ~4 s and re-initiates, an OpenVPN client reconnects after ping-restart (5 s)",
         moved.len()
     ));
-    r.tunnel_recovery_ms = Some(BTreeMap::from([(
-        "wireguard".to_string(),
-        TunnelRecovery {
-            p50,
-            max,
-            clients: moved.len(),
-            recovered: rec.len(),
-        },
-    )]));
+    r.tunnel_recovery_ms = Some(recovery);
 }
 
 /// Short blips, then long outages of the victim's link. The fault time is the first long outage.
@@ -725,7 +828,8 @@ fn steady_expectations(
             .push("a client's session changed backend (or vanished) in the maps".into());
     } else {
         r.notes.push(format!(
-            "every one of the {CLIENTS} sessions kept its gateway in the pinned SESSIONS map ({} samples)",
+            "every one of the {} client sessions in the pinned SESSIONS map kept its gateway ({} samples)",
+            base.sessions.iter().flatten().count(),
             after.len()
         ));
     }
