@@ -552,6 +552,18 @@ pub fn backend_in<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 /// The pool serving VIP `vip` (default class) in a `status` result.
+/// `up` of backend `name`'s check whose label starts with `kind` ("icmp", "wireguard", "udp", ...).
+pub fn check_up(status: &Value, name: &str, kind: &str) -> bool {
+    backend_in(status, name).unwrap_or_else(|| panic!("{name} not in status: {status:#}"))["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"].as_str().is_some_and(|l| l.starts_with(kind)))
+        .unwrap_or_else(|| panic!("{name}: no {kind} check in {status:#}"))["up"]
+        .as_bool()
+        .unwrap_or(false)
+}
+
 pub fn active_pool(status: &Value, vip: &str) -> Option<String> {
     status["vips"]
         .as_array()?

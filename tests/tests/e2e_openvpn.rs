@@ -26,11 +26,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use vpnlb_tests::agent::{
-    AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, backend_in, vip, wait_for,
-};
-use vpnlb_tests::openvpn::{OvpnBed, OvpnSession, PING_RESTART_S, Pki};
+use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, check_up, vip, wait_for};
+use vpnlb_tests::openvpn::{OvpnBed, OvpnSession, PING_RESTART_S, Pki, hard_reset_check};
 use vpnlb_tests::testbed::{VIP, VIP_PORT, assert_fair_share};
 use vpnlb_tests::wg::now_epoch;
 
@@ -50,27 +47,6 @@ enum Failure {
     Stop,
     /// Its cable cut at the switch.
     Cut,
-}
-
-/// A `udp` check of the gateway's openvpn (port 51820 on its own address) that sends `probe` (a
-/// recorded client hard reset) and wants any answer, with the agent tests' timing.
-fn openvpn_check(probe: &[u8]) -> String {
-    let hex: String = probe.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "[[backend.check]]\ntype = \"udp\"\nport = {VIP_PORT}\npayload_hex = \"{hex}\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n"
-    )
-}
-
-/// `up` of backend `name`'s check whose label starts with `kind`.
-fn check_up(status: &Value, name: &str, kind: &str) -> bool {
-    backend_in(status, name).expect("backend in status")["checks"]
-        .as_array()
-        .expect("checks")
-        .iter()
-        .find(|c| c["check"].as_str().is_some_and(|l| l.starts_with(kind)))
-        .unwrap_or_else(|| panic!("{name}: no {kind} check in {status:#}"))["up"]
-        .as_bool()
-        .unwrap_or(false)
 }
 
 /// The agent (`icmp` + openvpn checks) in front of three openvpn gateways, and [`CLIENTS`] clients
@@ -95,7 +71,7 @@ impl Lb {
             let mut s = String::from(INTERFACE);
             for (i, g) in t.gws.iter().enumerate() {
                 s.push_str(&backend(i, Some(g.mac("eth0")), 1, &["icmp"]));
-                s.push_str(&openvpn_check(&probe));
+                s.push_str(&hard_reset_check(&probe));
             }
             let v = vip(&[("all", 0, &GWS)]);
             s.push_str(&v.replacen("[[vip.pool]]", &format!("{vip_keys}[[vip.pool]]"), 1));

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vpnlb_tests::agent::{
-    AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, backend_in, vip, wait_for,
+    AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, backend_in, check_up, vip,
+    wait_for,
 };
 use vpnlb_tests::testbed::RING_SIZE;
 use vpnlb_tests::wg::{Keypair, WgBed};
@@ -69,15 +70,6 @@ fn check_states(status: &Value, name: &str) -> Vec<(String, bool)> {
             )
         })
         .collect()
-}
-
-fn check_up(status: &Value, name: &str, kind: &str) -> bool {
-    let states = check_states(status, name);
-    states
-        .iter()
-        .find(|(label, _)| label.starts_with(kind))
-        .unwrap_or_else(|| panic!("{name} has no {kind} check: {states:?}"))
-        .1
 }
 
 fn backend_id(status: &Value, name: &str) -> u32 {
