@@ -159,6 +159,11 @@ impl OvpnDaemon {
         }
     }
 
+    /// The daemon's PID while it runs (not killed yet).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends `sig` (e.g. SIGSTOP to wedge it) to the daemon's PID.
     pub fn signal(&self, sig: i32) {
         let pid = self.child.as_ref().expect("openvpn not running").id();

@@ -94,17 +94,29 @@ fn drill_gateway_kill_reports_failover_numbers() {
         assert!(l["sent"].as_u64() > Some(0), "{proto}: {s:#}");
         assert_eq!(l["lost"].as_u64(), Some(0), "{proto}: {s:#}");
     }
-    // Every daemon is dead: each protocol's probe catches it, icmp does not.
-    let caught: Vec<&str> = s["caught_by"]
-        .as_array()
-        .expect("caught_by")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    for check in ["wireguard:51820", "ikev2:500", "udp:1194"] {
-        assert!(caught.contains(&check), "{check} did not catch it: {s:#}");
+    // Every daemon is dead: each protocol's probe goes down (after the first one took the gateway
+    // down, within a probe interval or two), icmp never does.
+    for (proto, check) in [
+        ("wireguard", "wireguard:51820"),
+        ("ipsec", "ikev2:500"),
+        ("openvpn", "udp:1194"),
+    ] {
+        let c = &s["caught_by_protocol"][proto];
+        assert_eq!(c["check"], check, "{s:#}");
+        let down = c["down_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{check}: {s:#}"));
+        assert!(down >= detect - 50.0, "{check} down at {down} ms: {s:#}");
     }
-    assert_eq!(s["missed_by"], serde_json::json!(["icmp"]), "{s:#}");
+    let caught = s["caught_by"].as_array().expect("caught_by");
+    assert!(!caught.is_empty(), "{s:#}");
+    assert!(!caught.contains(&Value::from("icmp")), "{s:#}");
+    assert!(
+        s["missed_by"]
+            .as_array()
+            .is_some_and(|m| m.contains(&Value::from("icmp"))),
+        "{s:#}"
+    );
     assert_eq!(s["ok"], true, "{s:#}");
 
     let on_disk: Value = serde_json::from_str(

@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     keep_going: bool,
     /// Do not fence a gateway the agent takes down (the exec hook then only records events):
-    /// shows what a still-running gateway does to its former clients.
+    /// shows what a still-running gateway's wireguard-go and openvpn do to their former clients.
     #[arg(long)]
     no_fence: bool,
 }
@@ -93,8 +93,9 @@ fn main() {
             if args.no_fence {
                 "off (--no-fence)"
             } else {
-                "on: the agent's exec hook runs `wg setconf` on a gateway it takes down, so that \
-                 gateway forgets its tunnels and cannot pull its former clients back"
+                "on: the agent's exec hook runs `wg setconf` on a gateway it takes down and sends \
+                 its openvpn SIGUSR1, so that gateway forgets its tunnels and clients and cannot \
+                 hold on to them or pull them back"
             }
         ),
     };

@@ -31,6 +31,15 @@ pub struct Loss {
     pub sent: u64,
 }
 
+/// How a protocol's own probe saw a gateway fault.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeCatch {
+    /// The check's label (`wireguard:51820`, `ikev2:500`, `udp:1194`).
+    pub check: String,
+    /// Fault -> the agent's status shows that check down (None: it never did).
+    pub down_ms: Option<f64>,
+}
+
 /// A point of the scenario's timeline (ms from the fault), for the plot and the summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
@@ -63,6 +72,8 @@ pub struct ScenarioReport {
     pub caught_by: Vec<String>,
     /// Checks that still passed at that moment (what alone would have missed the fault).
     pub missed_by: Vec<String>,
+    /// Per protocol, its probe's verdict on the victim (gateway-kill and gateway-blackhole).
+    pub caught_by_protocol: BTreeMap<String, ProbeCatch>,
     pub clients: usize,
     pub clients_moved: usize,
     /// State changes seen through the hook: "gw2 up -> down (reason)".

@@ -14,9 +14,9 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use vpnlb_common::BACKEND_UP;
 
-use super::bed::{DrillBed, GATEWAYS, Protocol, WG_INTERVAL_MS, gw_name};
+use super::bed::{DrillBed, GATEWAYS, Protocol, WG_INTERVAL_MS, check_of, gw_name, ovpn_pid_file};
 use super::monitor::{Monitor, Sample, first_after};
-use super::report::{Event, Loss, ScenarioReport, TunnelRecovery, p50_max};
+use super::report::{Event, Loss, ProbeCatch, ScenarioReport, TunnelRecovery, p50_max};
 use super::{Progress, pause, poll};
 use crate::wg::{PingLog, now_epoch};
 
@@ -186,6 +186,9 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
                 "agent did NOT take {name} down within {DETECT_WAIT:?}"
             )),
         }
+        if down.is_some() && matches!(s, Scenario::GatewayKill | Scenario::GatewayBlackhole) {
+            r.caught_by_protocol = probes_down(&d, v, &inj)?;
+        }
         if down.is_some() {
             p.step(&format!(
                 "waiting for the {} clients of {name} ({}) to get their tunnels back",
@@ -224,7 +227,7 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
     let mut timeline = timeline_of(&inj, &events, t_mon, r);
     if victim.is_some() && !fence {
         r.notes.push(
-            "run with --no-fence: the victim's wireguard-go keeps its tunnels; if it is alive and can send, its handshake initiations to its former clients (from ~15 s on) can keep them from re-handshaking on a healthy gateway".into(),
+            "run with --no-fence: the victim's wireguard-go keeps its tunnels and its openvpn its clients; if they are alive and can send, wireguard-go's handshake initiations to its former clients (from ~15 s on) can keep them from re-handshaking on a healthy gateway, and openvpn's keepalive pings keep its former clients from reconnecting until it drops them itself (10 s)".into(),
         );
     }
 
@@ -275,15 +278,18 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
         Scenario::GatewayKill | Scenario::GatewayBlackhole if victim.is_some() => {
             let mut caught = Vec::new();
             for pr in Protocol::ALL {
-                if r.caught_by.iter().any(|c| c == pr.check()) {
-                    caught.push(format!("{}: {} failing", pr.name(), pr.check()));
-                } else {
-                    r.problems.push(format!(
-                        "the {} probe ({}) did not catch the fault of {}",
+                match r.caught_by_protocol.get(pr.name()).and_then(|c| c.down_ms) {
+                    Some(ms) => caught.push(format!(
+                        "{} by {} (down in the agent's status {ms:.0} ms after the fault)",
+                        pr.name(),
+                        pr.check()
+                    )),
+                    None => r.problems.push(format!(
+                        "the {} probe ({}) did not catch the fault of {} within {DETECT_WAIT:?}",
                         pr.name(),
                         pr.check(),
                         pr.daemon()
-                    ));
+                    )),
                 }
             }
             r.notes
@@ -332,6 +338,42 @@ fn wait_tunnels(d: &DrillBed, moved: &[usize], since: f64, timeout: Duration) ->
     Ok(())
 }
 
+/// Per protocol: when (ms from the fault) the agent's status first shows that protocol's probe of
+/// `victim` down, polled until all are or [`DETECT_WAIT`]. The hook event only tells which checks
+/// had failed when the first one took the gateway down; the others follow a probe interval later.
+fn probes_down(
+    d: &DrillBed,
+    victim: usize,
+    inj: &Injected,
+) -> Result<BTreeMap<String, ProbeCatch>> {
+    let name = gw_name(victim);
+    let mut at: Vec<Option<f64>> = vec![None; Protocol::ALL.len()];
+    poll(DETECT_WAIT, Duration::from_millis(20), || {
+        let st = d.bed.agent.status();
+        let t = now_epoch();
+        for (i, pr) in Protocol::ALL.iter().enumerate() {
+            if at[i].is_none() && check_of(&st, &name, pr.check()).is_some_and(|c| c["up"] == false)
+            {
+                at[i] = Some(inj.ms(t));
+            }
+        }
+        at.iter().all(Option::is_some).then_some(())
+    })?;
+    Ok(Protocol::ALL
+        .iter()
+        .zip(at)
+        .map(|(pr, down_ms)| {
+            (
+                pr.name().to_string(),
+                ProbeCatch {
+                    check: pr.check().to_string(),
+                    down_ms,
+                },
+            )
+        })
+        .collect())
+}
+
 /// Injects the scenario's fault (on `victim` for the gateway scenarios).
 fn inject(
     s: Scenario,
@@ -350,6 +392,7 @@ fn inject(
             let t = now_epoch();
             d.wg.kill_gateway(v);
             d.ipsec.gws[v].kill();
+            let _ = std::fs::remove_file(ovpn_pid_file(&d.bed.scratch.dir, v));
             d.ovpn.kill_gateway(v);
             single(
                 t,
@@ -420,7 +463,7 @@ fn timeline_of(inj: &Injected, events: &[Value], t_mon: f64, r: &mut ScenarioRep
         timeline.push(Event {
             t_ms: inj.ms(e["at_wall"].as_f64().unwrap_or(0.0)),
             what: format!(
-                "hook: {} fenced (wg setconf: its wireguard-go forgets every tunnel)",
+                "hook: {} fenced (wg setconf: its wireguard-go forgets every tunnel; SIGUSR1: its openvpn drops every client)",
                 e["backend"].as_str().unwrap_or("?")
             ),
         });
