@@ -1,16 +1,18 @@
-//! `cargo xtask drill`: chaos drills over the real WireGuard testbed, with a failover report.
+//! `cargo xtask drill`: chaos drills over a real WireGuard, IPsec and OpenVPN testbed, with a
+//! failover report.
 //!
 //! Each scenario gets a fresh testbed ([`bed::DrillBed`]: the real agent in an LB namespace, three
-//! `wireguard-go` gateways behind the VIP with L2 DSR, 18 client tunnels pinging through it; the agent
-//! checks every gateway with `icmp` and the `wireguard` handshake probe and reports every state change
+//! gateways behind the VIP with L2 DSR, each running `wireguard-go`, strongSwan's `charon` and
+//! `openvpn`; 18 WireGuard, 6 IPsec and 6 OpenVPN client tunnels pinging through it; the agent
+//! checks every gateway with `icmp` and one probe per protocol and reports every state change
 //! through an exec hook). A [`monitor::Monitor`] samples the pinned maps every few milliseconds
 //! (backend states, per-backend packet counters, the clients' sessions, a fingerprint of the Maglev
 //! ring) while [`scenario`] injects one fault, and the numbers come from those samples, the hook
-//! events and the pings' own logs. [`report`] writes report.json and summary.md, [`plot`] an SVG
-//! timeline per scenario.
+//! events, the agent's status and the pings' own logs, per protocol where the protocols differ.
+//! [`report`] writes report.json and summary.md, [`plot`] an SVG timeline per scenario.
 //!
 //! Root only; needs `VPNLB_BIN`/`VPNLB_EBPF_OBJ` (set by xtask), wireguard-go, wireguard-tools,
-//! iputils-ping and nftables.
+//! strongSwan (charon, swanctl), openvpn, easy-rsa, iputils-ping and nftables.
 
 pub mod bed;
 pub mod monitor;

@@ -2,9 +2,9 @@
 //! of issue #5: `{"scenarios":[{"name", "detect_ms", "map_write_ms", "lb_recovery_ms",
 //! "tunnel_recovery_ms", "healthy_flows_lost_packets", ...}]}`) and summary.md.
 //!
-//! Every time is in milliseconds from the fault injection (the `wireguard-go` kill, the cable cut,
-//! the nft rule, the first long outage of the flap, the agent's kill -9, the reload request). A
-//! metric that does not apply is null, and the scenario's `notes` say why.
+//! Every time is in milliseconds from the fault injection (the kill of the gateway's VPN daemons,
+//! the cable cut, the nft rule, the first long outage of the flap, the agent's kill -9, the reload
+//! request). A metric that does not apply is null, and the scenario's `notes` say why.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
