@@ -654,19 +654,27 @@ ethtool -K eth0 tx off >/dev/null",
     }
 }
 
-/// `[[backend]]` entries for the gateways of `topo` (MACs written out) with an `ikev2` check (the
-/// agent tests' timing: interval 200 ms, timeout 150 ms, rise 2, fall 2).
-pub fn backends_ikev2(topo: &Topology) -> String {
+/// A `[[backend.check]]` of type `ikev2` (port 500) with the agent tests' timing (interval 200 ms,
+/// timeout 150 ms, rise 2, fall 2).
+pub fn ikev2_check() -> String {
+    format!(
+        "[[backend.check]]\ntype = \"ikev2\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n"
+    )
+}
+
+/// `[[backend]]` entries for the gateways of `topo` (MACs written out) with the `checks` of
+/// [`crate::agent::check`] and an [`ikev2_check`].
+pub fn backends_ikev2_and(topo: &Topology, checks: &[&str]) -> String {
     topo.gws
         .iter()
         .enumerate()
-        .map(|(i, gw)| {
-            format!(
-                "{}[[backend.check]]\ntype = \"ikev2\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}\n\n",
-                crate::agent::backend(i, Some(gw.mac("eth0")), 1, &[])
-            )
-        })
+        .map(|(i, gw)| crate::agent::backend(i, Some(gw.mac("eth0")), 1, checks) + &ikev2_check())
         .collect()
+}
+
+/// `[[backend]]` entries for the gateways of `topo` (MACs written out) with an `ikev2` check only.
+pub fn backends_ikev2(topo: &Topology) -> String {
+    backends_ikev2_and(topo, &[])
 }
 
 /// The IPsec VIP group on the testbed VIP, L2 DSR, `hash = "source"`, one pool over `members`:

@@ -1,6 +1,6 @@
-//! The real agent with a VPN-protocol probe against real `wireguard-go` gateways: a gateway whose
-//! daemon is frozen (SIGSTOP) still answers ICMP, so only the `wireguard` handshake check can tell
-//! that it no longer serves tunnels. The agent must mark it down within fall x interval (plus one
+//! The real agent with VPN-protocol probes against real gateways (`wireguard-go`, strongSwan's
+//! charon): a gateway whose daemon is frozen (SIGSTOP) still answers ICMP, so only the `wireguard`
+//! handshake check or the stateless `ikev2` SA_INIT check can tell that it no longer serves tunnels. The agent must mark it down within fall x interval (plus one
 //! timeout), say in `status` that ICMP is still up and the handshake check is not, and take it out
 //! of the pinned Maglev ring; thawed (SIGCONT) it comes back, killed it goes down again.
 //!
@@ -8,8 +8,8 @@
 //! agent starts with ICMP checks and gets the handshake checks by a reload (SIGHUP): this also shows
 //! that a check change on reload keeps the backends serving.
 //!
-//! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), wireguard-go and
-//! wireguard-tools.
+//! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), wireguard-go,
+//! wireguard-tools and the strongSwan packages (see tests/src/ipsec.rs).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use vpnlb_tests::agent::{
     AgentBed, FALL, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, backend, backend_in, check_up, vip,
     wait_for,
 };
+use vpnlb_tests::ipsec::{Charon, backends_ikev2_and, gateway_conf, ipsec_vips};
 use vpnlb_tests::testbed::RING_SIZE;
 use vpnlb_tests::wg::{Keypair, WgBed};
 
@@ -205,4 +206,68 @@ fn st_state(status: &Value, name: &str) -> String {
         .as_str()
         .unwrap_or("")
         .to_string()
+}
+
+#[test]
+#[ignore = "needs root and strongswan: run cargo xtask test"]
+fn frozen_charon_is_marked_down_while_icmp_says_up() {
+    let bed = AgentBed::up("vpnlb-vpi", 2, 1, |t, _| {
+        // icmp + ikev2 on every gateway, and the IPsec VIP group over both.
+        let mut s = String::from(INTERFACE);
+        s.push_str(&backends_ikev2_and(t, &["icmp"]));
+        s.push_str(&ipsec_vips(&GWS, ""));
+        s
+    });
+    let charons: Vec<Charon> = bed
+        .topo
+        .gws
+        .iter()
+        .enumerate()
+        .map(|(i, gw)| {
+            let dir = bed.scratch.dir.join(format!("charon-gw{}", i + 1));
+            let c = Charon::start(gw.name(), &dir, "");
+            c.load(&gateway_conf(""));
+            c
+        })
+        .collect();
+    bed.agent.wait_all_up(&GWS, Duration::from_secs(15));
+    let st = bed.agent.status();
+    for g in GWS {
+        assert!(
+            check_up(&st, g, "icmp") && check_up(&st, g, "ikev2"),
+            "{st:#}"
+        );
+    }
+    let gw1 = backend_id(&st, "gw1");
+    let gw2 = backend_id(&st, "gw2");
+
+    let t0 = Instant::now();
+    charons[0].signal(libc::SIGSTOP);
+    bed.agent.wait_state("gw1", "down", detection_bound());
+    let detect = t0.elapsed();
+    let st = bed.agent.status();
+    assert!(
+        check_up(&st, "gw1", "icmp") && !check_up(&st, "gw1", "ikev2"),
+        "icmp up, ikev2 down for a frozen charon: {st:#}"
+    );
+    assert_eq!(st_state(&st, "gw2"), "up", "gw2 untouched");
+    // Every VIP of the group (500, 4500, ESP) now hashes to gw2 only.
+    let maps = vpnlb::maps::AyaMaps::open_pinned(&bed.agent.pin_dir).expect("pinned maps");
+    use vpnlb::maps::MapReader;
+    for (_, meta) in maps.vips().expect("VIPS") {
+        let ring = maps.ring(meta.ring_id, meta.ring_size).expect("ring");
+        assert!(
+            ring.iter().all(|&b| b == gw2) && !ring.contains(&gw1),
+            "a ring still names gw1"
+        );
+    }
+    println!(
+        "SIGSTOP charon -> gw1 down in {:.0} ms (fall {FALL} x {INTERVAL_MS} ms + timeout {TIMEOUT_MS} ms); icmp up, ikev2 down",
+        ms(detect)
+    );
+    let t1 = Instant::now();
+    charons[0].signal(libc::SIGCONT);
+    bed.agent.wait_state("gw1", "up", rise_bound());
+    println!("SIGCONT -> gw1 up in {:.0} ms", ms(t1.elapsed()));
+    drop(charons);
 }
