@@ -241,7 +241,12 @@ fn ipv4(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
     if tot_len < hlen || tot_len > ip_room {
         return Err(Stop(PASS_IPV4_BAD_TOTLEN));
     }
-    let frag = frag_kind(frag & 0x1fff, frag & 0x2000 != 0);
+    // Offset and more-fragments flag in one test first: most packets are not fragments.
+    let frag = if frag & 0x3fff == 0 {
+        FRAG_NONE
+    } else {
+        frag_kind(frag & 0x1fff, frag & 0x2000 != 0)
+    };
     let icmp = proto == PROTO_ICMP && frag == FRAG_NONE;
     if proto != PROTO_UDP && proto != PROTO_TCP && proto != PROTO_ESP && !icmp {
         return Err(Stop(PASS_OTHER_PROTO));

@@ -104,14 +104,16 @@ fn learn(sid: &IdKey, id: u32) {
 /// learned id. Found but not usable: `SESSION_ID_REJECTED` and `None` (the hash decides).
 #[inline(always)]
 fn by_id(sid: &IdKey) -> Option<(u32, &'static Backend)> {
-    let range = Key::new(
-        ID_RANGE_KIND_BITS + 64,
-        IdRangeData {
-            kind: sid.kind,
-            _pad: [0; 3],
-            id: sid.id.to_le_bytes(),
-        },
-    );
+    let b = sid.id.to_le_bytes();
+    let words = [
+        u32::from_ne_bytes([sid.kind, 0, 0, 0]),
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+    ];
+    // Built from words: a `_pad: [0; 3]` literal compiles to a call of the byte-loop `memset`.
+    // SAFETY: IdRangeData is 12 bytes of plain integers (repr(C), no padding); any bytes are valid.
+    let data = unsafe { core::mem::transmute::<[u32; 3], IdRangeData>(words) };
+    let range = Key::new(ID_RANGE_KIND_BITS + 64, data);
     // SAFETY: both values are u32s read once (the maps are only written by the agent / on hits).
     let id = match ID_RANGES.get(&range).copied() {
         Some(id) => id,
