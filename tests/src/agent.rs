@@ -552,6 +552,29 @@ pub fn backend_in<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 /// The pool serving VIP `vip` (default class) in a `status` result.
+/// Waits until every client in `moved` is back on a gateway, or `within` has passed since `t0`:
+/// `placed()` is polled every 100 ms and gives, per client (indexed by client number), the
+/// gateway it now has a working tunnel on, if any. Returns, per client that came back, that
+/// gateway and the time since `t0` it was first seen there.
+pub fn wait_moved(
+    moved: &[usize],
+    t0: Instant,
+    within: Duration,
+    mut placed: impl FnMut() -> Vec<Option<usize>>,
+) -> BTreeMap<usize, (usize, Duration)> {
+    let mut back = BTreeMap::new();
+    while back.len() < moved.len() && t0.elapsed() < within {
+        let p = placed();
+        for &n in moved {
+            if let Some(g) = p[n] {
+                back.entry(n).or_insert((g, t0.elapsed()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    back
+}
+
 /// `up` of backend `name`'s check whose label starts with `kind` ("icmp", "wireguard", "udp", ...).
 pub fn check_up(status: &Value, name: &str, kind: &str) -> bool {
     backend_in(status, name).unwrap_or_else(|| panic!("{name} not in status: {status:#}"))["checks"]

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vpnlb_tests::agent::{AgentBed, INTERFACE, wait_for};
+use vpnlb_tests::agent::{AgentBed, INTERFACE, wait_for, wait_moved};
 use vpnlb_tests::ipsec::{CLIENT_CHARON, IkeSa, IpsecBed, IpsecOpts, backends_ikev2, ipsec_vips};
 use vpnlb_tests::testbed::VIP;
 use vpnlb_tests::wg::{PingLog, Pinger, now_epoch};
@@ -168,19 +168,12 @@ fn fail_gateway(
     // From now on nothing may reach it, not even by a learned SPI.
     std::thread::sleep(Duration::from_millis(50));
     let sent_dead = backend_packets(bed)[name];
-    let mut back: BTreeMap<usize, (usize, Duration)> = BTreeMap::new();
-    let deadline = t_fail + Duration::from_secs(40);
-    while back.len() < moved.len() && Instant::now() < deadline {
-        let p = ips.placement();
-        for &n in &moved {
-            if let Some((g, _)) = p[n].iter().find(|(g, _)| healthy.contains(g))
-                && !back.contains_key(&n)
-            {
-                back.insert(n, (*g, t_fail.elapsed()));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let back = wait_moved(&moved, t_fail, Duration::from_secs(40), || {
+        ips.placement()
+            .iter()
+            .map(|p| p.iter().find(|(g, _)| healthy.contains(g)).map(|(g, _)| *g))
+            .collect()
+    });
     // Let the moved tunnels carry a few pings.
     std::thread::sleep(Duration::from_secs(1));
     let logs = stop_all(&mut pingers);

@@ -22,11 +22,10 @@
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! openvpn, easy-rsa, nftables and iputils-ping.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, check_up, vip, wait_for};
+use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, check_up, vip, wait_for, wait_moved};
 use vpnlb_tests::openvpn::{OvpnBed, OvpnSession, PING_RESTART_S, Pki, hard_reset_check};
 use vpnlb_tests::testbed::{VIP, VIP_PORT, assert_fair_share};
 use vpnlb_tests::wg::now_epoch;
@@ -177,19 +176,12 @@ fn failover(failure: Failure) {
         );
     }
     let healthy: Vec<usize> = all.iter().copied().filter(|&g| g != dead).collect();
-    let mut back: BTreeMap<usize, (usize, Duration)> = BTreeMap::new();
-    let deadline = t_kill + Duration::from_secs(30);
-    while back.len() < moved.len() && Instant::now() < deadline {
-        let p = ovpn.placement(&healthy);
-        for &n in &moved {
-            if let Some((g, _)) = p[n].first()
-                && !back.contains_key(&n)
-            {
-                back.insert(n, (*g, t_kill.elapsed()));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let back = wait_moved(&moved, t_kill, Duration::from_secs(30), || {
+        ovpn.placement(&healthy)
+            .iter()
+            .map(|p| p.first().map(|(g, _)| *g))
+            .collect()
+    });
     // Let the moved tunnels carry pings for a while, then stop all pings.
     std::thread::sleep(Duration::from_secs(2));
     let logs: Vec<_> = pingers.iter_mut().map(|p| p.stop()).collect();

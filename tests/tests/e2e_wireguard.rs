@@ -13,11 +13,10 @@
 //! Needs root, the agent binary and eBPF objects (see tests/src/agent.rs), and the Debian packages
 //! wireguard-go, wireguard-tools and iputils-ping.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, backend_in, vip, wait_for};
+use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, backend_in, vip, wait_for, wait_moved};
 use vpnlb_tests::testbed::{VIP, VIP_PORT, assert_fair_share, spread};
 use vpnlb_tests::wg::{Pinger, WgBed, now_epoch};
 
@@ -122,23 +121,17 @@ fn wireguard_clients_balanced_and_moved_off_a_dead_gateway() {
         "the dead gateway still owns ring slots"
     );
     let healthy: Vec<usize> = all.iter().copied().filter(|&g| g != DEAD).collect();
-    let mut back: BTreeMap<usize, (usize, Duration)> = BTreeMap::new();
-    let deadline = t_kill + Duration::from_secs(25);
-    while back.len() < moved.len() && Instant::now() < deadline {
-        let p = wg.placement(&healthy);
-        for &n in &moved {
-            if back.contains_key(&n) {
-                continue;
-            }
-            if let Some((g, _)) = p[n]
-                .iter()
-                .find(|(_, peer)| peer.latest_handshake as f64 >= kill_epoch.floor())
-            {
-                back.insert(n, (*g, t_kill.elapsed()));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Back = a handshake with a healthy gateway since the kill.
+    let back = wait_moved(&moved, t_kill, Duration::from_secs(25), || {
+        wg.placement(&healthy)
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .find(|(_, peer)| peer.latest_handshake as f64 >= kill_epoch.floor())
+                    .map(|(g, _)| *g)
+            })
+            .collect()
+    });
     // Let the moved tunnels carry a few pings, then stop all pings.
     std::thread::sleep(Duration::from_millis(600));
     let logs: Vec<_> = pingers.iter_mut().map(|p| p.stop()).collect();
