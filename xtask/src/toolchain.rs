@@ -76,6 +76,10 @@ const RUNTIME_PACKAGES: &[(&str, &str)] = &[
         "OpenVPN 2.6: the real gateways and clients of the OpenVPN end-to-end tests",
     ),
     ("easy-rsa", "the OpenVPN test PKI"),
+    (
+        "procps",
+        "sysctl: ARP, rp_filter and forwarding settings of the test namespaces",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
