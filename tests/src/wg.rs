@@ -535,6 +535,26 @@ pub struct Pinger {
     child: Option<Child>,
 }
 
+/// The "healthy tunnels lose nothing" check of the failover and drain tests: every client in
+/// `clients` got ping replies after epoch time `t` and lost none of its requests since (`owner[n]`,
+/// the index of client `n`'s gateway, names it in the message). Returns how many requests that
+/// covers in all.
+pub fn assert_no_loss_after(logs: &[PingLog], clients: &[usize], owner: &[usize], t: f64) -> usize {
+    let mut span_total = 0;
+    for &n in clients {
+        let (lost, span) = logs[n].lost_after(t);
+        assert!(span > 0, "client {n}: no ping reply after the fault");
+        assert_eq!(
+            lost,
+            0,
+            "client {n} on gw{} lost {lost} of {span} pings",
+            owner[n] + 1
+        );
+        span_total += span;
+    }
+    span_total
+}
+
 /// What a [`Pinger`] saw: the replies (sequence number, receive time in epoch seconds).
 #[derive(Debug, Clone, Default)]
 pub struct PingLog {

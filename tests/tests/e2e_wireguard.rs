@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, backend_in, vip, wait_for, wait_moved};
 use vpnlb_tests::testbed::{VIP, VIP_PORT, assert_fair_share, spread};
-use vpnlb_tests::wg::{Pinger, WgBed, now_epoch};
+use vpnlb_tests::wg::{Pinger, WgBed, assert_no_loss_after, now_epoch};
 
 const CLIENTS: usize = 24;
 const DEAD: usize = 1;
@@ -161,24 +161,11 @@ fn wireguard_clients_balanced_and_moved_off_a_dead_gateway() {
         );
         rec.push(hs.as_secs_f64());
     }
-    let mut lost_total = 0;
-    let mut span_total = 0;
-    for &n in &stayed {
-        let (lost, span) = logs[n].lost_after(kill_epoch);
-        assert!(span > 0, "client {n}: no reply after the failure");
-        lost_total += lost;
-        span_total += span;
-        assert_eq!(
-            lost,
-            0,
-            "client {n} on healthy gw{} lost {lost} of {span} pings during the failover",
-            owner[n] + 1
-        );
-    }
+    let span_total = assert_no_loss_after(&logs, &stayed, &owner, kill_epoch);
     rec.sort_by(f64::total_cmp);
     println!(
         "failover: detection {:.0} ms; {} clients moved, recovery (new handshake) min {:.1} s, max {:.1} s; \
-         {} undisturbed clients lost {lost_total} of {span_total} pings over {:.1} s",
+         {} undisturbed clients lost 0 of {span_total} pings over {:.1} s",
         ms(detect),
         moved.len(),
         rec[0],
@@ -374,20 +361,8 @@ fn wireguard_drain_keeps_tunnels_and_steers_new_clients() {
     let end = b.settle(&(0..b.wg.clients.len()).collect::<Vec<_>>());
     assert_eq!(&end[..FIRST], &owner[..], "a client changed gateway");
     assert_eq!(&end[FIRST..FIRST + MORE], &placed[..]);
-    let mut lost_total = 0;
-    let mut span_total = 0;
-    for n in 0..FIRST {
-        let (lost, span) = logs[n].lost_after(drain_epoch);
-        assert!(span > 0, "client {n}: no ping reply after the drain");
-        assert_eq!(
-            lost,
-            0,
-            "client {n} on gw{} lost {lost} of {span} pings",
-            owner[n] + 1
-        );
-        lost_total += lost;
-        span_total += span;
-    }
+    let first: Vec<usize> = (0..FIRST).collect();
+    let span_total = assert_no_loss_after(&logs, &first, &owner, drain_epoch);
     for n in during.iter().chain(&after) {
         assert!(
             logs[*n].replies.len() > 1,
@@ -400,7 +375,7 @@ fn wireguard_drain_keeps_tunnels_and_steers_new_clients() {
         .sum();
     println!(
         "drain/undrain: {} tunnels on {name} kept working ({drained_span} pings, 0 lost); \
-         all {FIRST} first tunnels lost {lost_total} of {span_total} pings; whole test {:.1} s",
+         all {FIRST} first tunnels lost 0 of {span_total} pings; whole test {:.1} s",
         on_drained.len(),
         t_start.elapsed().as_secs_f64()
     );
