@@ -25,9 +25,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vpnlb::control::{Request, Response};
+use vpnlb::agent::control::{Request, Response};
 
-use vpnlb::maps::{AyaMaps, MapReader};
+use vpnlb::dataplane::maps::{AyaMaps, MapReader};
 use vpnlb_common::{BACKEND_DOWN, BACKEND_UP};
 
 use crate::bfd_peer::{BfdLab, Bfdd, BfddPeer, Percentiles, kill_to_down_latencies};
@@ -311,7 +311,7 @@ impl AgentProcess {
                     self.log()
                 );
             }
-            if let Ok(r) = vpnlb::control::request(
+            if let Ok(r) = vpnlb::agent::control::request(
                 &self.socket,
                 &Request::Status {},
                 Duration::from_millis(500),
@@ -345,7 +345,7 @@ impl AgentProcess {
 
     /// Sends one control request; panics (with the log) if the socket does not answer.
     pub fn request(&self, req: Request) -> Response {
-        vpnlb::control::request(&self.socket, &req, Duration::from_secs(10))
+        vpnlb::agent::control::request(&self.socket, &req, Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("control request {req:?}: {e}; agent log:\n{}", self.log()))
     }
 
@@ -453,8 +453,9 @@ impl AgentProcess {
 
     /// Slots of the (only) VIP's Maglev ring per backend id, read from the pinned maps.
     pub fn ring_shares(&self) -> BTreeMap<u32, usize> {
-        use vpnlb::maps::MapReader;
-        let maps = vpnlb::maps::AyaMaps::open_pinned(&self.pin_dir).expect("open pinned maps");
+        use vpnlb::dataplane::maps::MapReader;
+        let maps =
+            vpnlb::dataplane::maps::AyaMaps::open_pinned(&self.pin_dir).expect("open pinned maps");
         let vips = maps.vips().expect("read VIPS");
         assert_eq!(vips.len(), 1, "one VIP expected: {vips:?}");
         let meta = vips[0].1;

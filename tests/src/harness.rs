@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use aya::Ebpf;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
+use vpnlb::dataplane::loader::{self, LoadOptions};
+use vpnlb::dataplane::maps::{AyaMaps, MapReader, MapWriter};
 use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
-use vpnlb::loader::{self, LoadOptions};
-use vpnlb::maps::{AyaMaps, MapReader, MapWriter};
 use vpnlb_common::{
     COUNTER_NAMES, FlowKey, GlobalConfig, INGRESS_OUTCOMES, MAX_BACKENDS, MAX_VIPS, PktBytes,
     Session, VipKey, prog_names,

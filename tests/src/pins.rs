@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use aya::Ebpf;
 use aya::programs::Xdp;
 use vpnlb::dataplane::Dataplane;
-use vpnlb::loader::{self, LoadOptions};
-use vpnlb::maps::AyaMaps;
+use vpnlb::dataplane::loader::{self, LoadOptions};
+use vpnlb::dataplane::maps::AyaMaps;
 use vpnlb_common::prog_names;
 
 use crate::harness::{pin_to_cpu, require_root};

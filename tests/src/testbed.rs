@@ -12,9 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aya::programs::{Xdp, XdpMode};
+use vpnlb::dataplane::loader::{LoadOptions, load, object_bytes};
+use vpnlb::dataplane::maps::AyaMaps;
 use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
-use vpnlb::loader::{LoadOptions, load, object_bytes};
-use vpnlb::maps::AyaMaps;
 use vpnlb_common::{BACKEND_UP, FWD_MODE_L2DSR, GlobalConfig, PROTO_UDP, VipKey};
 
 use crate::netns::{Netns, cable, switch};

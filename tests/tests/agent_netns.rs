@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vpnlb::control::Request;
+use vpnlb::agent::control::Request;
 use vpnlb_tests::agent::{
     AgentBed, FALL, GwServers, Histogram, INTERFACE, INTERVAL_MS, RISE, TIMEOUT_MS, WebhookSink,
     active_pool, backend, backend_in, json_stream, metric, subset, tally, vip, wait_for,

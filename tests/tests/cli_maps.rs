@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use serde_json::Value;
+use vpnlb::dataplane::maps::{AyaMaps, MapReader};
 use vpnlb::dataplane::{BackendSpec, ClassSpec, VipSpec};
-use vpnlb::maps::{AyaMaps, MapReader};
 use vpnlb_common::*;
 use vpnlb_tests::agent::{AgentBed, INTERFACE, backend, backend_in, env_path, vip};
 use vpnlb_tests::harness::{XDP_PASS, XDP_TX, action_name, xdp_md};

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use vpnlb::maps::MapReader;
+use vpnlb::dataplane::maps::MapReader;
 use vpnlb_common::hash::pick_hash;
 use vpnlb_common::{
     BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, FWD_L2DSR_TX, FlowKey, PROTO_UDP, SESSION_INSERT,

@@ -1,5 +1,5 @@
 //! Differential test: the production XDP object (through `BPF_PROG_TEST_RUN`) and the userspace
-//! reference model `vpnlb::model`, both written independently from docs/datapath.md, run the same
+//! reference model `vpnlb::dataplane::model`, both written independently from docs/datapath.md, run the same
 //! packets on the same, evolving map state and must agree on everything observable.
 //!
 //! - Map state: a rich configuration programmed through the agent's own `Dataplane<AyaMaps>` (VIPs
@@ -31,9 +31,9 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
+use vpnlb::dataplane::maps::{MapReader, MapWriter, MemMaps};
+use vpnlb::dataplane::model::{self, ModelCtx, ModelResult};
 use vpnlb::dataplane::{ClassSpec, VipSpec};
-use vpnlb::maps::{MapReader, MapWriter, MemMaps};
-use vpnlb::model::{self, ModelCtx, ModelResult};
 use vpnlb_common::maglev::SlotChange;
 use vpnlb_common::*;
 use vpnlb_tests::harness::{
@@ -397,8 +397,8 @@ fn program(h: &mut Harness) {
 
 /// Static session-id ranges: ESP SPIs 0xc4…/0xc6… on backends 4 (IPv6, up) and 6 (down, then up
 /// in phase B), IKE SPI labels 0x05…/0x03… on 5 (draining) and 3 (up, then down in phase B).
-fn id_ranges() -> Vec<(vpnlb::session_ids::IdPrefix, u32)> {
-    use vpnlb::session_ids::{esp_range_prefixes, ike_label_prefix};
+fn id_ranges() -> Vec<(vpnlb::dataplane::session_ids::IdPrefix, u32)> {
+    use vpnlb::dataplane::session_ids::{esp_range_prefixes, ike_label_prefix};
     let mut v = Vec::new();
     for (min, max, id) in [(0xc400_0000, 0xc4ff_ffff, 4), (0xc600_0100, 0xc6ff_ff00, 6)] {
         v.extend(esp_range_prefixes(min, max).into_iter().map(|p| (p, id)));

@@ -11,8 +11,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use vpnlb::dataplane::maps::{MapReader, MapWriter};
 use vpnlb::dataplane::{BackendSpec, ClassSpec, VipSpec};
-use vpnlb::maps::{MapReader, MapWriter};
 use vpnlb_common::hash::{hash_src, pick_hash};
 use vpnlb_common::*;
 use vpnlb_tests::harness::*;
@@ -2648,7 +2648,7 @@ fn roaming_client_keeps_its_gateway_by_session_id() {
 #[test]
 #[ignore = "needs root and the eBPF object: run cargo xtask test"]
 fn openvpn_peer_ids_are_scoped_to_the_client_address() {
-    use vpnlb::session_ids::openvpn_id;
+    use vpnlb::dataplane::session_ids::openvpn_id;
     let (mut h, [_, ovpn, ..]) = lb_ids();
     // Every openvpn server numbers its clients from 0: peer-id 0 on two gateways at once.
     let data = vpn::openvpn_data_v2(0, 40);
@@ -2859,7 +2859,7 @@ fn ipsec_group_keeps_ike_and_esp_together() {
 #[ignore = "needs root and the eBPF object: run cargo xtask test"]
 fn static_id_ranges_route_without_learning() {
     use vpn::*;
-    use vpnlb::session_ids::{esp_range_prefixes, ike_label_prefix};
+    use vpnlb::dataplane::session_ids::{esp_range_prefixes, ike_label_prefix};
     let (mut h, [_, _, ike500, natt, _]) = lb_ids();
     let mut ranges: Vec<_> = esp_range_prefixes(0xc200_0000, 0xc2ff_ffff)
         .into_iter()

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use vpnlb::control::Request;
+use vpnlb::agent::control::Request;
 use vpnlb::dataplane::{BackendSpec, VipSpec};
 use vpnlb_common::*;
 use vpnlb_tests::agent::{AgentBed, INTERFACE, backend as agent_backend, env_path, vip};

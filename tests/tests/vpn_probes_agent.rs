@@ -252,8 +252,9 @@ fn frozen_charon_is_marked_down_while_icmp_says_up() {
     );
     assert_eq!(st_state(&st, "gw2"), "up", "gw2 untouched");
     // Every VIP of the group (500, 4500, ESP) now hashes to gw2 only.
-    let maps = vpnlb::maps::AyaMaps::open_pinned(&bed.agent.pin_dir).expect("pinned maps");
-    use vpnlb::maps::MapReader;
+    let maps =
+        vpnlb::dataplane::maps::AyaMaps::open_pinned(&bed.agent.pin_dir).expect("pinned maps");
+    use vpnlb::dataplane::maps::MapReader;
     for (_, meta) in maps.vips().expect("VIPS") {
         let ring = maps.ring(meta.ring_id, meta.ring_size).expect("ring");
         assert!(

@@ -29,6 +29,8 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const DEFAULT_MAX_SESSIONS: u32 = 1 << 20;
 /// Default GUE destination port.
 pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// Capacity of `TX_PORTS`: egress interfaces other than the ingress one.
+pub const TX_PORTS_MAX: u32 = 64;
 /// A session's `last_seen_ns` is refreshed at most this often (keeps hits read-mostly).
 pub const SESSION_TOUCH_NS: u64 = 1_000_000_000;
 
@@ -300,6 +302,46 @@ pub mod map_names {
         FRAG_VIPS,
     ];
 }
+
+/// What the ABI requires of one map: key and value sizes and the fewest entries it may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapAbi {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// The map must have at least this many entries (ids index it).
+    pub min_entries: u32,
+}
+
+const fn abi<K, V>(name: &'static str, min_entries: u32) -> MapAbi {
+    MapAbi {
+        name,
+        key_size: core::mem::size_of::<K>() as u32,
+        value_size: core::mem::size_of::<V>() as u32,
+        min_entries,
+    }
+}
+
+/// The layout of every map in `map_names::ALL` (per-CPU maps: the size of one CPU's value).
+/// `TX_PORTS` values are the kernel's `struct bpf_devmap_val` (ifindex + program fd/id);
+/// `ID_RANGES` keys are the LPM trie's u32 prefix length followed by the data.
+pub const MAP_ABI: [MapAbi; 15] = [
+    abi::<u32, GlobalConfig>(map_names::CONFIG, 1),
+    abi::<u32, u64>(map_names::STATS, crate::counters::NUM_COUNTERS),
+    abi::<u32, PktBytes>(map_names::VIP_STATS, MAX_VIPS),
+    abi::<u32, PktBytes>(map_names::BACKEND_STATS, MAX_BACKENDS),
+    abi::<u32, FloodState>(map_names::FLOOD, 1),
+    abi::<u32, [u32; 2]>(map_names::TX_PORTS, TX_PORTS_MAX),
+    abi::<u32, Backend>(map_names::BACKENDS, MAX_BACKENDS),
+    abi::<u32, u32>(map_names::RINGS, RING_SIZE_MAX),
+    abi::<u32, u32>(map_names::CLASS_RINGS, MAX_VIPS * DSCP_VALUES),
+    abi::<FlowKey, Session>(map_names::SESSIONS, 1),
+    abi::<VipKey, VipMeta>(map_names::VIPS, 1),
+    abi::<IdKey, u32>(map_names::SESSION_IDS, 1),
+    abi::<(u32, IdRangeData), u32>(map_names::ID_RANGES, 1),
+    abi::<FragKey, Session>(map_names::FRAGS, 1),
+    abi::<VipKey, VipKey>(map_names::FRAG_VIPS, 1),
+];
 
 /// Names of the XDP programs in the object.
 pub mod prog_names {

@@ -9,11 +9,8 @@ use aya_ebpf::{
 use vpnlb_common::{
     Backend, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS, DSCP_VALUES,
     FloodState, FlowKey, FragKey, GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_ID_RANGES,
-    MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, VipKey, VipMeta,
+    MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, TX_PORTS_MAX, VipKey, VipMeta,
 };
-
-/// Capacity of `TX_PORTS` (egress interfaces other than the ingress one).
-const TX_PORTS_MAX: usize = 64;
 
 /// VIP (address, port, protocol) → its metadata.
 #[btf_map]
@@ -45,7 +42,7 @@ pub static SESSIONS: LruHashMap<
 
 /// Egress ifindex → device, for backends reached through another interface.
 #[btf_map]
-pub static TX_PORTS: DevMapHash<TX_PORTS_MAX> = DevMapHash::new();
+pub static TX_PORTS: DevMapHash<{ TX_PORTS_MAX as usize }> = DevMapHash::new();
 
 /// The global settings (single entry).
 #[btf_map]

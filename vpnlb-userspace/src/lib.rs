@@ -1,19 +1,14 @@
-//! vpnlb userspace library: loading and pinning the XDP object ([`loader`]), the map boundary
-//! ([`maps`]), the typed programming API the agent and tests use ([`dataplane`]) and an independent
-//! reference model of the data plane ([`model`], docs/datapath.md).
+//! vpnlb userspace library, laid out by layer (imports only go down):
+//! - [`cli`]: the operator commands;
+//! - [`agent`]: `vpnlb run`: the I/O-free decision core, the backend state machine, the reconciler,
+//!   hooks, metrics and the control socket, and the tokio shell that runs them;
+//! - [`config`], [`health`] (checks and BFD), [`gateway`] (gateway-side tools) beside them;
+//! - [`dataplane`]: loading and pinning the XDP object, attaching it, the map boundary, the typed
+//!   programming API, session ids and an independent reference model (docs/datapath.md).
 
 pub mod agent;
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod dataplane;
 pub mod gateway;
 pub mod health;
-pub mod hooks;
-pub mod loader;
-pub mod maps;
-pub mod metrics;
-pub mod model;
-pub mod reconcile;
-pub mod session_ids;
-pub mod state;

@@ -20,10 +20,10 @@ struct Cli {
 #[derive(Args, Debug, Clone)]
 struct Global {
     /// Directory of the pinned maps (the agent's `pin_dir`).
-    #[arg(long, global = true, value_name = "DIR", help_heading = "Global options", default_value_os_t = vpnlb::loader::default_pin_dir())]
+    #[arg(long, global = true, value_name = "DIR", help_heading = "Global options", default_value_os_t = vpnlb::dataplane::loader::default_pin_dir())]
     pin_dir: PathBuf,
     /// The agent's control socket (its `agent.control_socket`); ids.json next to it names ids.
-    #[arg(long, global = true, value_name = "PATH", help_heading = "Global options", default_value = vpnlb::control::DEFAULT_SOCKET)]
+    #[arg(long, global = true, value_name = "PATH", help_heading = "Global options", default_value = vpnlb::agent::control::DEFAULT_SOCKET)]
     control_socket: PathBuf,
 }
 
@@ -506,7 +506,7 @@ fn inspect(g: &Global, cmd: InspectCmd) -> anyhow::Result<()> {
 /// One control-socket command; `text` renders a successful answer.
 fn control(
     g: &Global,
-    req: vpnlb::control::Request,
+    req: vpnlb::agent::control::Request,
     as_json: bool,
     text: fn(&serde_json::Value) -> String,
 ) -> ExitCode {
@@ -562,37 +562,37 @@ fn main() -> ExitCode {
         }
         Cmd::Drain { backend, json } => control(
             &g,
-            vpnlb::control::Request::Drain { backend },
+            vpnlb::agent::control::Request::Drain { backend },
             json,
             vpnlb::cli::ctl::admin_text,
         ),
         Cmd::Undrain { backend, json } => control(
             &g,
-            vpnlb::control::Request::Undrain { backend },
+            vpnlb::agent::control::Request::Undrain { backend },
             json,
             vpnlb::cli::ctl::admin_text,
         ),
         Cmd::Disable { backend, json } => control(
             &g,
-            vpnlb::control::Request::Disable { backend },
+            vpnlb::agent::control::Request::Disable { backend },
             json,
             vpnlb::cli::ctl::admin_text,
         ),
         Cmd::Enable { backend, json } => control(
             &g,
-            vpnlb::control::Request::Enable { backend },
+            vpnlb::agent::control::Request::Enable { backend },
             json,
             vpnlb::cli::ctl::admin_text,
         ),
         Cmd::Reload { json } => control(
             &g,
-            vpnlb::control::Request::Reload {},
+            vpnlb::agent::control::Request::Reload {},
             json,
             vpnlb::cli::ctl::reload_text,
         ),
         Cmd::Status { json } => control(
             &g,
-            vpnlb::control::Request::Status {},
+            vpnlb::agent::control::Request::Status {},
             json,
             vpnlb::cli::ctl::status_text,
         ),

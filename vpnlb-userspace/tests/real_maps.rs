@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vpnlb::dataplane::loader::{self, LoadError, LoadOptions};
+use vpnlb::dataplane::maps::{AyaMaps, MapReader, MapWriter, MemMaps};
 use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
-use vpnlb::loader::{self, LoadError, LoadOptions};
-use vpnlb::maps::{AyaMaps, MapReader, MapWriter, MemMaps};
 use vpnlb_common::maglev::SlotChange;
 use vpnlb_common::*;
 
@@ -404,7 +404,7 @@ fn a_foreign_map_under_a_pin_name_is_refused() {
 #[test]
 #[ignore = "needs root and the eBPF object"]
 fn pinned_state_of_another_abi_is_refused() {
-    use vpnlb::agent::{AgentError, attach::check_abi_under};
+    use vpnlb::dataplane::attach::{AttachError, check_abi_under};
     let obj = object();
     let root = PinDir::new("abi");
     let ours = root.0.join(format!("v{}", vpnlb_common::ABI_VERSION));
@@ -416,7 +416,7 @@ fn pinned_state_of_another_abi_is_refused() {
     let theirs = root.0.join("v9");
     let _theirs_live = loader::load(&obj, &opts(&theirs.join("links"), 1, 1024)).unwrap();
     match check_abi_under(&root.0, &ours) {
-        Err(e @ AgentError::Abi { found: 9, .. }) => {
+        Err(e @ AttachError::Abi { found: 9, .. }) => {
             let msg = e.to_string();
             assert!(
                 msg.contains("ABI v9") && msg.contains(&theirs.display().to_string()),

@@ -14,9 +14,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use serde::Serialize;
+use vpnlb::dataplane::loader::{LoadOptions, load, object_bytes};
+use vpnlb::dataplane::maps::{AyaMaps, MapReader};
 use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
-use vpnlb::loader::{LoadOptions, load, object_bytes};
-use vpnlb::maps::{AyaMaps, MapReader};
 use vpnlb_common::*;
 use vpnlb_tests::packet::{Frame, vpn};
 

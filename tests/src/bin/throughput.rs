@@ -38,9 +38,9 @@ use std::time::{Duration, Instant};
 
 use aya::maps::DevMapHash;
 use aya::programs::{Xdp, XdpMode};
+use vpnlb::dataplane::loader::{LoadOptions, load, object_bytes};
+use vpnlb::dataplane::maps::{AyaMaps, MapReader};
 use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
-use vpnlb::loader::{LoadOptions, load, object_bytes};
-use vpnlb::maps::{AyaMaps, MapReader};
 use vpnlb_common::*;
 use vpnlb_tests::livegen::LiveGen;
 use vpnlb_tests::netns::{Netns, fmt_mac, ip};

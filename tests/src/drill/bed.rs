@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use vpnlb::control::Request;
+use vpnlb::agent::control::Request;
 use vpnlb_common::{FlowKey, PROTO_UDP};
 
 use super::{Progress, poll};

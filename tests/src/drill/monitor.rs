@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use vpnlb::maps::{AyaMaps, MapReader};
+use vpnlb::dataplane::maps::{AyaMaps, MapReader};
 use vpnlb_common::FlowKey;
 
 use crate::wg::now_epoch;

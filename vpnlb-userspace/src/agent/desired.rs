@@ -6,9 +6,9 @@ use std::net::IpAddr;
 
 use vpnlb_common::{DEFAULT_GUE_PORT, GlobalConfig, VipKey, addr_words};
 
+use crate::agent::reconcile::{Desired, DesiredBackend, DesiredClass, DesiredPool, DesiredVip};
 use crate::config::{Config, Forwarding, IdMap};
 use crate::dataplane::{BackendSpec, VipSpec};
-use crate::reconcile::{Desired, DesiredBackend, DesiredClass, DesiredPool, DesiredVip};
 
 use super::AgentError;
 

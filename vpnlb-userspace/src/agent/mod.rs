@@ -3,9 +3,13 @@
 //! (a check result, an admin command, a reload) reconciles the maps in the same event-loop turn.
 //! Exiting leaves the program attached and the maps pinned: the data plane keeps forwarding.
 
-pub mod attach;
+pub mod control;
 pub mod desired;
+pub mod hooks;
+pub mod metrics;
 pub mod neigh;
+pub mod reconcile;
+pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -17,18 +21,19 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use vpnlb_common::{BACKEND_UNUSED, MAX_VIPS, prog_names};
 
+use crate::agent::hooks::{HookConfig, HookEvent, Hooks};
+use crate::agent::metrics::{Metrics, View};
+use crate::agent::state::{Admin, BackendHealth, Health, Transition};
 use crate::config::{self, Config, ConfigError, IdMap};
-use crate::control::{self, Command, Request, Response};
 use crate::dataplane::Dataplane;
+use crate::dataplane::attach::{self, AttachError};
+use crate::dataplane::loader::{self, LoadOptions};
+use crate::dataplane::maps::{AyaMaps, MapReader, MapWriter};
 use crate::health::bfd::{BfdManager, BfdSessionHandle, SessionParams};
 use crate::health::runner::{self, CheckHandle};
 use crate::health::{CheckResult, CheckSpec, CheckTarget};
-use crate::hooks::{HookConfig, HookEvent, Hooks};
-use crate::loader::{self, LoadOptions};
-use crate::maps::{AyaMaps, MapReader, MapWriter};
-use crate::metrics::{Metrics, View};
-use crate::reconcile::{self, Desired, PoolChoice};
-use crate::state::{Admin, BackendHealth, Health, Transition};
+use control::{Command, Request, Response};
+use reconcile::{Desired, PoolChoice};
 
 use desired::Iface;
 
@@ -38,22 +43,14 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Load(#[from] loader::LoadError),
-    #[error(
-        "pinned state of map ABI v{found} at {path} is in use; this agent understands v{ours}: run the matching vpnlb version, or detach and remove those pins"
-    )]
-    Abi {
-        found: u32,
-        path: PathBuf,
-        ours: u32,
-    },
     #[error("interface {name}: {reason}")]
     Interface { name: String, reason: String },
-    #[error("attaching to {iface}: {reason}")]
-    Attach { iface: String, reason: String },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
     #[error("programming the maps")]
     Dataplane(#[from] crate::dataplane::DataplaneError),
     #[error(transparent)]
-    Maps(#[from] crate::maps::MapError),
+    Maps(#[from] crate::dataplane::maps::MapError),
     #[error("health check of backend {backend}: {reason}")]
     Check { backend: String, reason: String },
     #[error(transparent)]
@@ -581,7 +578,7 @@ impl Agent {
     fn attach_one(
         &mut self,
         ifname: &str,
-        mode: crate::config::AttachMode,
+        mode: crate::dataplane::attach::AttachMode,
     ) -> Result<(), AgentError> {
         let prog: &mut Xdp = self
             ._ebpf

@@ -9,7 +9,7 @@ use anyhow::{Result, anyhow};
 use serde_json::Value;
 
 use super::render::Table;
-use crate::control::{self, Request};
+use crate::agent::control::{self, Request};
 
 /// Sends `req`; the agent's `result`, or an error that says plainly what went wrong.
 pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Value> {

@@ -13,7 +13,7 @@ use vpnlb_common::{
 
 use super::render::{self, Table};
 use super::source::{Names, Source};
-use crate::maps::MapReader;
+use crate::dataplane::maps::MapReader;
 
 /// Which VIPs a `--vip` filter selects: a name from ids.json, an id (`#3` or `3`), an address, or
 /// `address:port`.
@@ -330,7 +330,7 @@ pub fn sessions(src: &Source, q: &SessionQuery) -> Result<(Value, String)> {
 /// `inspect session-ids`: learned ids (`SESSION_IDS`) and static ranges (`ID_RANGES`), optionally
 /// of one backend.
 pub fn session_ids(src: &Source, backend: Option<&str>) -> Result<(Value, String)> {
-    use crate::session_ids::{format_id, kind_name};
+    use crate::dataplane::session_ids::{format_id, kind_name};
     let backend_f = match backend {
         Some(b) => Some(
             src.names

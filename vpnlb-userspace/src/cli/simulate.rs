@@ -1,4 +1,4 @@
-//! `vpnlb simulate`: where would this packet go? Runs the reference model ([`crate::model`]) on a
+//! `vpnlb simulate`: where would this packet go? Runs the reference model ([`crate::dataplane::model`]) on a
 //! copy of the current maps ([`MemMaps::snapshot`]) for a flow given on the command line or for
 //! every packet of a classic pcap file, and explains the verdict: session hit, Maglev pick (ring
 //! slot), class ring, no backend, not a VIP, or the pass reason; with the agent's `status`, also
@@ -14,9 +14,9 @@ use vpnlb_common::*;
 
 use super::render::{self, Table};
 use super::source::{Names, Source};
-use crate::maps::MemMaps;
-use crate::model::{self, ModelCtx, ModelResult};
-use crate::session_ids::{IdPrefix, format_id, kind_name};
+use crate::dataplane::maps::MemMaps;
+use crate::dataplane::model::{self, ModelCtx, ModelResult};
+use crate::dataplane::session_ids::{IdPrefix, format_id, kind_name};
 
 /// A flow given on the command line.
 #[derive(Clone, Debug)]

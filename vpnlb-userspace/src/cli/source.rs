@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::agent::control::{self, ControlError, Request};
 use crate::config::IdMap;
-use crate::control::{self, ControlError, Request};
-use crate::maps::{AyaMaps, MapError};
+use crate::dataplane::maps::{AyaMaps, MapError};
 
 /// Where to look; the defaults are the agent's defaults.
 #[derive(Clone, Debug)]
@@ -20,7 +20,7 @@ pub struct SourceOptions {
 impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {
-            pin_dir: crate::loader::default_pin_dir(),
+            pin_dir: crate::dataplane::loader::default_pin_dir(),
             control_socket: PathBuf::from(control::DEFAULT_SOCKET),
         }
     }

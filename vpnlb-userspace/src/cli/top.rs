@@ -35,8 +35,8 @@ use vpnlb_common::{
 };
 
 use super::source::{Names, Source, SourceOptions};
-use crate::control::ControlError;
-use crate::maps::{MapError, MapReader};
+use crate::agent::control::ControlError;
+use crate::dataplane::maps::{MapError, MapReader};
 
 /// How often the session LRU is walked, at most.
 pub const SESSIONS_EVERY: Duration = Duration::from_secs(5);

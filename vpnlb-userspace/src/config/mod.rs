@@ -27,9 +27,9 @@ use vpnlb_common::{
     VIP_F_IDS_IPSEC, VIP_F_IDS_OPENVPN, VIP_F_IDS_WIREGUARD, VipKey, addr_words,
 };
 
+use crate::dataplane::loader::LoadOptions;
+use crate::dataplane::session_ids::{IdPrefix, esp_range_prefixes, ike_label_prefix};
 use crate::health::CheckSpec;
-use crate::loader::LoadOptions;
-use crate::session_ids::{IdPrefix, esp_range_prefixes, ike_label_prefix};
 
 pub use error::{ConfigError, FieldPath, PathSeg};
 pub use ids::{IdMap, RingKey, assign_ids};
@@ -227,7 +227,7 @@ pub struct AgentConfig {
 }
 
 pub fn default_pin_dir() -> PathBuf {
-    crate::loader::default_pin_dir()
+    crate::dataplane::loader::default_pin_dir()
 }
 pub fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/vpnlb/control.sock")
@@ -322,6 +322,8 @@ pub enum LogFormat {
     Json,
 }
 
+pub use crate::dataplane::attach::AttachMode;
+
 /// `[[interface]]`: an interface `vpnlb_ingress` is attached to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -329,19 +331,6 @@ pub struct InterfaceConfig {
     pub name: String,
     #[serde(default)]
     pub mode: AttachMode,
-}
-
-/// `interface.mode`: how the XDP program is attached.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AttachMode {
-    /// Driver mode; falls back to generic (with a warning) when the driver has no XDP support.
-    #[default]
-    Native,
-    /// Generic (skb) mode.
-    Generic,
-    /// Driver mode or fail.
-    NativeOnly,
 }
 
 /// `[[backend]]`: one VPN gateway.

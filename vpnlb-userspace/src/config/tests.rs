@@ -120,7 +120,7 @@ fn with_check(check: &str) -> String {
 fn defaults_apply() {
     let cfg = ok(&with_vip(""));
     let a = &cfg.agent;
-    assert_eq!(a.pin_dir, crate::loader::default_pin_dir());
+    assert_eq!(a.pin_dir, crate::dataplane::loader::default_pin_dir());
     assert_eq!(a.control_socket, PathBuf::from("/run/vpnlb/control.sock"));
     assert_eq!(
         a.metrics_listen,
@@ -1771,7 +1771,7 @@ fn helpers() {
 
 #[test]
 fn session_ids_and_static_ranges() {
-    use crate::session_ids::{esp_range_prefixes, ike_label_prefix};
+    use crate::dataplane::session_ids::{esp_range_prefixes, ike_label_prefix};
     use vpnlb_common::{VIP_F_IDS_IPSEC, VIP_F_IDS_OPENVPN, VIP_F_IDS_WIREGUARD};
     let vip = |proto: &str, port: &str, ids: &str| {
         format!(

@@ -292,7 +292,7 @@ impl Checker<'_, '_> {
             (Some(_), None) => self.err(k("ike_spi_mask"), "ike_spi_mask needs ike_spi_label"),
             (None, Some(_)) => self.err(k("ike_spi_label"), "ike_spi_label needs ike_spi_mask"),
             (Some(mask), Some(label)) => {
-                if let Err(e) = crate::session_ids::ike_label_prefix(mask.0, label.0) {
+                if let Err(e) = crate::dataplane::session_ids::ike_label_prefix(mask.0, label.0) {
                     self.err(k("ike_spi_mask"), e);
                 }
             }
@@ -303,7 +303,7 @@ impl Checker<'_, '_> {
     /// Two backends must not claim the same ESP SPI or IKE SPI label: the data plane could only
     /// send such ids to one of them.
     fn id_range_overlaps(&mut self, cfg: &Config) {
-        let ranges: Vec<(usize, Vec<crate::session_ids::IdPrefix>)> = cfg
+        let ranges: Vec<(usize, Vec<crate::dataplane::session_ids::IdPrefix>)> = cfg
             .backends
             .iter()
             .map(|b| b.id_prefixes())

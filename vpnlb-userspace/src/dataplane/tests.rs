@@ -7,7 +7,7 @@ use vpnlb_common::maglev::{self, MaglevBackend, SlotChange};
 use vpnlb_common::{FlowKey, Session};
 
 use super::*;
-use crate::maps::{MapReader, MemMaps};
+use crate::dataplane::maps::{MapReader, MemMaps};
 
 /// A MemMaps that logs every call and can be told to fail the n-th write.
 #[derive(Default)]
@@ -82,11 +82,18 @@ impl MapWriter for Rec {
     fn remove_session_id(&mut self, key: &vpnlb_common::IdKey) -> Result<(), MapError> {
         self.maps.remove_session_id(key)
     }
-    fn set_id_range(&mut self, p: &crate::session_ids::IdPrefix, id: u32) -> Result<(), MapError> {
+    fn set_id_range(
+        &mut self,
+        p: &crate::dataplane::session_ids::IdPrefix,
+        id: u32,
+    ) -> Result<(), MapError> {
         self.step(format!("id_range {}", p.prefix_len))?;
         self.maps.set_id_range(p, id)
     }
-    fn remove_id_range(&mut self, p: &crate::session_ids::IdPrefix) -> Result<(), MapError> {
+    fn remove_id_range(
+        &mut self,
+        p: &crate::dataplane::session_ids::IdPrefix,
+    ) -> Result<(), MapError> {
         self.step(format!("remove_id_range {}", p.prefix_len))?;
         self.maps.remove_id_range(p)
     }

@@ -1,6 +1,6 @@
 //! `vpnlb decap attach|detach|status`: puts `vpnlb_decap` on a gateway's interfaces so IPIP/GUE
 //! packets from the load balancer reach the VPN daemon as the client's original packet (this kernel
-//! has no ipip/fou modules). The link is pinned like the agent's ([`crate::agent::attach`]): it
+//! has no ipip/fou modules). The link is pinned like the agent's ([`crate::dataplane::attach`]): it
 //! survives the command, and attaching again swaps the program in place. Pins live in their own
 //! directory ([`default_pin_dir`]) so one host can be load balancer and gateway at once.
 
@@ -12,10 +12,10 @@ use vpnlb_common::{
     ABI_VERSION, COUNTER_NAMES, DECAP_ADJUST_FAILED, DECAP_IPIP, PIN_ROOT, map_names, prog_names,
 };
 
-use crate::agent::attach::{self, Attached, link_pin};
-use crate::config::AttachMode;
-use crate::loader::{self, LoadOptions};
-use crate::maps::{AyaMaps, MapReader, MapWriter};
+use crate::dataplane::attach::AttachMode;
+use crate::dataplane::attach::{self, Attached, link_pin};
+use crate::dataplane::loader::{self, LoadOptions};
+use crate::dataplane::maps::{AyaMaps, MapReader, MapWriter};
 
 use super::host;
 

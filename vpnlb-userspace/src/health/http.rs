@@ -23,7 +23,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 
-use super::runner::{ProbeOk, io_detail};
+use super::probe::{ProbeOk, io_detail};
 use super::spec::{CheckSpec, CheckTarget};
 use super::tcp::{self, TcpError};
 use super::udp::contains;

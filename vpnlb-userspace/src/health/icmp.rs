@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockFilter, Socket, Type};
 use tokio::sync::oneshot;
 
-use super::runner::{ProbeOk, bind_socket, io_detail, sock_addr};
+use super::probe::{ProbeOk, bind_socket, io_detail, sock_addr};
 use super::spec::{CheckSpec, CheckTarget};
 
 /// Bytes after the 8-byte ICMP header: an 8-byte random token, then a fixed marker.

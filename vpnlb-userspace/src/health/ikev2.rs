@@ -10,7 +10,7 @@ use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::runner::{ProbeOk, io_detail, sock_addr, udp_socket};
+use super::probe::{ProbeOk, io_detail, sock_addr, udp_socket};
 use super::spec::{CheckSpec, CheckTarget};
 
 /// IKE header length.

@@ -8,6 +8,7 @@ pub mod bfd;
 pub mod http;
 pub mod icmp;
 pub mod ikev2;
+pub mod probe;
 pub mod runner;
 pub mod spec;
 pub mod tcp;

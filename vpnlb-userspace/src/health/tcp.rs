@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::runner::{ProbeOk, bind_socket, io_detail, sock_addr};
+use super::probe::{ProbeOk, bind_socket, io_detail, sock_addr};
 use super::spec::{CheckSpec, CheckTarget};
 
 /// A TCP probe's failure (its text is the result's detail) or a bad spec.

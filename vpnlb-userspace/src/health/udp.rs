@@ -6,7 +6,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::runner::{ProbeOk, io_detail, sock_addr, udp_socket};
+use super::probe::{ProbeOk, io_detail, sock_addr, udp_socket};
 use super::spec::{CheckSpec, CheckTarget};
 
 /// Largest reply read; the rest of a longer datagram is discarded.

@@ -17,7 +17,7 @@ use base64::Engine;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-use super::runner::{ProbeOk, io_detail, sock_addr, udp_socket};
+use super::probe::{ProbeOk, io_detail, sock_addr, udp_socket};
 use super::spec::{CheckSpec, CheckTarget};
 
 /// WireGuard message types (first byte, little-endian u32).

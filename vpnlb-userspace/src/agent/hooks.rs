@@ -14,8 +14,8 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::reconcile::PoolChoice;
-use crate::state::Transition;
+use crate::agent::reconcile::PoolChoice;
+use crate::agent::state::Transition;
 
 /// Hook settings (from the `[hooks]` table).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -271,7 +271,7 @@ async fn post(url: String, body: Arc<Vec<u8>>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::BackendState;
+    use crate::agent::state::BackendState;
     use std::time::Instant;
     use tokio::io::AsyncReadExt;
 

@@ -10,9 +10,35 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
 use vpnlb_common::{ABI_VERSION, PIN_ROOT};
 
-use crate::config::AttachMode;
+use serde::{Deserialize, Serialize};
 
-use super::AgentError;
+/// Why attaching, adopting or detaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(
+        "pinned state of map ABI v{found} at {path} is in use; this agent understands v{ours}: run the matching vpnlb version, or detach and remove those pins"
+    )]
+    Abi {
+        found: u32,
+        path: PathBuf,
+        ours: u32,
+    },
+    #[error("attaching to {iface}: {reason}")]
+    Attach { iface: String, reason: String },
+}
+
+/// `interface.mode`: how the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMode {
+    /// Driver mode; falls back to generic (with a warning) when the driver has no XDP support.
+    #[default]
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+    /// Driver mode or fail.
+    NativeOnly,
+}
 
 /// Where the link of `ifname` is pinned: `<pin_dir>/links/<ifname>`.
 pub fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
@@ -32,13 +58,13 @@ pub enum Attached {
 
 /// Refuses to run over pinned state of another map ABI: its program would keep running on maps
 /// this agent cannot read, and replacing it would drop every session.
-pub fn check_abi(pin_dir: &Path) -> Result<(), AgentError> {
+pub fn check_abi(pin_dir: &Path) -> Result<(), AttachError> {
     check_abi_under(Path::new(PIN_ROOT), pin_dir)
 }
 
 /// [`check_abi`] for pins rooted at `root` (`<root>/v<N>/links/...`); only applies when `pin_dir`
 /// is under `root`.
-pub fn check_abi_under(root: &Path, pin_dir: &Path) -> Result<(), AgentError> {
+pub fn check_abi_under(root: &Path, pin_dir: &Path) -> Result<(), AttachError> {
     if !pin_dir.starts_with(root) {
         return Ok(());
     }
@@ -55,7 +81,7 @@ pub fn check_abi_under(root: &Path, pin_dir: &Path) -> Result<(), AgentError> {
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
         if v != ABI_VERSION && live {
-            return Err(AgentError::Abi {
+            return Err(AttachError::Abi {
                 found: v,
                 path: e.path(),
                 ours: ABI_VERSION,
@@ -69,18 +95,18 @@ fn take_and_pin(
     prog: &mut Xdp,
     id: aya::programs::xdp::XdpLinkId,
     pin: &Path,
-) -> Result<(), AgentError> {
-    let link = prog.take_link(id).map_err(|e| AgentError::Attach {
+) -> Result<(), AttachError> {
+    let link = prog.take_link(id).map_err(|e| AttachError::Attach {
         iface: pin.display().to_string(),
         reason: e.to_string(),
     })?;
     let fd: FdLink = link
         .try_into()
-        .map_err(|e: aya::programs::links::LinkError| AgentError::Attach {
+        .map_err(|e: aya::programs::links::LinkError| AttachError::Attach {
             iface: pin.display().to_string(),
             reason: format!("not a bpf_link (kernel without XDP links?): {e}"),
         })?;
-    fd.pin(pin).map_err(|e| AgentError::Attach {
+    fd.pin(pin).map_err(|e| AttachError::Attach {
         iface: pin.display().to_string(),
         reason: format!("pin: {e}"),
     })?;
@@ -93,9 +119,9 @@ pub fn attach(
     ifname: &str,
     mode: AttachMode,
     pin_dir: &Path,
-) -> Result<Attached, AgentError> {
+) -> Result<Attached, AttachError> {
     let pin = link_pin(pin_dir, ifname);
-    let err = |reason: String| AgentError::Attach {
+    let err = |reason: String| AttachError::Attach {
         iface: ifname.to_string(),
         reason,
     };
@@ -159,12 +185,12 @@ pub fn attach(
 }
 
 /// Detaches `ifname`: removing the pin drops the last reference to the link.
-pub fn detach(pin_dir: &Path, ifname: &str) -> Result<(), AgentError> {
+pub fn detach(pin_dir: &Path, ifname: &str) -> Result<(), AttachError> {
     let pin = link_pin(pin_dir, ifname);
     match std::fs::remove_file(&pin) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(AgentError::Attach {
+        Err(e) => Err(AttachError::Attach {
             iface: ifname.to_string(),
             reason: format!("unpin: {e}"),
         }),

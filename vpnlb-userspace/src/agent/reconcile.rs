@@ -9,10 +9,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use serde::Serialize;
 use vpnlb_common::VipKey;
 
+use crate::agent::state::{BackendState, Health};
+use crate::dataplane::maps::MapWriter;
+use crate::dataplane::session_ids::IdPrefix;
 use crate::dataplane::{ApplyReport, BackendSpec, ClassSpec, Dataplane, DataplaneError, VipSpec};
-use crate::maps::MapWriter;
-use crate::session_ids::IdPrefix;
-use crate::state::{BackendState, Health};
 
 /// A backend with everything resolved (addresses, MACs, ifindexes) except its state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,8 +206,8 @@ fn add(total: &mut ApplyReport, r: ApplyReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::{MapReader, MemMaps};
-    use crate::state::{Admin, BackendHealth};
+    use crate::agent::state::{Admin, BackendHealth};
+    use crate::dataplane::maps::{MapReader, MemMaps};
     use std::net::IpAddr;
     use std::time::Instant;
     use vpnlb_common::{
@@ -399,7 +399,7 @@ mod tests {
 
     #[test]
     fn static_id_ranges_follow_the_config_and_leave_before_their_backend() {
-        use crate::session_ids::esp_range_prefixes;
+        use crate::dataplane::session_ids::esp_range_prefixes;
         let mut d = desired();
         let gw3 = esp_range_prefixes(0xc300_0000, 0xc3ff_ffff);
         d.id_ranges = gw3.iter().map(|p| (*p, 3)).collect();

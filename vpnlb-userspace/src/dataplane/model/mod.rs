@@ -21,8 +21,10 @@
 use vpnlb_common::hash::pick_hash;
 use vpnlb_common::*;
 
-use crate::maps::MemMaps;
-use crate::session_ids::IdPrefix;
+mod kernel;
+
+use crate::dataplane::maps::MemMaps;
+use crate::dataplane::session_ids::IdPrefix;
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;

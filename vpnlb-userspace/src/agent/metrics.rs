@@ -18,10 +18,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use vpnlb_common::COUNTER_NAMES;
 
-use crate::hooks::HookStats;
-use crate::maps::MapReader;
-use crate::reconcile::PoolChoice;
-use crate::state::{BackendHealth, BackendState};
+use crate::agent::hooks::HookStats;
+use crate::agent::reconcile::PoolChoice;
+use crate::agent::state::{BackendHealth, BackendState};
+use crate::dataplane::maps::MapReader;
 
 /// What the agent knows that the maps do not; replaced by the event loop after each change.
 #[derive(Debug, Default, Clone)]
@@ -348,7 +348,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::{MapWriter, MemMaps};
+    use crate::dataplane::maps::{MapWriter, MemMaps};
     use std::time::Instant;
     use vpnlb_common::{FWD_L2DSR_TX, PktBytes};
 

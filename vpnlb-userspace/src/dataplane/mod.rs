@@ -18,8 +18,14 @@ use vpnlb_common::{
     VipMeta, addr_words, words_addr,
 };
 
-use crate::maps::{MapError, MapWriter};
-use crate::session_ids::IdPrefix;
+pub mod attach;
+pub mod loader;
+pub mod maps;
+pub mod model;
+pub mod session_ids;
+
+use crate::dataplane::maps::{MapError, MapWriter};
+use crate::dataplane::session_ids::IdPrefix;
 
 /// A VIP key for messages: `udp 192.0.2.1:4500`, `esp [2001:db8::1]`.
 pub fn vip_label(key: &VipKey) -> String {

@@ -10,9 +10,7 @@ use aya::maps::{MapInfo, MapType};
 use aya::{Ebpf, EbpfLoader};
 use aya_obj::generated::bpf_map_type;
 use vpnlb_common::{
-    ABI_VERSION, Backend, DEFAULT_MAX_SESSIONS, DSCP_VALUES, FloodState, FlowKey, FragKey,
-    GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_VIPS, NUM_COUNTERS, PIN_ROOT, PktBytes,
-    RING_SIZE_MAX, Session, VipKey, VipMeta, map_names,
+    ABI_VERSION, DEFAULT_MAX_SESSIONS, MAP_ABI, MAX_VIPS, PIN_ROOT, RING_SIZE_MAX, map_names,
 };
 
 /// Environment variable naming the eBPF object file to load.
@@ -214,46 +212,6 @@ impl LoadOptions {
         self.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS)
     }
 }
-
-/// What the ABI requires of one map: key and value sizes and the fewest entries it may have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapAbi {
-    pub name: &'static str,
-    pub key_size: u32,
-    pub value_size: u32,
-    /// The map must have at least this many entries (ids index it).
-    pub min_entries: u32,
-}
-
-const fn abi<K, V>(name: &'static str, min_entries: u32) -> MapAbi {
-    MapAbi {
-        name,
-        key_size: size_of::<K>() as u32,
-        value_size: size_of::<V>() as u32,
-        min_entries,
-    }
-}
-
-/// The layout of every map in `map_names::ALL` (per-CPU maps: the size of one CPU's value).
-/// `TX_PORTS` values are the kernel's `struct bpf_devmap_val` (ifindex + program fd/id);
-/// `ID_RANGES` keys are the LPM trie's u32 prefix length followed by the data.
-pub const MAP_ABI: [MapAbi; 15] = [
-    abi::<u32, GlobalConfig>(map_names::CONFIG, 1),
-    abi::<u32, u64>(map_names::STATS, NUM_COUNTERS),
-    abi::<u32, PktBytes>(map_names::VIP_STATS, MAX_VIPS),
-    abi::<u32, PktBytes>(map_names::BACKEND_STATS, MAX_BACKENDS),
-    abi::<u32, FloodState>(map_names::FLOOD, 1),
-    abi::<u32, [u32; 2]>(map_names::TX_PORTS, 1),
-    abi::<u32, Backend>(map_names::BACKENDS, MAX_BACKENDS),
-    abi::<u32, u32>(map_names::RINGS, RING_SIZE_MAX),
-    abi::<u32, u32>(map_names::CLASS_RINGS, MAX_VIPS * DSCP_VALUES),
-    abi::<FlowKey, Session>(map_names::SESSIONS, 1),
-    abi::<VipKey, VipMeta>(map_names::VIPS, 1),
-    abi::<IdKey, u32>(map_names::SESSION_IDS, 1),
-    abi::<(u32, IdRangeData), u32>(map_names::ID_RANGES, 1),
-    abi::<FragKey, Session>(map_names::FRAGS, 1),
-    abi::<VipKey, VipKey>(map_names::FRAG_VIPS, 1),
-];
 
 /// One map as this load creates it (the object's definition with the load-time sizes applied).
 #[derive(Clone, Copy, Debug)]
