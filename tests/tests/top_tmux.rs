@@ -101,7 +101,11 @@ impl Bed {
                 {"vip": "ovpn-dead", "class": null, "id": 1},
             ],
         });
-        std::fs::write(vpnlb::agent::ids_path(&obj.socket), ids.to_string()).unwrap();
+        std::fs::write(
+            vpnlb::agent::persist::ids_path(&obj.socket),
+            ids.to_string(),
+        )
+        .unwrap();
         Bed(obj)
     }
 

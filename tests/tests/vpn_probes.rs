@@ -271,6 +271,7 @@ fn target() -> CheckTarget {
     CheckTarget {
         backend_id: 1,
         check_index: 0,
+        generation: 0,
         addr: GATEWAY_V4.parse().expect("addr"),
         source: None,
         interface: None,

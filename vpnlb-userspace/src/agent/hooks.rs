@@ -50,22 +50,23 @@ pub enum HookEvent {
     },
 }
 
-fn hostname() -> String {
+/// This host's name, as hooks report it.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
 
 impl HookEvent {
-    pub fn backend_state(t: &Transition) -> Self {
-        let host = hostname();
+    /// A backend's state change, reported by `host`.
+    pub fn backend_state(t: &Transition, host: &str) -> Self {
+        let host = host.to_string();
         HookEvent::BackendState {
             summary: format!(
                 "vpnlb@{host}: backend {} {} -> {} ({})",
@@ -76,8 +77,9 @@ impl HookEvent {
         }
     }
 
-    pub fn failover(from: &PoolChoice, to: &PoolChoice) -> Self {
-        let host = hostname();
+    /// The pool serving a VIP changed from `from` to `to` at `at`, seen by `host`.
+    pub fn failover(from: &PoolChoice, to: &PoolChoice, host: &str, at: SystemTime) -> Self {
+        let host = host.to_string();
         let class = to
             .class
             .as_ref()
@@ -96,7 +98,7 @@ impl HookEvent {
             class: to.class.clone(),
             from_pool: from.pool.clone(),
             to_pool: to.pool.clone(),
-            at: unix_now(),
+            at: unix(at),
         }
     }
 }
@@ -317,7 +319,7 @@ mod tests {
             webhook: Some(format!("http://{addr}/vpnlb/events")),
             timeout: Duration::from_secs(5),
         });
-        hooks.emit(HookEvent::backend_state(&transition()));
+        hooks.emit(HookEvent::backend_state(&transition(), "lb1"));
         let req = tokio::time::timeout(Duration::from_secs(5), server)
             .await
             .unwrap()
@@ -325,7 +327,9 @@ mod tests {
         assert!(req.starts_with("POST /vpnlb/events HTTP/1.1"), "{req}");
         assert!(req.contains("\"event\":\"backend_state\""), "{req}");
         assert!(req.contains("\"to\":\"down\""), "{req}");
-        for _ in 0..50 {
+        // Waits for the outcome, however slow the machine; a hook that never succeeds fails the
+        // assertion below after 30 s.
+        for _ in 0..1500 {
             if hooks.stats.ok.load(Ordering::Relaxed) == 2 {
                 break;
             }
@@ -348,21 +352,41 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
-    #[tokio::test]
-    async fn a_hanging_hook_times_out_without_blocking_emit() {
+    /// On tokio's paused clock: the hooks' 200 ms timeout elapses in virtual time while the real
+    /// `sleep 10` processes hang, so the outcome does not depend on how busy the machine is.
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_hook_times_out() {
         let hooks = Hooks::start(HookConfig {
             exec: vec!["sleep".into(), "10".into()],
             webhook: None,
             timeout: Duration::from_millis(200),
         });
-        let t = Instant::now();
         for _ in 0..5 {
-            hooks.emit(HookEvent::backend_state(&transition()));
+            hooks.emit(HookEvent::backend_state(&transition(), "lb1"));
         }
-        assert!(t.elapsed() < Duration::from_millis(50), "emit never waits");
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        for _ in 0..100 {
+            if hooks.stats.timed_out.load(Ordering::Relaxed) == 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(hooks.stats.timed_out.load(Ordering::Relaxed), 5);
         assert_eq!(hooks.stats.ok.load(Ordering::Relaxed), 0);
+    }
+
+    /// `emit` never waits: with the dispatcher's queue full (its task cannot run on this
+    /// single-threaded runtime until the test yields), further events are dropped and counted.
+    #[tokio::test]
+    async fn emit_drops_and_counts_when_the_queue_is_full() {
+        let hooks = Hooks::start(HookConfig {
+            exec: vec!["true".into()],
+            webhook: None,
+            timeout: Duration::from_secs(5),
+        });
+        for _ in 0..QUEUE + 7 {
+            hooks.emit(HookEvent::backend_state(&transition(), "lb1"));
+        }
+        assert_eq!(hooks.stats.dropped.load(Ordering::Relaxed), 7);
     }
 
     #[test]
@@ -377,7 +401,9 @@ mod tests {
             class: None,
             pool: Some("standby".into()),
         };
-        let HookEvent::Failover { summary, .. } = HookEvent::failover(&from, &to) else {
+        let HookEvent::Failover { summary, .. } =
+            HookEvent::failover(&from, &to, "lb1", SystemTime::UNIX_EPOCH)
+        else {
             panic!()
         };
         assert!(

@@ -378,7 +378,13 @@ mod tests {
         {
             let mut v = m.view.lock().unwrap();
             v.vips.push(("wg".into(), 3));
-            let mut b = BackendHealth::new("gw2", 2, vec![("icmp".into(), 1, 1)], Instant::now());
+            let mut b = BackendHealth::new(
+                "gw2",
+                2,
+                vec![("icmp".into(), 1, 1)],
+                Instant::now(),
+                std::time::SystemTime::now(),
+            );
             b.state = BackendState::Draining;
             v.backends.push(b);
             v.pools.push(PoolChoice {

@@ -1,12 +1,115 @@
 //! Facts about the host's interfaces (ifindex and MAC, asked of the kernel in the agent's network
 //! namespace) and next-hop MACs of backends from the kernel's neighbour table (`ip -j neigh`), with
-//! a nudge (one UDP datagram) that makes the kernel resolve an address it has not seen yet.
+//! a nudge (one UDP datagram) that makes the kernel resolve an address it has not seen yet; and
+//! the watcher task that reports changes of the entries the core asks for ([`watch`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+
 use super::desired::Iface;
+
+/// A neighbour-table report for a backend without a configured MAC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NeighUpdate {
+    pub backend: String,
+    /// The generation of the watch that produced it ([`Effect::WatchNeigh`]).
+    pub generation: u64,
+    /// The usable entry's MAC; `None`: no usable entry (the watcher has nudged the kernel).
+    pub mac: Option<[u8; 6]>,
+    pub detail: String,
+}
+
+/// The entries to watch: backend -> (key, generation). Shared by the shell (which follows the
+/// core's `WatchNeigh` / `UnwatchNeigh` effects) and the watcher task.
+pub type Wanted = Arc<Mutex<BTreeMap<String, (NeighKey, u64)>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Adds or replaces a watched entry.
+pub fn want(wanted: &Wanted, backend: &str, key: NeighKey, generation: u64) {
+    lock(wanted).insert(backend.to_string(), (key, generation));
+}
+
+/// Stops watching `backend`.
+pub fn unwant(wanted: &Wanted, backend: &str) {
+    lock(wanted).remove(backend);
+}
+
+/// How long the watcher sleeps after a read: 1 s when every wanted entry was found; while some
+/// are missing it reads again sooner (100 ms, doubling up to 1 s) so a fresh start resolves
+/// quickly without polling fast forever for an address that never answers.
+pub fn next_read(missing_streak: u32) -> Duration {
+    if missing_streak == 0 {
+        return Duration::from_secs(1);
+    }
+    Duration::from_millis(100u64.saturating_mul(1 << (missing_streak - 1).min(4)))
+        .min(Duration::from_secs(1))
+}
+
+/// Resolves the next-hop MACs of every wanted backend from one read of the neighbour table per
+/// round (nudging the kernel for missing ones), and reports each change of a backend's MAC, and
+/// the first result of every new (backend, generation), on `tx`.
+pub fn watch(wanted: Wanted, tx: mpsc::Sender<NeighUpdate>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last: HashMap<(String, u64), Option<[u8; 6]>> = HashMap::new();
+        let mut streak = 0u32;
+        loop {
+            let snapshot: Vec<(String, (NeighKey, u64))> = lock(&wanted)
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            let mut missing = false;
+            if !snapshot.is_empty() {
+                let table = tokio::task::spawn_blocking(table).await.unwrap_or_default();
+                last.retain(|k, _| snapshot.iter().any(|(n, (_, g))| *n == k.0 && *g == k.1));
+                for (name, (key, generation)) in &snapshot {
+                    let mac = table.get(key).copied();
+                    let (dev, addr) = (&key.0, key.1);
+                    if mac.is_none() {
+                        missing = true;
+                        nudge(addr);
+                    }
+                    let k = (name.clone(), *generation);
+                    if last.get(&k) == Some(&mac) {
+                        continue;
+                    }
+                    let detail = match mac {
+                        Some(m) => format!("lladdr {} on {dev}", fmt_mac(&m)),
+                        None => format!(
+                            "no neighbour entry for {addr} on {dev}: set mac = ... or make it reachable"
+                        ),
+                    };
+                    let u = NeighUpdate {
+                        backend: name.clone(),
+                        generation: *generation,
+                        mac,
+                        detail,
+                    };
+                    if tx.send(u).await.is_err() {
+                        return;
+                    }
+                    last.insert(k, mac);
+                }
+            }
+            streak = if missing { streak.saturating_add(1) } else { 0 };
+            tokio::time::sleep(next_read(streak)).await;
+        }
+    })
+}
+
+/// `02:00:00:00:00:11`.
+pub fn fmt_mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
 
 /// Reads an interface's index and MAC address in the agent's network namespace. Syscalls, not
 /// /sys/class/net: sysfs shows the namespace of whoever mounted it, which is not ours when the
@@ -118,32 +221,6 @@ pub fn nudge(addr: IpAddr) {
     }
 }
 
-/// Looks every `wanted` key up; nudges the kernel for the missing ones and polls the table (every
-/// 50 ms, one read for all) for up to `wait`. Returns what was found.
-pub fn resolve_all(wanted: &[NeighKey], wait: Duration) -> HashMap<NeighKey, [u8; 6]> {
-    let found = |t: &HashMap<NeighKey, [u8; 6]>| -> HashMap<NeighKey, [u8; 6]> {
-        wanted
-            .iter()
-            .filter_map(|k| t.get(k).map(|m| (k.clone(), *m)))
-            .collect()
-    };
-    let mut have = found(&table());
-    if have.len() == wanted.len() {
-        return have;
-    }
-    for k in wanted.iter().filter(|k| !have.contains_key(*k)) {
-        nudge(k.1);
-    }
-    let step = Duration::from_millis(50);
-    let mut waited = Duration::ZERO;
-    while waited < wait && have.len() < wanted.len() {
-        std::thread::sleep(step);
-        waited += step;
-        have = found(&table());
-    }
-    have
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +253,16 @@ mod tests {
             [2, 0, 0, 0, 1, 0x11]
         );
         assert!(parse_table(b"garbage").is_empty());
+    }
+
+    #[test]
+    fn missing_entries_are_read_again_sooner_then_backing_off() {
+        assert_eq!(next_read(0), Duration::from_secs(1));
+        assert_eq!(next_read(1), Duration::from_millis(100));
+        assert_eq!(next_read(2), Duration::from_millis(200));
+        assert_eq!(next_read(4), Duration::from_millis(800));
+        assert_eq!(next_read(5), Duration::from_secs(1));
+        assert_eq!(next_read(u32::MAX), Duration::from_secs(1));
     }
 
     #[test]

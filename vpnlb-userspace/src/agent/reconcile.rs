@@ -207,7 +207,7 @@ fn add(total: &mut ApplyReport, r: ApplyReport) {
 mod tests {
     use super::*;
     use crate::agent::state::{Admin, BackendHealth};
-    use crate::dataplane::maps::{MapReader, MemMaps};
+    use crate::dataplane::maps::{MapReader, MemMaps, Recording};
     use std::net::IpAddr;
     use std::time::Instant;
     use vpnlb_common::{
@@ -278,16 +278,23 @@ mod tests {
         let t = Instant::now();
         let mut h = Health::default();
         for (i, n) in ["gw1", "gw2", "gw3"].iter().enumerate() {
-            let mut b = BackendHealth::new(n, i as u32 + 1, vec![("icmp".into(), 1, 1)], t);
+            let mut b = BackendHealth::new(
+                n,
+                i as u32 + 1,
+                vec![("icmp".into(), 1, 1)],
+                t,
+                std::time::SystemTime::UNIX_EPOCH,
+            );
             let r = crate::health::CheckResult {
                 backend_id: i as u32 + 1,
                 check_index: 0,
+                generation: 0,
                 ok: up.contains(n),
                 latency: None,
                 detail: String::new(),
                 at: t,
             };
-            b.on_result(&r, t);
+            b.on_result(&r, t, std::time::SystemTime::UNIX_EPOCH);
             h.backends.insert(n.to_string(), b);
         }
         h
@@ -364,10 +371,11 @@ mod tests {
         let d = desired();
         let mut dp = Dataplane::with_ring_rows(MemMaps::new(), 4);
         let mut h = health(&["gw1", "gw2", "gw3"]);
-        h.backends
-            .get_mut("gw1")
-            .unwrap()
-            .set_admin(Admin::Drain, Instant::now());
+        h.backends.get_mut("gw1").unwrap().set_admin(
+            Admin::Drain,
+            Instant::now(),
+            std::time::SystemTime::UNIX_EPOCH,
+        );
         reconcile(&mut dp, &d, &h).unwrap();
         assert_eq!(members(dp.writer(), 0), BTreeSet::from([2]));
         assert_eq!(dp.writer().backend(1).unwrap().state, BACKEND_DRAINING);
@@ -377,15 +385,28 @@ mod tests {
     #[test]
     fn removed_vips_and_backends_are_removed_vip_first() {
         let d = desired();
-        let mut dp = Dataplane::with_ring_rows(MemMaps::new(), 4);
+        let mut dp = Dataplane::with_ring_rows(Recording::new(MemMaps::new()), 4);
         let h = health(&["gw1", "gw2", "gw3"]);
         reconcile(&mut dp, &d, &h).unwrap();
+        dp.writer_mut().log.clear();
         let mut smaller = d.clone();
         smaller.vips.clear();
         smaller.backends.truncate(2);
         let r = reconcile(&mut dp, &smaller, &h).unwrap();
         assert_eq!((r.removed_vips, r.removed_backends), (1, 1));
-        let m = dp.writer();
+        // The order, not just the end state: the VIP entry goes first (no packet can reach its
+        // rings any more), then its rings and class entries, then the backend it listed.
+        let log = &dp.writer().log;
+        let pos = |what: &str| {
+            log.iter()
+                .position(|l| l.starts_with(what))
+                .unwrap_or_else(|| panic!("no {what:?} in {log:?}"))
+        };
+        assert!(pos("remove_vip") < pos("ring 0"), "{log:?}");
+        assert!(pos("remove_vip") < pos("class 0/8=0"), "{log:?}");
+        assert!(pos("ring 0") < pos("clear_backend 3"), "{log:?}");
+        assert!(pos("ring 1") < pos("clear_backend 3"), "{log:?}");
+        let m = &dp.writer().inner;
         assert!(m.vips.is_empty());
         assert!(
             m.class_rings.is_empty(),

@@ -197,7 +197,13 @@ pub struct BackendHealth {
 
 impl BackendHealth {
     /// A backend with the given checks (label, rise, fall). With no checks it is healthy at once.
-    pub fn new(name: &str, id: u32, checks: Vec<(String, u32, u32)>, now: Instant) -> Self {
+    pub fn new(
+        name: &str,
+        id: u32,
+        checks: Vec<(String, u32, u32)>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Self {
         let checks: Vec<CheckState> = checks
             .into_iter()
             .map(|(l, r, f)| CheckState::new(l, r, f))
@@ -214,7 +220,7 @@ impl BackendHealth {
             admin: Admin::None,
             state,
             since: now,
-            since_wall: SystemTime::now(),
+            since_wall: wall,
             transitions: 0,
         }
     }
@@ -240,7 +246,7 @@ impl BackendHealth {
         }
     }
 
-    fn settle(&mut self, reason: String, now: Instant) -> Option<Transition> {
+    fn settle(&mut self, reason: String, now: Instant, wall: SystemTime) -> Option<Transition> {
         let to = self.effective();
         if to == self.state {
             return None;
@@ -251,7 +257,7 @@ impl BackendHealth {
             from: self.state,
             to,
             reason,
-            at_wall: SystemTime::now(),
+            at_wall: wall,
             at: now,
             checks: self.checks.clone(),
         };
@@ -263,7 +269,12 @@ impl BackendHealth {
     }
 
     /// Applies a raw check result; returns the transition it caused, if any.
-    pub fn on_result(&mut self, r: &CheckResult, now: Instant) -> Option<Transition> {
+    pub fn on_result(
+        &mut self,
+        r: &CheckResult,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Option<Transition> {
         let c = self.checks.get_mut(r.check_index)?;
         if !c.apply(r.ok, &r.detail, r.latency, r.at) {
             return None;
@@ -278,18 +289,23 @@ impl BackendHealth {
                 c.label, r.detail, c.fall
             )
         };
-        self.settle(reason, now)
+        self.settle(reason, now, wall)
     }
 
     /// Applies an admin action; returns the transition, if any.
-    pub fn set_admin(&mut self, admin: Admin, now: Instant) -> Option<Transition> {
+    pub fn set_admin(
+        &mut self,
+        admin: Admin,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Option<Transition> {
         self.admin = admin;
         let reason = match admin {
             Admin::None => "admin enable/undrain".to_string(),
             Admin::Drain => "admin drain".to_string(),
             Admin::Disable => "admin disable".to_string(),
         };
-        self.settle(reason, now)
+        self.settle(reason, now, wall)
     }
 
     /// Starts from a state adopted from the pinned maps (agent restart): until its checks
@@ -348,10 +364,13 @@ impl Health {
 mod tests {
     use super::*;
 
+    const W: SystemTime = SystemTime::UNIX_EPOCH;
+
     fn result(idx: usize, ok: bool, at: Instant) -> CheckResult {
         CheckResult {
             backend_id: 1,
             check_index: idx,
+            generation: 0,
             ok,
             latency: ok.then(|| Duration::from_millis(1)),
             detail: if ok {
@@ -366,21 +385,21 @@ mod tests {
     #[test]
     fn first_result_decides_then_rise_and_fall_apply() {
         let t0 = Instant::now();
-        let mut b = BackendHealth::new("gw1", 1, vec![("icmp".into(), 2, 3)], t0);
+        let mut b = BackendHealth::new("gw1", 1, vec![("icmp".into(), 2, 3)], t0, W);
         assert_eq!(b.state, BackendState::Unknown);
         let tr = b
-            .on_result(&result(0, true, t0), t0)
+            .on_result(&result(0, true, t0), t0, W)
             .expect("first success brings it up");
         assert_eq!((tr.from, tr.to), (BackendState::Unknown, BackendState::Up));
         // Two failures: still up (fall = 3); the third brings it down.
         for i in 1..=2 {
             assert!(
-                b.on_result(&result(0, false, t0), t0 + Duration::from_secs(i))
+                b.on_result(&result(0, false, t0), t0 + Duration::from_secs(i), W)
                     .is_none()
             );
         }
         let tr = b
-            .on_result(&result(0, false, t0), t0 + Duration::from_secs(3))
+            .on_result(&result(0, false, t0), t0 + Duration::from_secs(3), W)
             .expect("down");
         assert_eq!(tr.to, BackendState::Down);
         assert!(
@@ -390,10 +409,10 @@ mod tests {
         );
         assert_eq!(b.since, t0 + Duration::from_secs(3));
         // A success interrupting the streak resets it: rise = 2 needs two in a row.
-        assert!(b.on_result(&result(0, true, t0), t0).is_none());
-        assert!(b.on_result(&result(0, false, t0), t0).is_none());
-        assert!(b.on_result(&result(0, true, t0), t0).is_none());
-        let tr = b.on_result(&result(0, true, t0), t0).expect("rise");
+        assert!(b.on_result(&result(0, true, t0), t0, W).is_none());
+        assert!(b.on_result(&result(0, false, t0), t0, W).is_none());
+        assert!(b.on_result(&result(0, true, t0), t0, W).is_none());
+        let tr = b.on_result(&result(0, true, t0), t0, W).expect("rise");
         assert_eq!(tr.to, BackendState::Up);
         assert_eq!(b.transitions, 3);
     }
@@ -406,52 +425,53 @@ mod tests {
             1,
             vec![("icmp".into(), 1, 1), ("bfd".into(), 1, 1)],
             t0,
+            W,
         );
         assert!(
-            b.on_result(&result(0, true, t0), t0).is_none(),
+            b.on_result(&result(0, true, t0), t0, W).is_none(),
             "one of two checks up: still unknown"
         );
         assert_eq!(
-            b.on_result(&result(1, true, t0), t0).unwrap().to,
+            b.on_result(&result(1, true, t0), t0, W).unwrap().to,
             BackendState::Up
         );
         assert_eq!(
-            b.on_result(&result(1, false, t0), t0).unwrap().to,
+            b.on_result(&result(1, false, t0), t0, W).unwrap().to,
             BackendState::Down
         );
         // Unknown check index is ignored.
-        assert!(b.on_result(&result(7, false, t0), t0).is_none());
+        assert!(b.on_result(&result(7, false, t0), t0, W).is_none());
     }
 
     #[test]
     fn admin_overrides_health() {
         let t0 = Instant::now();
-        let mut b = BackendHealth::new("gw1", 1, vec![("icmp".into(), 1, 1)], t0);
-        b.on_result(&result(0, true, t0), t0);
+        let mut b = BackendHealth::new("gw1", 1, vec![("icmp".into(), 1, 1)], t0, W);
+        b.on_result(&result(0, true, t0), t0, W);
         assert_eq!(
-            b.set_admin(Admin::Drain, t0).unwrap().to,
+            b.set_admin(Admin::Drain, t0, W).unwrap().to,
             BackendState::Draining
         );
         assert_eq!(BackendState::Draining.dataplane(), BACKEND_DRAINING);
         assert!(!BackendState::Draining.serves_new_flows());
         // Health going down while draining: down (sessions must move).
         assert_eq!(
-            b.on_result(&result(0, false, t0), t0).unwrap().to,
+            b.on_result(&result(0, false, t0), t0, W).unwrap().to,
             BackendState::Down
         );
         assert_eq!(
-            b.on_result(&result(0, true, t0), t0).unwrap().to,
+            b.on_result(&result(0, true, t0), t0, W).unwrap().to,
             BackendState::Draining
         );
         assert_eq!(
-            b.set_admin(Admin::Disable, t0).unwrap().to,
+            b.set_admin(Admin::Disable, t0, W).unwrap().to,
             BackendState::Disabled
         );
         assert_eq!(BackendState::Disabled.dataplane(), BACKEND_DOWN);
         // Health changes while disabled change nothing visible.
-        assert!(b.on_result(&result(0, false, t0), t0).is_none());
-        assert!(b.on_result(&result(0, true, t0), t0).is_none());
-        let tr = b.set_admin(Admin::None, t0).unwrap();
+        assert!(b.on_result(&result(0, false, t0), t0, W).is_none());
+        assert!(b.on_result(&result(0, true, t0), t0, W).is_none());
+        let tr = b.set_admin(Admin::None, t0, W).unwrap();
         assert_eq!((tr.from, tr.to), (BackendState::Disabled, BackendState::Up));
         assert_eq!(tr.reason, "admin enable/undrain");
     }
@@ -459,26 +479,27 @@ mod tests {
     #[test]
     fn replaced_checks_carry_a_healthy_state_over() {
         let t0 = Instant::now();
-        let mut old = BackendHealth::new("a", 1, vec![("icmp".into(), 1, 1)], t0);
-        old.on_result(&result(0, true, t0), t0);
-        old.set_admin(Admin::Drain, t0);
+        let mut old = BackendHealth::new("a", 1, vec![("icmp".into(), 1, 1)], t0, W);
+        old.on_result(&result(0, true, t0), t0, W);
+        old.set_admin(Admin::Drain, t0, W);
         let mut new = BackendHealth::new(
             "a",
             1,
             vec![("icmp".into(), 2, 2), ("tcp:443".into(), 2, 2)],
             t0,
+            W,
         );
         new.admin = Admin::Drain;
         new.carry_over(&old);
         assert_eq!((new.state, new.transitions), (BackendState::Draining, 2));
         // The new checks count as up: one failure does not take it down, `fall` do.
-        assert!(new.on_result(&result(1, false, t0), t0).is_none());
+        assert!(new.on_result(&result(1, false, t0), t0, W).is_none());
         assert_eq!(
-            new.on_result(&result(1, false, t0), t0).unwrap().to,
+            new.on_result(&result(1, false, t0), t0, W).unwrap().to,
             BackendState::Down
         );
         // A backend that was down starts from scratch.
-        let mut new2 = BackendHealth::new("a", 1, vec![("icmp".into(), 2, 2)], t0);
+        let mut new2 = BackendHealth::new("a", 1, vec![("icmp".into(), 2, 2)], t0, W);
         new2.carry_over(&new);
         assert_eq!(new2.state, BackendState::Unknown);
     }
@@ -487,33 +508,33 @@ mod tests {
     fn no_checks_means_up_and_adoption_keeps_serving() {
         let t0 = Instant::now();
         assert_eq!(
-            BackendHealth::new("a", 1, vec![], t0).state,
+            BackendHealth::new("a", 1, vec![], t0, W).state,
             BackendState::Up
         );
-        let mut b = BackendHealth::new("b", 2, vec![("tcp:443".into(), 2, 2)], t0);
+        let mut b = BackendHealth::new("b", 2, vec![("tcp:443".into(), 2, 2)], t0, W);
         b.adopt(BACKEND_UP);
         assert_eq!(b.state, BackendState::Up);
         // After adoption a single failure does not drop it (fall = 2 applies).
-        assert!(b.on_result(&result(0, false, t0), t0).is_none());
+        assert!(b.on_result(&result(0, false, t0), t0, W).is_none());
         assert_eq!(
-            b.on_result(&result(0, false, t0), t0).unwrap().to,
+            b.on_result(&result(0, false, t0), t0, W).unwrap().to,
             BackendState::Down
         );
-        let mut c = BackendHealth::new("c", 3, vec![("tcp:443".into(), 2, 2)], t0);
+        let mut c = BackendHealth::new("c", 3, vec![("tcp:443".into(), 2, 2)], t0, W);
         c.adopt(BACKEND_DOWN);
         assert_eq!(c.state, BackendState::Unknown);
         // Restart of a drained backend: still draining; of a disabled one: still disabled.
-        let mut d = BackendHealth::new("d", 4, vec![("tcp:443".into(), 2, 2)], t0);
+        let mut d = BackendHealth::new("d", 4, vec![("tcp:443".into(), 2, 2)], t0, W);
         d.restore_admin(Admin::Drain);
         d.adopt(BACKEND_DRAINING);
         assert_eq!((d.state, d.transitions), (BackendState::Draining, 0));
-        assert!(d.on_result(&result(0, true, t0), t0).is_none());
-        let mut e = BackendHealth::new("e", 5, vec![("tcp:443".into(), 2, 2)], t0);
+        assert!(d.on_result(&result(0, true, t0), t0, W).is_none());
+        let mut e = BackendHealth::new("e", 5, vec![("tcp:443".into(), 2, 2)], t0, W);
         e.restore_admin(Admin::Disable);
         e.adopt(BACKEND_DOWN);
         assert_eq!(e.state, BackendState::Disabled);
         assert!(
-            e.on_result(&result(0, true, t0), t0).is_none(),
+            e.on_result(&result(0, true, t0), t0, W).is_none(),
             "no transition while disabled"
         );
     }

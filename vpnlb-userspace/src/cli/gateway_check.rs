@@ -148,6 +148,7 @@ pub fn probe_spec(
     let target = crate::health::CheckTarget {
         backend_id: 0,
         check_index: 0,
+        generation: 0,
         addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
         source: None,
         interface: None,

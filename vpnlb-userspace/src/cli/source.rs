@@ -72,7 +72,7 @@ impl Names {
 
     /// Reads `ids.json` next to the control socket; empty names when absent or unreadable.
     pub fn load(control_socket: &Path) -> Names {
-        let path = crate::agent::ids_path(control_socket);
+        let path = crate::agent::persist::ids_path(control_socket);
         std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<IdMap>(&b).ok())

@@ -23,11 +23,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use vpnlb_common::{
     DEFAULT_GUE_PORT, DEFAULT_MAX_SESSIONS, DEFAULT_RING_SIZE, FWD_MODE_GUE, FWD_MODE_IPIP,
-    FWD_MODE_L2DSR, GlobalConfig, PROTO_ESP, PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY,
-    VIP_F_IDS_IPSEC, VIP_F_IDS_OPENVPN, VIP_F_IDS_WIREGUARD, VipKey, addr_words,
+    FWD_MODE_L2DSR, PROTO_ESP, PROTO_TCP, PROTO_UDP, VIP_F_HASH_SRC_ONLY, VIP_F_IDS_IPSEC,
+    VIP_F_IDS_OPENVPN, VIP_F_IDS_WIREGUARD, VipKey,
 };
 
-use crate::dataplane::loader::LoadOptions;
 use crate::dataplane::session_ids::{IdPrefix, esp_range_prefixes, ike_label_prefix};
 use crate::health::CheckSpec;
 
@@ -253,43 +252,6 @@ impl Default for AgentConfig {
             encap_source_v6: None,
             encap_source_v6_hash_bits: 0,
         }
-    }
-}
-
-impl AgentConfig {
-    /// What the loader needs: pinning under `pin_dir` and the session table size.
-    pub fn load_options(&self) -> LoadOptions {
-        LoadOptions {
-            pin_dir: Some(self.pin_dir.clone()),
-            max_sessions: Some(self.max_sessions),
-            ring_rows: None,
-        }
-    }
-
-    /// The `CONFIG` map entry (encapsulation sources and flood guard). `decap_gue_port` is 0: the
-    /// decap program runs on the gateways, not here.
-    pub fn global_config(&self) -> GlobalConfig {
-        let low_bits = |bits: u8| -> u32 {
-            if bits >= 32 {
-                u32::MAX
-            } else {
-                (1u32 << bits) - 1
-            }
-        };
-        let mut g = GlobalConfig {
-            flood_max_inserts_per_sec: self.flood_max_inserts_per_sec,
-            ..GlobalConfig::default()
-        };
-        if let Some(v4) = self.encap_source_v4 {
-            g.encap_src_v4 = addr_words(IpAddr::V4(v4)).0[0];
-            // The low bits of the address are its last bits on the wire.
-            g.encap_src_v4_hash_mask = low_bits(self.encap_source_v4_hash_bits).to_be();
-        }
-        if let Some(v6) = self.encap_source_v6 {
-            g.encap_src_v6 = addr_words(IpAddr::V6(v6)).0;
-            g.encap_src_v6_hash_mask = low_bits(self.encap_source_v6_hash_bits).to_be();
-        }
-        g
     }
 }
 

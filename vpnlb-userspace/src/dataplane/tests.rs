@@ -3,113 +3,12 @@
 
 use std::net::IpAddr;
 
-use vpnlb_common::maglev::{self, MaglevBackend, SlotChange};
-use vpnlb_common::{FlowKey, Session};
+use vpnlb_common::maglev::{self, MaglevBackend};
 
 use super::*;
-use crate::dataplane::maps::{MapReader, MemMaps};
+use crate::dataplane::maps::{MapReader, MemMaps, Recording};
 
-/// A MemMaps that logs every call and can be told to fail the n-th write.
-#[derive(Default)]
-struct Rec {
-    maps: MemMaps,
-    log: Vec<String>,
-    fail_at: Option<usize>,
-}
-
-impl Rec {
-    fn step(&mut self, what: String) -> Result<(), MapError> {
-        if self.fail_at == Some(self.log.len()) {
-            return Err(MapError::OutOfRange {
-                what: "injected failure",
-                index: 0,
-                limit: 0,
-            });
-        }
-        self.log.push(what);
-        Ok(())
-    }
-    fn kinds(&self) -> Vec<&str> {
-        self.log
-            .iter()
-            .map(|s| s.split(' ').next().unwrap())
-            .collect()
-    }
-}
-
-impl MapWriter for Rec {
-    fn set_config(&mut self, cfg: &GlobalConfig) -> Result<(), MapError> {
-        self.step("config".into())?;
-        self.maps.set_config(cfg)
-    }
-    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), MapError> {
-        self.step(format!("backend {id}"))?;
-        self.maps.set_backend(id, b)
-    }
-    fn clear_backend(&mut self, id: u32) -> Result<(), MapError> {
-        self.step(format!("clear_backend {id}"))?;
-        self.maps.clear_backend(id)
-    }
-    fn write_ring(&mut self, ring_id: u32, changes: &[SlotChange]) -> Result<(), MapError> {
-        self.step(format!("ring {ring_id} {}", changes.len()))?;
-        self.maps.write_ring(ring_id, changes)
-    }
-    fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), MapError> {
-        self.step(format!("vip {}", meta.vip_id))?;
-        self.maps.set_vip(key, meta)
-    }
-    fn remove_vip(&mut self, key: &VipKey) -> Result<(), MapError> {
-        self.step("remove_vip".into())?;
-        self.maps.remove_vip(key)
-    }
-    fn set_tx_port(&mut self, ifindex: u32) -> Result<(), MapError> {
-        self.step(format!("tx {ifindex}"))?;
-        self.maps.set_tx_port(ifindex)
-    }
-    fn remove_tx_port(&mut self, ifindex: u32) -> Result<(), MapError> {
-        self.step(format!("remove_tx {ifindex}"))?;
-        self.maps.remove_tx_port(ifindex)
-    }
-    fn set_session(&mut self, key: &FlowKey, s: &Session) -> Result<(), MapError> {
-        self.maps.set_session(key, s)
-    }
-    fn remove_session(&mut self, key: &FlowKey) -> Result<(), MapError> {
-        self.maps.remove_session(key)
-    }
-    fn set_session_id(&mut self, key: &vpnlb_common::IdKey, id: u32) -> Result<(), MapError> {
-        self.maps.set_session_id(key, id)
-    }
-    fn remove_session_id(&mut self, key: &vpnlb_common::IdKey) -> Result<(), MapError> {
-        self.maps.remove_session_id(key)
-    }
-    fn set_id_range(
-        &mut self,
-        p: &crate::dataplane::session_ids::IdPrefix,
-        id: u32,
-    ) -> Result<(), MapError> {
-        self.step(format!("id_range {}", p.prefix_len))?;
-        self.maps.set_id_range(p, id)
-    }
-    fn remove_id_range(
-        &mut self,
-        p: &crate::dataplane::session_ids::IdPrefix,
-    ) -> Result<(), MapError> {
-        self.step(format!("remove_id_range {}", p.prefix_len))?;
-        self.maps.remove_id_range(p)
-    }
-    fn set_frag_vip(&mut self, portless: &VipKey, vip: &VipKey) -> Result<(), MapError> {
-        self.step("frag_vip".into())?;
-        self.maps.set_frag_vip(portless, vip)
-    }
-    fn remove_frag_vip(&mut self, portless: &VipKey) -> Result<(), MapError> {
-        self.step("remove_frag_vip".into())?;
-        self.maps.remove_frag_vip(portless)
-    }
-    fn set_class_ring(&mut self, vip_id: u32, dscp: u8, ring_plus1: u32) -> Result<(), MapError> {
-        self.step(format!("class {vip_id}/{dscp}={ring_plus1}"))?;
-        self.maps.set_class_ring(vip_id, dscp, ring_plus1)
-    }
-}
+type Rec = Recording<MemMaps>;
 
 fn gw(id: u32, last: u8) -> BackendSpec {
     BackendSpec {
@@ -140,7 +39,7 @@ fn vip(port: u16, ring_id: u32, backends: Vec<u32>) -> VipSpec {
 }
 
 fn dp_with(n: u32) -> Dataplane<Rec> {
-    let mut dp = Dataplane::new(Rec::default());
+    let mut dp = Dataplane::new(Rec::new(MemMaps::new()));
     for i in 1..=n {
         dp.upsert_backend(gw(i, i as u8)).unwrap();
     }
@@ -171,7 +70,7 @@ fn ring_of(m: &MemMaps, ring_id: u32, size: u32) -> Vec<u32> {
 
 #[test]
 fn vip_is_written_backends_then_ring_then_vip() {
-    let mut dp = Dataplane::new(Rec::default());
+    let mut dp = Dataplane::new(Rec::new(MemMaps::new()));
     let r1 = dp
         .upsert_backend(BackendSpec {
             ifindex: 7,
@@ -199,7 +98,7 @@ fn vip_is_written_backends_then_ring_then_vip() {
             maps_written: 2
         }
     );
-    let m = &dp.writer().maps;
+    let m = &dp.writer().inner;
     let want = expected_table(&[gw(1, 1), gw(2, 2)], 251);
     assert_eq!(ring_of(m, 4, 251), want);
     assert_eq!(dp.installed_ring(4), Some(&want[..]));
@@ -258,7 +157,7 @@ fn state_changes_rewrite_every_ring_listing_the_backend() {
     let r = dp.set_backend_state(2, BACKEND_DOWN).unwrap();
     // Backend entry first, then both rings, in the same call.
     assert_eq!(dp.writer().kinds(), ["backend", "ring", "ring"]);
-    let m = &dp.writer().maps;
+    let m = &dp.writer().inner;
     assert_eq!(m.backend(2).unwrap().state, BACKEND_DOWN);
     assert_eq!(
         ring_of(m, 0, 251),
@@ -278,10 +177,13 @@ fn state_changes_rewrite_every_ring_listing_the_backend() {
     // Draining is out of the ring too; back up restores the original table exactly.
     dp.set_backend_state(2, BACKEND_DRAINING).unwrap();
     assert!(!dp.installed_ring(0).unwrap().contains(&2));
-    assert_eq!(dp.writer().maps.backend(2).unwrap().state, BACKEND_DRAINING);
+    assert_eq!(
+        dp.writer().inner.backend(2).unwrap().state,
+        BACKEND_DRAINING
+    );
     dp.set_backend_state(2, BACKEND_UP).unwrap();
     assert_eq!(dp.installed_ring(0).unwrap(), &before0[..]);
-    assert_eq!(ring_of(&dp.writer().maps, 0, 251), before0);
+    assert_eq!(ring_of(&dp.writer().inner, 0, 251), before0);
 }
 
 #[test]
@@ -334,7 +236,7 @@ fn weight_and_address_changes_rebuild_rings() {
 
 #[test]
 fn tx_ports_follow_backends() {
-    let mut dp = Dataplane::new(Rec::default());
+    let mut dp = Dataplane::new(Rec::new(MemMaps::new()));
     dp.upsert_backend(BackendSpec {
         ifindex: 7,
         ..gw(1, 1)
@@ -350,20 +252,20 @@ fn tx_ports_follow_backends() {
         ..gw(2, 2)
     })
     .unwrap();
-    assert!(dp.writer().maps.tx_ports.contains(&7) && dp.writer().maps.tx_ports.contains(&8));
+    assert!(dp.writer().inner.tx_ports.contains(&7) && dp.writer().inner.tx_ports.contains(&8));
     dp.writer_mut().log.clear();
     dp.remove_backend(1).unwrap();
     assert_eq!(dp.writer().kinds(), ["clear_backend", "remove_tx"]);
     assert_eq!(
         dp.writer()
-            .maps
+            .inner
             .tx_ports
             .iter()
             .copied()
             .collect::<Vec<_>>(),
         vec![8]
     );
-    assert_eq!(dp.writer().maps.backend(1).unwrap(), Backend::default());
+    assert_eq!(dp.writer().inner.backend(1).unwrap(), Backend::default());
 }
 
 #[test]
@@ -387,12 +289,12 @@ fn removal_is_vip_then_ring_then_backends() {
             maps_written: 2
         }
     );
-    assert!(dp.writer().maps.vips.is_empty());
-    assert_eq!(ring_of(&dp.writer().maps, 3, 251), vec![0; 251]);
+    assert!(dp.writer().inner.vips.is_empty());
+    assert_eq!(ring_of(&dp.writer().inner, 3, 251), vec![0; 251]);
     assert_eq!(dp.installed_ring(3), None);
     dp.remove_backend(1).unwrap();
     dp.remove_backend(2).unwrap();
-    assert!(dp.writer().maps.backends().unwrap().is_empty());
+    assert!(dp.writer().inner.backends().unwrap().is_empty());
     assert!(matches!(
         dp.remove_backend(2),
         Err(DataplaneError::UnknownBackend { id: 2 })
@@ -437,7 +339,11 @@ fn shared_rings() {
     // Removing one key keeps the shared ring.
     dp.remove_vip(&ike.key).unwrap();
     assert!(dp.installed_ring(2).is_some());
-    assert!(ring_of(&dp.writer().maps, 2, 251).iter().all(|id| *id != 0));
+    assert!(
+        ring_of(&dp.writer().inner, 2, 251)
+            .iter()
+            .all(|id| *id != 0)
+    );
     dp.remove_vip(&natt.key).unwrap();
     assert!(dp.installed_ring(2).is_none());
 }
@@ -450,7 +356,7 @@ fn moving_and_shrinking_rings() {
     // Move to ring 5: new ring, then the VIP entry, then the old ring zeroed.
     dp.upsert_vip(vip(500, 5, vec![1, 2])).unwrap();
     assert_eq!(dp.writer().log, ["ring 5 251", "vip 1", "ring 0 251"]);
-    assert_eq!(ring_of(&dp.writer().maps, 0, 251), vec![0; 251]);
+    assert_eq!(ring_of(&dp.writer().inner, 0, 251), vec![0; 251]);
     assert!(dp.installed_ring(0).is_none());
     // Shrink to 13 slots: the new table, the VIP, then the slots past 13 trimmed.
     dp.writer_mut().log.clear();
@@ -460,14 +366,14 @@ fn moving_and_shrinking_rings() {
     })
     .unwrap();
     assert_eq!(dp.writer().log, ["ring 5 13", "vip 1", "ring 5 238"]);
-    let row = ring_of(&dp.writer().maps, 5, 251);
+    let row = ring_of(&dp.writer().inner, 5, 251);
     assert!(row[..13].iter().all(|id| *id != 0) && row[13..].iter().all(|id| *id == 0));
     assert_eq!(dp.installed_ring(5).unwrap().len(), 13);
     // Grow back: a full write of the new size.
     let r = dp.upsert_vip(vip(500, 5, vec![1, 2])).unwrap();
     assert_eq!(r.ring_slots_written, 251);
     assert_eq!(
-        ring_of(&dp.writer().maps, 5, 251),
+        ring_of(&dp.writer().inner, 5, 251),
         expected_table(&[gw(1, 1), gw(2, 2)], 251)
     );
 }
@@ -481,7 +387,7 @@ fn validation_rejects_and_writes_nothing() {
     })
     .unwrap();
     dp.upsert_vip(vip(500, 0, vec![1, 2])).unwrap();
-    let snapshot = dp.writer().maps.clone();
+    let snapshot = dp.writer().inner.clone();
     dp.writer_mut().log.clear();
     let esp = VipKey::new("192.0.2.10".parse().unwrap(), 0, PROTO_ESP);
     let cases: Vec<(&str, Result<ApplyReport, DataplaneError>)> = vec![
@@ -615,7 +521,7 @@ fn validation_rejects_and_writes_nothing() {
         "nothing written: {:?}",
         dp.writer().log
     );
-    assert_eq!(dp.writer().maps, snapshot);
+    assert_eq!(dp.writer().inner, snapshot);
     // A ring id within MAX_VIPS but beyond the allocated rows.
     let mut small = Dataplane::with_ring_rows(MemMaps::new(), 2);
     small.upsert_backend(gw(1, 1)).unwrap();
@@ -676,8 +582,8 @@ fn a_failed_write_forgets_the_ring_and_the_next_call_rewrites_it() {
         r.maps_written, 3,
         "after a failure every backend and VIP is rewritten"
     );
-    assert_eq!(ring_of(&dp.writer().maps, 0, 251), good);
-    assert_eq!(dp.writer().maps.backend(2).unwrap().state, BACKEND_UP);
+    assert_eq!(ring_of(&dp.writer().inner, 0, 251), good);
+    assert_eq!(dp.writer().inner.backend(2).unwrap().state, BACKEND_UP);
     // Back to normal: deltas only.
     dp.writer_mut().log.clear();
     dp.set_backend_state(1, BACKEND_DRAINING).unwrap();
@@ -690,9 +596,12 @@ fn all_backends_down_leaves_an_empty_ring() {
     dp.upsert_vip(vip(500, 0, vec![1, 2])).unwrap();
     dp.set_backend_state(1, BACKEND_DOWN).unwrap();
     dp.set_backend_state(2, BACKEND_DOWN).unwrap();
-    assert_eq!(ring_of(&dp.writer().maps, 0, 251), vec![0; 251]);
+    assert_eq!(ring_of(&dp.writer().inner, 0, 251), vec![0; 251]);
     assert!(
-        dp.writer().maps.vips.contains_key(&vip(500, 0, vec![]).key),
+        dp.writer()
+            .inner
+            .vips
+            .contains_key(&vip(500, 0, vec![]).key),
         "the VIP stays (drops are counted)"
     );
 }
@@ -708,11 +617,11 @@ fn fragment_vips_name_the_lowest_port_of_each_address_and_protocol() {
     };
     dp.upsert_vip(natt.clone()).unwrap();
     let portless = VipKey::new(ike.key.ip(), 0, PROTO_UDP);
-    assert_eq!(dp.writer().maps.frag_vips[&portless], natt.key);
+    assert_eq!(dp.writer().inner.frag_vips[&portless], natt.key);
     dp.upsert_vip(ike.clone()).unwrap();
-    assert_eq!(dp.writer().maps.frag_vips[&portless], ike.key);
+    assert_eq!(dp.writer().inner.frag_vips[&portless], ike.key);
     dp.remove_vip(&ike.key).unwrap();
-    assert_eq!(dp.writer().maps.frag_vips[&portless], natt.key);
+    assert_eq!(dp.writer().inner.frag_vips[&portless], natt.key);
     dp.remove_vip(&natt.key).unwrap();
-    assert!(dp.writer().maps.frag_vips.is_empty());
+    assert!(dp.writer().inner.frag_vips.is_empty());
 }

@@ -292,6 +292,7 @@ fn probe_in(
     let target = CheckTarget {
         backend_id: 0,
         check_index: 0,
+        generation: 0,
         addr: vip,
         source: Some(client),
         interface: None,

@@ -181,6 +181,7 @@ fn to_result(target: &CheckTarget, outcome: Result<ProbeOk, String>) -> CheckRes
     CheckResult {
         backend_id: target.backend_id,
         check_index: target.check_index,
+        generation: target.generation,
         ok,
         latency,
         detail,
@@ -232,6 +233,7 @@ mod tests {
         CheckTarget {
             backend_id: 7,
             check_index: 1,
+            generation: 0,
             addr: "127.0.0.1".parse().expect("addr"),
             source: None,
             interface: None,

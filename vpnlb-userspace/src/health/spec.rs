@@ -413,6 +413,9 @@ pub struct CheckTarget {
     pub backend_id: u32,
     /// Index of the check within the backend's `checks` list.
     pub check_index: usize,
+    /// Which start of the backend's checks this is (the agent restarts them on reload): results
+    /// of a stopped generation still queued are recognised and ignored.
+    pub generation: u64,
     pub addr: IpAddr,
     /// Local address to probe from (BFD needs it; others bind to it when set).
     pub source: Option<IpAddr>,
@@ -425,6 +428,8 @@ pub struct CheckTarget {
 pub struct CheckResult {
     pub backend_id: u32,
     pub check_index: usize,
+    /// The [`CheckTarget::generation`] of the check that produced it.
+    pub generation: u64,
     pub ok: bool,
     /// Round-trip time of a successful probe (BFD: none).
     pub latency: Option<Duration>,

@@ -97,6 +97,7 @@ mod tests {
         CheckTarget {
             backend_id: 1,
             check_index: 0,
+            generation: 0,
             addr: "127.0.0.1".parse().expect("addr"),
             source: Some("127.0.0.1".parse().expect("addr")),
             interface: None,

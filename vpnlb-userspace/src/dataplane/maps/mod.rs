@@ -6,10 +6,12 @@
 
 mod aya_maps;
 mod mem;
+mod recording;
 mod sys;
 
 pub use aya_maps::AyaMaps;
 pub use mem::{MemMaps, SimEnv};
+pub use recording::Recording;
 
 use std::io;
 use std::path::PathBuf;

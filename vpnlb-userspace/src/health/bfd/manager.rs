@@ -427,6 +427,7 @@ impl Entry {
         self.pending.push_back(CheckResult {
             backend_id: self.target.backend_id,
             check_index: self.target.check_index,
+            generation: self.target.generation,
             ok,
             latency: None,
             detail,

@@ -18,6 +18,7 @@ fn target(id: u32, addr: &str, source: &str) -> CheckTarget {
     CheckTarget {
         backend_id: id,
         check_index: 0,
+        generation: 0,
         addr: addr.parse().unwrap(),
         source: Some(source.parse().unwrap()),
         interface: None,
@@ -43,6 +44,19 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// Polls `f` every 5 ms until it answers; panics after 30 s (a liveness bound for a loaded
+/// machine, not a timing assertion).
+fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "condition never met");
+        std::thread::sleep(5 * MS);
+    }
 }
 
 /// Waits for a report with `ok` on `rx`, returning the ones seen on the way.
@@ -91,30 +105,25 @@ fn mirrored_sessions_come_up_and_admin_down_on_drop() {
     assert!(seen.last().unwrap().latency.is_none());
     wait_for(&rt, &mut rxb, true, Duration::from_secs(3));
 
-    // Poll/Final done: the agreed 20 ms rate.
-    std::thread::sleep(200 * MS);
-    let st = a.status();
+    // Poll/Final done: the agreed 20 ms rate (the schedule itself is the session's, tested on a
+    // fake clock in session/tests.rs; here: the manager keeps both sessions talking).
+    let st = poll(|| Some(a.status()).filter(|s| s.tx_interval == Some(20 * MS)));
     assert_eq!(st.state, State::Up);
-    assert_eq!(st.tx_interval, Some(20 * MS));
     assert_eq!(st.detection_time, Some(60 * MS));
     assert_eq!(st.remote_discr, b.status().local_discr);
     assert!(SOURCE_PORTS.contains(&st.source_port.unwrap()));
     let rx0 = st.rx_packets;
-    std::thread::sleep(Duration::from_secs(1));
-    let got = a.status().rx_packets - rx0;
-    // 1 s at 15-20 ms per packet is 50-66 packets; leave room for a loaded machine.
-    assert!((35..=75).contains(&got), "{got} packets in 1 s");
+    poll(|| (a.status().rx_packets >= rx0 + 10).then_some(()));
     assert_eq!(mgr.stats(), BfdStats::default());
 
-    // B goes away: it says AdminDown, A goes Down at once.
-    let t = Instant::now();
+    // B goes away: it says AdminDown, and A goes Down because of that packet (not because B fell
+    // silent, which would read "control detection time expired").
     drop(b);
-    let seen = wait_for(&rt, &mut rxa, false, Duration::from_secs(1));
+    let seen = wait_for(&rt, &mut rxa, false, Duration::from_secs(10));
     assert_eq!(
         seen.last().unwrap().detail,
         "bfd Down (neighbor signaled session down: administratively down)"
     );
-    assert!(t.elapsed() < 50 * MS, "{:?}", t.elapsed());
     // Nothing more from B's channel after its handle is gone (sender dropped by the manager).
     rt.block_on(async {
         let r = tokio::time::timeout(Duration::from_secs(5), async {
@@ -245,11 +254,7 @@ fn receive_path_drops_bad_ttl_garbage_and_strangers() {
         rx_invalid: 1,
         rx_no_session: 2,
     };
-    let t = Instant::now();
-    while mgr.stats() != want && t.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(5 * MS);
-    }
-    assert_eq!(mgr.stats(), want);
+    poll(|| (mgr.stats() == want).then_some(()));
 }
 
 #[test]
@@ -257,10 +262,11 @@ fn hundreds_of_sessions_on_one_thread() {
     let (mgr, _) = manager();
     let rt = rt();
     let (tx, mut rx) = mpsc::channel(4096);
-    // 100 ms x 3 leaves room for a loaded test machine; the FRR test covers 50 ms.
+    // 100 ms x 5 leaves room for a loaded test machine; the FRR test covers 50 ms x 3.
     let params = SessionParams {
         desired_min_tx: 100 * MS,
         required_min_rx: 100 * MS,
+        detect_mult: 5,
         ..fast()
     };
     let mut handles = Vec::new();
@@ -279,23 +285,27 @@ fn hundreds_of_sessions_on_one_thread() {
         );
     }
     let n = handles.len();
-    let t = Instant::now();
     let mut up = HashSet::new();
     rt.block_on(async {
         while up.len() < n {
-            let r = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            let r = tokio::time::timeout(Duration::from_secs(30), rx.recv())
                 .await
-                .expect("all Up within 10 s")
+                .expect("a report within 30 s")
                 .unwrap();
             if r.ok {
                 up.insert(r.backend_id);
             }
         }
     });
-    let took = t.elapsed();
-    assert!(took < Duration::from_secs(5), "{n} sessions Up in {took:?}");
-    // They stay Up at the fast rate: no Down report over a second.
-    std::thread::sleep(Duration::from_secs(1));
+    // They stay Up at the fast rate: every session keeps receiving, and no Down is reported.
+    let rx0: Vec<u64> = handles.iter().map(|h| h.status().rx_packets).collect();
+    poll(|| {
+        handles
+            .iter()
+            .zip(&rx0)
+            .all(|(h, r0)| h.status().rx_packets >= r0 + 5)
+            .then_some(())
+    });
     while let Ok(r) = rx.try_recv() {
         assert!(r.ok, "unexpected {r:?}");
     }
