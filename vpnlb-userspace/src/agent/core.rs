@@ -81,11 +81,18 @@ pub enum Event {
 pub struct Reload {
     pub cfg: Result<Config, ConfigError>,
     pub ifaces: HashMap<String, Iface>,
+    /// Asked for by SIGHUP (no one to reply to: the log is the answer).
+    pub by_signal: bool,
 }
 
 impl Event {
+    /// A reload asked for on the control socket.
     pub fn reload(cfg: Result<Config, ConfigError>, ifaces: HashMap<String, Iface>) -> Event {
-        Event::Reload(Box::new(Reload { cfg, ifaces }))
+        Event::Reload(Box::new(Reload {
+            cfg,
+            ifaces,
+            by_signal: false,
+        }))
     }
 }
 
@@ -175,6 +182,7 @@ pub enum Log {
     },
     ReloadRejected {
         error: String,
+        by_signal: bool,
     },
     Reloaded {
         restarted: Vec<String>,
@@ -379,16 +387,24 @@ impl<W: MapWriter + MapReader> Core<W> {
             Event::Check(r) => self.on_check(r, now, wall, &mut fx),
             Event::Neigh(u) => self.on_neigh(u, now, wall, &mut fx),
             Event::Admin { backend, admin } => self.on_admin(&backend, admin, now, wall, &mut fx),
-            Event::Reload(r) => match self.reload(r.cfg, r.ifaces, now, wall, &mut fx) {
-                Ok(v) => fx.push(Effect::Reply(Response::ok(v))),
-                Err(e) => {
-                    let error = chain(&e);
-                    fx.push(Effect::Log(Log::ReloadRejected {
-                        error: error.clone(),
-                    }));
-                    fx.push(Effect::Reply(Response::err(error)));
+            Event::Reload(r) => {
+                let Reload {
+                    cfg,
+                    ifaces,
+                    by_signal,
+                } = *r;
+                match self.reload(cfg, ifaces, now, wall, &mut fx) {
+                    Ok(v) => fx.push(Effect::Reply(Response::ok(v))),
+                    Err(e) => {
+                        let error = chain(&e);
+                        fx.push(Effect::Log(Log::ReloadRejected {
+                            error: error.clone(),
+                            by_signal,
+                        }));
+                        fx.push(Effect::Reply(Response::err(error)));
+                    }
                 }
-            },
+            }
             Event::Status => fx.push(Effect::Reply(Response::ok(super::status::render(
                 self, now, wall,
             )))),

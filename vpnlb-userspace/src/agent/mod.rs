@@ -299,17 +299,21 @@ fn log(l: Log, t0: Instant) {
             "removed pinned entries the config no longer has"
         ),
         Log::NeighKept { backend, mac } => tracing::debug!(
-            backend,
+            backend = %backend,
             mac = %neigh::fmt_mac(&mac),
             "neighbour entry gone; keeping the known MAC (nudged)"
         ),
         Log::ApplyFailed { why, error } => tracing::error!(
             why,
-            error,
+            error = %error,
             "applying a change to the maps failed; will retry on the next event"
         ),
-        Log::ReloadRejected { error } => {
-            tracing::error!(error, "reload rejected; the running config stays")
+        Log::ReloadRejected { error, by_signal } => {
+            if by_signal {
+                tracing::error!(error = %error, "SIGHUP reload rejected; the running config stays")
+            } else {
+                tracing::error!(error = %error, "reload rejected; the running config stays")
+            }
         }
         Log::Reloaded {
             restarted,
@@ -325,7 +329,7 @@ fn log(l: Log, t0: Instant) {
             "config reloaded"
         ),
         Log::AttachFailed { iface, error } => {
-            tracing::error!(iface, error, "attaching vpnlb_ingress failed")
+            tracing::error!(iface = %iface, error = %error, "attaching vpnlb_ingress failed")
         }
     }
 }
@@ -473,10 +477,14 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     tracing::info!(pid = std::process::id(), "agent running");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reload = || {
+    let reload = |by_signal: bool| {
         let cfg = config::load(&config_path);
         let ifaces = cfg.as_ref().map(host_ifaces).unwrap_or_default();
-        Event::reload(cfg, ifaces)
+        Event::Reload(Box::new(core::Reload {
+            cfg,
+            ifaces,
+            by_signal,
+        }))
     };
     loop {
         tokio::select! {
@@ -498,7 +506,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
                     Request::Undrain { backend } | Request::Enable { backend } => {
                         Event::Admin { backend, admin: Admin::None }
                     }
-                    Request::Reload {} => reload(),
+                    Request::Reload {} => reload(false),
                     Request::Status {} => Event::Status,
                 };
                 let resp = step(&mut core, &mut shell, ev)
@@ -506,7 +514,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
                 let _ = c.reply.send(resp);
             }
             _ = hup.recv() => {
-                step(&mut core, &mut shell, reload());
+                step(&mut core, &mut shell, reload(true));
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

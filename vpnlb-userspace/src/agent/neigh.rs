@@ -52,12 +52,19 @@ pub fn next_read(missing_streak: u32) -> Duration {
         .min(Duration::from_secs(1))
 }
 
+/// Reads of a new entry that may miss (each followed by a nudge) before "no neighbour entry" is
+/// reported: with [`next_read`]'s schedule about 0.7 s, so a fresh start reports the MACs the
+/// kernel resolves in that time rather than a failure first.
+pub const MISSES_BEFORE_REPORT: u32 = 3;
+
 /// Resolves the next-hop MACs of every wanted backend from one read of the neighbour table per
 /// round (nudging the kernel for missing ones), and reports each change of a backend's MAC, and
-/// the first result of every new (backend, generation), on `tx`.
+/// the first result of every new (backend, generation), on `tx`. A new entry that is missing is
+/// reported only after [`MISSES_BEFORE_REPORT`] reads.
 pub fn watch(wanted: Wanted, tx: mpsc::Sender<NeighUpdate>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last: HashMap<(String, u64), Option<[u8; 6]>> = HashMap::new();
+        let mut misses: HashMap<(String, u64), u32> = HashMap::new();
         let mut streak = 0u32;
         loop {
             let snapshot: Vec<(String, (NeighKey, u64))> = lock(&wanted)
@@ -67,15 +74,25 @@ pub fn watch(wanted: Wanted, tx: mpsc::Sender<NeighUpdate>) -> tokio::task::Join
             let mut missing = false;
             if !snapshot.is_empty() {
                 let table = tokio::task::spawn_blocking(table).await.unwrap_or_default();
-                last.retain(|k, _| snapshot.iter().any(|(n, (_, g))| *n == k.0 && *g == k.1));
+                let live =
+                    |k: &(String, u64)| snapshot.iter().any(|(n, (_, g))| *n == k.0 && *g == k.1);
+                last.retain(|k, _| live(k));
+                misses.retain(|k, _| live(k));
                 for (name, (key, generation)) in &snapshot {
                     let mac = table.get(key).copied();
                     let (dev, addr) = (&key.0, key.1);
+                    let k = (name.clone(), *generation);
                     if mac.is_none() {
                         missing = true;
                         nudge(addr);
+                        if !last.contains_key(&k) {
+                            let n = misses.entry(k.clone()).or_default();
+                            *n += 1;
+                            if *n < MISSES_BEFORE_REPORT {
+                                continue;
+                            }
+                        }
                     }
-                    let k = (name.clone(), *generation);
                     if last.get(&k) == Some(&mac) {
                         continue;
                     }
