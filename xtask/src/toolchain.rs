@@ -128,7 +128,9 @@ pub fn ensure_packages(pkgs: &[(&str, &str)]) -> Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq"])
+        // Only what is named: recommends pulled a kernel image and an initramfs rebuild into a
+        // fresh machine's test run.
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(missing.iter().map(|(p, _)| *p)))?;
     Ok(())
 }
