@@ -23,6 +23,7 @@ use crate::agent::metrics::View;
 use crate::agent::neigh::{NeighKey, NeighUpdate, fmt_mac};
 use crate::agent::reconcile::{self, Desired, PoolChoice};
 use crate::agent::state::{Admin, BackendHealth, BackendState, Health, Transition};
+use crate::agent::status;
 use crate::agent::{AgentError, chain};
 use crate::config::{self, BackendConfig, Config, ConfigError, IdMap};
 use crate::dataplane::Dataplane;
@@ -198,13 +199,13 @@ pub enum Log {
 
 /// The agent's state and decisions over the maps behind `W`.
 pub struct Core<W: MapWriter + MapReader> {
-    pub(super) cfg: Config,
-    pub(super) config_path: PathBuf,
-    pub(super) ids: IdMap,
+    cfg: Config,
+    config_path: PathBuf,
+    ids: IdMap,
     /// Backend id -> name (rebuilt with `ids`).
     names: HashMap<u32, String>,
-    pub(super) dp: Dataplane<W>,
-    pub(super) health: Health,
+    dp: Dataplane<W>,
+    health: Health,
     ifaces: HashMap<String, Iface>,
     /// Next-hop MACs learned for backends without a configured `mac`.
     macs: HashMap<String, [u8; 6]>,
@@ -213,16 +214,16 @@ pub struct Core<W: MapWriter + MapReader> {
     /// Backend -> generation of its neighbour watch (backends without a configured `mac`).
     neigh_gen: HashMap<String, u64>,
     next_gen: u64,
-    pub(super) choices: Vec<PoolChoice>,
+    choices: Vec<PoolChoice>,
     /// (vip, class) pairs that have had a serving pool since start.
     served: BTreeSet<(String, Option<String>)>,
     /// Backends that have not concluded since start (for the start summary); `None` once settled.
     unsettled: Option<BTreeSet<String>>,
-    pub(super) attach_errors: BTreeMap<String, String>,
+    attach_errors: BTreeMap<String, String>,
     host: String,
-    pub(super) pid: u32,
-    pub(super) started: Instant,
-    pub(super) started_wall: SystemTime,
+    pid: u32,
+    started: Instant,
+    started_wall: SystemTime,
     view_dirty: bool,
     /// The last reconcile failed: the next tick retries it (as does any event that applies).
     apply_pending: bool,
@@ -405,8 +406,17 @@ impl<W: MapWriter + MapReader> Core<W> {
                     }
                 }
             }
-            Event::Status => fx.push(Effect::Reply(Response::ok(super::status::render(
-                self, now, wall,
+            Event::Status => fx.push(Effect::Reply(Response::ok(status::render(
+                &status::Input {
+                    cfg: &self.cfg,
+                    config_path: &self.config_path,
+                    health: &self.health,
+                    choices: &self.choices,
+                    attach_errors: &self.attach_errors,
+                    pid: self.pid,
+                    started_wall: self.started_wall,
+                },
+                now,
             )))),
             Event::Tick => {
                 if self.view_dirty {

@@ -15,7 +15,7 @@ pub mod neigh;
 pub mod persist;
 pub mod reconcile;
 pub mod state;
-mod status;
+pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -1,25 +1,35 @@
 //! `vpnlb status`: the agent's state as JSON (the CLI renders it), computed from the core at a
 //! given time.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use super::core::Core;
-use crate::dataplane::maps::{MapReader, MapWriter};
+use crate::agent::reconcile::PoolChoice;
+use crate::agent::state::Health;
+use crate::config::Config;
 
-pub(super) fn unix(t: SystemTime) -> f64 {
+/// What the status shows, borrowed from the core.
+pub struct Input<'a> {
+    pub cfg: &'a Config,
+    pub config_path: &'a Path,
+    pub health: &'a Health,
+    pub choices: &'a [PoolChoice],
+    pub attach_errors: &'a BTreeMap<String, String>,
+    pub pid: u32,
+    pub started_wall: SystemTime,
+}
+
+fn unix(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
 
 /// The status document: the agent, every backend with its checks, every VIP with its pools.
-pub(super) fn render<W: MapWriter + MapReader>(
-    core: &Core<W>,
-    now: Instant,
-    _wall: SystemTime,
-) -> serde_json::Value {
+pub fn render(core: &Input, now: Instant) -> serde_json::Value {
     let age = |t: Instant| now.saturating_duration_since(t).as_secs_f64();
     let backends: Vec<serde_json::Value> = core
         .cfg
