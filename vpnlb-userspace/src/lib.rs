@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod gateway;

@@ -25,11 +25,14 @@ use crate::agent::reconcile::{self, Desired, PoolChoice};
 use crate::agent::state::{Admin, BackendHealth, BackendState, Health, Transition};
 use crate::agent::status;
 use crate::agent::{AgentError, chain};
+use crate::cluster::Service;
+use crate::cluster::etcd::{Command, Update};
 use crate::config::{self, BackendConfig, Config, ConfigError, IdMap};
 use crate::dataplane::Dataplane;
 use crate::dataplane::attach::AttachMode;
 use crate::dataplane::maps::{MapReader, MapWriter};
 use crate::health::{CheckResult, CheckSpec, CheckTarget};
+use member::Member;
 
 /// The label of the pseudo-check that keeps a backend without a configured `mac` out of service
 /// until its next-hop MAC is known.
@@ -51,6 +54,8 @@ pub struct Start {
     /// This host's name, for hooks.
     pub host: String,
     pub pid: u32,
+    /// A member's last applied service, kept on this host (a restart while etcd is away runs it).
+    pub cached_service: Option<Service>,
 }
 
 /// Something that happened.
@@ -75,6 +80,9 @@ pub enum Event {
         iface: String,
         error: String,
     },
+    /// From the member's etcd session, with every interface of the host (a service may name any
+    /// as a backend's egress).
+    Etcd(Box<(Update, HashMap<String, Iface>)>),
 }
 
 /// A reload: the config file as the shell read it, and the host's interfaces that config names.
@@ -141,6 +149,10 @@ pub enum Effect {
     Log(Log),
     /// The answer to the request being handled (admin, reload, status).
     Reply(Response),
+    /// For the member's etcd session: publish this member's state, set an admin override.
+    Etcd(Command),
+    /// Keep the service just applied on this host (a restart while etcd is away runs it).
+    PersistService(Service),
 }
 
 /// What the agent reports in its log; the shell picks the level and the wording.
@@ -195,6 +207,28 @@ pub enum Log {
         iface: String,
         error: String,
     },
+    /// etcd reached again (`up`) or lost.
+    Etcd {
+        up: bool,
+        detail: String,
+    },
+    EtcdBadValue {
+        key: String,
+        reason: String,
+    },
+    ServiceApplied {
+        revision: i64,
+        detail: String,
+    },
+    /// A service revision this member refuses; it keeps running the previous one.
+    ServiceRefused {
+        revision: i64,
+        error: String,
+    },
+    /// Rings that differ from a peer's that should be the same ("ring@peer").
+    RingMismatch {
+        rings: Vec<String>,
+    },
 }
 
 /// The agent's state and decisions over the maps behind `W`.
@@ -227,6 +261,8 @@ pub struct Core<W: MapWriter + MapReader> {
     view_dirty: bool,
     /// The last reconcile failed: the next tick retries it (as does any event that applies).
     apply_pending: bool,
+    /// As a member of a cluster (`[cluster]`).
+    member: Option<Member>,
 }
 
 /// Health entry of `b`: its configured checks (BFD reports already-debounced session state: rise
@@ -275,8 +311,29 @@ impl<W: MapWriter + MapReader> Core<W> {
         now: Instant,
         wall: SystemTime,
     ) -> Result<(Self, Vec<Effect>), AgentError> {
+        let mut s = s;
+        // A member runs its file merged with the cluster's service: the last one it applied
+        // (kept on this host) until etcd says otherwise. Without one it writes nothing.
+        let mut member = s.cfg.cluster.clone().map(|c| {
+            let started = wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            Member::new(c, s.cfg.clone(), s.pid, started)
+        });
+        let mut cluster_ids = None;
+        if let (Some(m), Some(svc)) = (member.as_mut(), s.cached_service.take()) {
+            match m.prepare(&svc) {
+                Ok((merged, doc)) => {
+                    s.cfg = merged;
+                    cluster_ids = svc.ids.clone().filter(|i| i.covers(&s.cfg));
+                    m.service = Some((svc, doc));
+                }
+                // The cached copy no longer fits this host: wait for etcd's.
+                Err(e) => m.refused = Some((svc.revision, chain(&e))),
+            }
+        }
         s.cfg.check_interfaces(|n| s.ifaces.contains_key(n))?;
-        let ids = config::assign_ids(&s.cfg, s.saved_ids.as_ref());
+        let ids = cluster_ids.unwrap_or_else(|| config::assign_ids(&s.cfg, s.saved_ids.as_ref()));
         let pinned: HashMap<u32, Backend> = maps.backends()?.into_iter().collect();
         let mut health = Health::default();
         let mut macs = HashMap::new();
@@ -342,6 +399,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             started_wall: wall,
             view_dirty: false,
             apply_pending: false,
+            member,
             config_path: s.config_path,
             cfg: s.cfg,
         };
@@ -355,12 +413,16 @@ impl<W: MapWriter + MapReader> Core<W> {
         );
         let mut fx = Vec::new();
         core.dp.set_config(desired::global_config(&core.cfg))?;
-        let desired = core.desired()?;
-        core.apply_desired("start", &desired, wall, &mut fx)?;
-        let (vips, backends) = prune_adopted(core.dp.writer_mut(), &desired)?;
-        if vips + backends > 0 {
-            fx.push(Effect::Log(Log::Pruned { vips, backends }));
+        if core.member.as_ref().is_none_or(Member::serving) {
+            let desired = core.desired()?;
+            core.apply_desired("start", &desired, wall, &mut fx)?;
+            let (vips, backends) = prune_adopted(core.dp.writer_mut(), &desired)?;
+            if vips + backends > 0 {
+                fx.push(Effect::Log(Log::Pruned { vips, backends }));
+            }
         }
+        // else: a member without a service yet leaves the pinned maps as they are (they keep
+        // forwarding) until the cluster's service arrives.
         fx.push(Effect::PersistIds(core.ids.clone()));
         for i in &core.cfg.interfaces {
             fx.push(Effect::Attach {
@@ -373,6 +435,9 @@ impl<W: MapWriter + MapReader> Core<W> {
             core.start_checks(&n, &mut fx);
         }
         core.settle_check(now, &mut fx);
+        if core.member.is_some() {
+            core.publish(&mut fx);
+        }
         Ok((core, fx))
     }
 
@@ -415,6 +480,7 @@ impl<W: MapWriter + MapReader> Core<W> {
                     attach_errors: &self.attach_errors,
                     pid: self.pid,
                     started_wall: self.started_wall,
+                    cluster: self.member_status(),
                 },
                 now,
             )))),
@@ -427,8 +493,16 @@ impl<W: MapWriter + MapReader> Core<W> {
                 self.attach_errors.insert(iface.clone(), error.clone());
                 fx.push(Effect::Log(Log::AttachFailed { iface, error }));
             }
+            Event::Etcd(e) => {
+                let (u, ifaces) = *e;
+                self.on_etcd(u, ifaces, now, wall, &mut fx);
+            }
         }
         self.settle_check(now, &mut fx);
+        if self.member.is_some() {
+            self.publish(&mut fx);
+            self.compare_rings(wall, &mut fx);
+        }
         fx
     }
 
@@ -498,6 +572,12 @@ impl<W: MapWriter + MapReader> Core<W> {
         fx: &mut Vec<Effect>,
     ) -> Result<(), AgentError> {
         let r = reconcile::reconcile(&mut self.dp, desired, &self.health)?;
+        if self.member.is_some() {
+            let hashes = self.ring_hashes();
+            if let Some(m) = self.member.as_mut() {
+                m.rings = hashes;
+            }
+        }
         fx.push(Effect::MapsApplied {
             why,
             changed: r.backends_written + r.vips_written + r.removed_vips + r.removed_backends > 0,
@@ -662,6 +742,10 @@ impl<W: MapWriter + MapReader> Core<W> {
         wall: SystemTime,
         fx: &mut Vec<Effect>,
     ) {
+        if self.member.is_some() {
+            self.admin_request(backend, admin, fx);
+            return;
+        }
         let Some(b) = self.health.backends.get_mut(backend) else {
             fx.push(Effect::Reply(Response::err(format!(
                 "unknown backend {backend:?}"
@@ -776,8 +860,39 @@ impl<W: MapWriter + MapReader> Core<W> {
                 "pin_dir and max_sessions cannot change on reload (they define the pinned maps): restart the agent".into(),
             ));
         }
+        if new.cluster != self.cfg.cluster {
+            return Err(AgentError::Internal(
+                "[cluster] cannot change on reload (it names the cluster and this member): restart the agent".into(),
+            ));
+        }
+        // A member's file holds the host's part; the service stays the cluster's.
+        let Some(m) = &self.member else {
+            return self.apply_config(new, None, ifaces, now, wall, fx);
+        };
+        let (merged, ids) = m.merge(&new);
+        let r = self.apply_config(merged, ids, ifaces, now, wall, fx)?;
+        if let Some(m) = &mut self.member {
+            m.local = new;
+        }
+        Ok(r)
+    }
+
+    /// Applies a new whole config (and, from the cluster, its id assignment) as a delta. On any
+    /// error nothing has changed.
+    fn apply_config(
+        &mut self,
+        new: Config,
+        ids: Option<IdMap>,
+        ifaces: HashMap<String, Iface>,
+        now: Instant,
+        wall: SystemTime,
+        fx: &mut Vec<Effect>,
+    ) -> Result<serde_json::Value, AgentError> {
         new.check_interfaces(|n| ifaces.contains_key(n))?;
-        let ids = config::assign_ids(&new, Some(&self.ids));
+        let ids = match ids {
+            Some(ids) if ids.covers(&new) => ids,
+            _ => config::assign_ids(&new, Some(&self.ids)),
+        };
         // Dry run: the new desired state must resolve before anything changes.
         desired::desired(&new, &ids, &ifaces, &self.macs)?;
 
@@ -933,6 +1048,8 @@ fn prune_adopted<W: MapWriter + MapReader>(
     }
     Ok((vips, backends))
 }
+
+mod member;
 
 #[cfg(test)]
 mod tests;

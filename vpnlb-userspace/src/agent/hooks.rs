@@ -38,6 +38,21 @@ pub enum HookEvent {
         #[serde(flatten)]
         transition: Transition,
     },
+    /// This member refused a service revision of its cluster (it keeps running the previous one).
+    ServiceRefused {
+        host: String,
+        summary: String,
+        revision: i64,
+        error: String,
+        at: f64,
+    },
+    /// Rings of this member differ from those of peers that should have the same ("ring@peer").
+    RingMismatch {
+        host: String,
+        summary: String,
+        rings: Vec<String>,
+        at: f64,
+    },
     /// The pool serving a VIP (or one of its classes) changed.
     Failover {
         host: String,
@@ -74,6 +89,28 @@ impl HookEvent {
             ),
             host,
             transition: t.clone(),
+        }
+    }
+
+    pub fn service_refused(host: &str, revision: i64, error: &str, at: SystemTime) -> Self {
+        HookEvent::ServiceRefused {
+            summary: format!("vpnlb@{host}: refused service revision {revision}: {error}"),
+            host: host.to_string(),
+            revision,
+            error: error.to_string(),
+            at: unix(at),
+        }
+    }
+
+    pub fn ring_mismatch(host: &str, rings: &[String], at: SystemTime) -> Self {
+        HookEvent::RingMismatch {
+            summary: format!(
+                "vpnlb@{host}: rings differ from peers that should have the same: {}",
+                rings.join(", ")
+            ),
+            host: host.to_string(),
+            rings: rings.to_vec(),
+            at: unix(at),
         }
     }
 

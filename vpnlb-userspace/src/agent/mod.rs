@@ -92,6 +92,8 @@ struct Shell {
     hooks: Hooks,
     metrics: Metrics,
     results_tx: mpsc::Sender<CheckResult>,
+    /// Commands for the member's etcd session.
+    etcd: Option<mpsc::Sender<crate::cluster::etcd::Command>>,
 }
 
 /// The interfaces a config names (attach points and backends' egress), as the host has them.
@@ -177,6 +179,19 @@ impl Shell {
                 Effect::Log(l) => log(l, t0),
                 // Replies are taken out by the caller before running the rest.
                 Effect::Reply(_) => {}
+                Effect::Etcd(c) => match &self.etcd {
+                    Some(tx) => {
+                        if tx.try_send(c).is_err() {
+                            tracing::warn!(
+                                "etcd session busy: a publish or admin write was dropped; the next change sends the state again"
+                            );
+                        }
+                    }
+                    None => tracing::error!("no etcd session for a cluster command"),
+                },
+                Effect::PersistService(svc) => {
+                    persist::save_service(&svc, &persist::service_path(&self.control_socket))
+                }
             }
         }
         back
@@ -331,6 +346,26 @@ fn log(l: Log, t0: Instant) {
         Log::AttachFailed { iface, error } => {
             tracing::error!(iface = %iface, error = %error, "attaching vpnlb_ingress failed")
         }
+        Log::Etcd { up: true, detail } => tracing::info!(%detail, "etcd reached"),
+        Log::Etcd { up: false, detail } => tracing::error!(
+            error = %detail,
+            "etcd lost; reconnecting (forwarding continues with the state in the maps)"
+        ),
+        Log::EtcdBadValue { key, reason } => {
+            tracing::error!(%key, %reason, "unreadable value in etcd ignored")
+        }
+        Log::ServiceApplied { revision, detail } => {
+            tracing::info!(revision, %detail, "cluster service applied")
+        }
+        Log::ServiceRefused { revision, error } => tracing::error!(
+            revision,
+            error = %error,
+            "cluster service refused; this member keeps running the previous revision"
+        ),
+        Log::RingMismatch { rings } => tracing::error!(
+            rings = %rings.join(", "),
+            "rings differ from peers that run the same service with the same health"
+        ),
     }
 }
 
@@ -426,11 +461,19 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     let (results_tx, mut results_rx) = mpsc::channel::<CheckResult>(4096);
     let (neigh_tx, mut neigh_rx) = mpsc::channel::<neigh::NeighUpdate>(256);
     let control_socket = cfg.agent.control_socket.clone();
+    let cluster = cfg.cluster.clone();
     let start = Start {
         config_path: config_path.clone(),
         saved_ids: persist::load_ids(&persist::ids_path(&control_socket)),
         saved_admin: persist::load_admin(&persist::admin_path(&control_socket)),
-        ifaces: host_ifaces(&cfg),
+        cached_service: cluster
+            .as_ref()
+            .and_then(|_| persist::load_service(&persist::service_path(&control_socket))),
+        ifaces: if cluster.is_some() {
+            neigh::all_ifaces()
+        } else {
+            host_ifaces(&cfg)
+        },
         neighbours: tokio::task::spawn_blocking(neigh::table)
             .await
             .unwrap_or_default(),
@@ -448,7 +491,15 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         hooks,
         metrics: metrics.clone(),
         results_tx,
+        etcd: None,
     };
+    let (etcd_tx, mut etcd_rx) = mpsc::channel::<crate::cluster::etcd::Update>(1024);
+    let etcd_task = cluster.map(|c| {
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+        shell.etcd = Some(cmd_tx);
+        tracing::info!(cluster = %c.name, member = %c.member_name(), prefix = %c.prefix(), "joining the cluster");
+        tokio::spawn(crate::cluster::etcd::run(c, cmd_rx, etcd_tx))
+    });
     let t0 = Instant::now();
     let (mut core, fx) = Core::start(maps, start, t0, SystemTime::now())?;
     // At start a link that cannot be attached is fatal (the agent would balance nothing there).
@@ -479,7 +530,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reload = |by_signal: bool| {
         let cfg = config::load(&config_path);
-        let ifaces = cfg.as_ref().map(host_ifaces).unwrap_or_default();
+        let ifaces = match &cfg {
+            Ok(c) if c.cluster.is_some() => neigh::all_ifaces(),
+            Ok(c) => host_ifaces(c),
+            Err(_) => HashMap::new(),
+        };
         Event::Reload(Box::new(core::Reload {
             cfg,
             ifaces,
@@ -496,6 +551,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
             }
             Some(u) = neigh_rx.recv() => {
                 step(&mut core, &mut shell, Event::Neigh(u));
+            }
+            Some(u) = etcd_rx.recv() => {
+                let ifaces = neigh::all_ifaces();
+                step(&mut core, &mut shell, Event::Etcd(Box::new((u, ifaces))));
             }
             Some(c) = ctl_rx.recv() => {
                 use control::Request;
@@ -525,6 +584,12 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     );
     ctl.abort();
     neigh_watch.abort();
+    // Closing the command channel ends the session, which revokes this member's lease: its
+    // peers see it leave at once instead of after the lease's TTL.
+    shell.etcd = None;
+    if let Some(t) = etcd_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    }
     if let Some(m) = metrics_task {
         m.abort();
     }

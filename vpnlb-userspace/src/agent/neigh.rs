@@ -176,6 +176,30 @@ pub fn ifaces<'a>(names: impl IntoIterator<Item = &'a str>) -> HashMap<String, I
         .collect()
 }
 
+/// Every interface of the agent's network namespace (if_nameindex(3)), with its ifindex and MAC.
+pub fn all_ifaces() -> HashMap<String, Iface> {
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zeroed entry (or null on error),
+    // freed below with if_freenameindex; the names are NUL-terminated C strings inside it.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return HashMap::new();
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            names.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    ifaces(names.iter().map(String::as_str))
+}
+
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut m = [0u8; 6];
     let mut parts = s.split(':');
@@ -284,6 +308,7 @@ mod tests {
 
     #[test]
     fn loopback_exists() {
+        assert_eq!(all_ifaces().get("lo").map(|i| i.ifindex), Some(1));
         let lo = iface("lo").expect("lo");
         assert_eq!(lo.ifindex, 1);
         assert_eq!(lo.mac, [0; 6]);

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::agent::state::Admin;
+use crate::cluster::Service;
 use crate::config::IdMap;
 
 fn beside(control_socket: &Path, file: &str) -> PathBuf {
@@ -24,6 +25,38 @@ pub fn ids_path(control_socket: &Path) -> PathBuf {
 /// Where admin overrides (drain, disable) are kept.
 pub fn admin_path(control_socket: &Path) -> PathBuf {
     beside(control_socket, "admin.json")
+}
+
+/// Where a member keeps the last service it applied.
+pub fn service_path(control_socket: &Path) -> PathBuf {
+    beside(control_socket, "cluster-service.json")
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedService {
+    revision: i64,
+    text: String,
+    ids: Option<IdMap>,
+}
+
+/// The last service this member applied, if there is a readable one.
+pub fn load_service(path: &Path) -> Option<Service> {
+    let s: SavedService = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    Some(Service {
+        revision: s.revision,
+        text: s.text,
+        ids: s.ids,
+    })
+}
+
+/// Keeps `svc` (see [`load_service`]).
+pub fn save_service(svc: &Service, path: &Path) {
+    let s = SavedService {
+        revision: svc.revision,
+        text: svc.text.clone(),
+        ids: svc.ids.clone(),
+    };
+    save_json(&s, path, "cluster service");
 }
 
 /// The saved id assignment, if there is a readable one.

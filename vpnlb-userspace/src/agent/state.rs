@@ -193,6 +193,10 @@ pub struct BackendHealth {
     #[serde(with = "unix_seconds")]
     pub since_wall: SystemTime,
     pub transitions: u64,
+    /// In a cluster: the health the members agreed on (quorum), used instead of this host's own
+    /// checks; `None`: this host's checks decide (a single host, or etcd lost with
+    /// `on_etcd_loss = "local"`).
+    pub agreed: Option<BackendState>,
 }
 
 impl BackendHealth {
@@ -222,6 +226,7 @@ impl BackendHealth {
             since: now,
             since_wall: wall,
             transitions: 0,
+            agreed: None,
         }
     }
 
@@ -237,7 +242,7 @@ impl BackendHealth {
     }
 
     fn effective(&self) -> BackendState {
-        match (self.admin, self.health()) {
+        match (self.admin, self.agreed.unwrap_or_else(|| self.health())) {
             (Admin::Disable, _) => BackendState::Disabled,
             // A draining backend that dies is down: its sessions must move.
             (Admin::Drain, BackendState::Down) => BackendState::Down,
@@ -305,6 +310,19 @@ impl BackendHealth {
             Admin::Drain => "admin drain".to_string(),
             Admin::Disable => "admin disable".to_string(),
         };
+        self.settle(reason, now, wall)
+    }
+
+    /// Sets the health agreed by the cluster (`None`: back to this host's checks); returns the
+    /// transition it causes, if any, with `reason`.
+    pub fn set_agreed(
+        &mut self,
+        agreed: Option<BackendState>,
+        reason: String,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Option<Transition> {
+        self.agreed = agreed;
         self.settle(reason, now, wall)
     }
 

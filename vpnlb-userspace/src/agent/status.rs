@@ -20,6 +20,8 @@ pub struct Input<'a> {
     pub attach_errors: &'a BTreeMap<String, String>,
     pub pid: u32,
     pub started_wall: SystemTime,
+    /// The cluster part, for a member.
+    pub cluster: Option<serde_json::Value>,
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -94,5 +96,6 @@ pub fn render(core: &Input, now: Instant) -> serde_json::Value {
         },
         "backends": backends,
         "vips": vips,
+        "cluster": core.cluster,
     })
 }

@@ -62,6 +62,29 @@ impl IdMap {
             })
             .copied()
     }
+
+    /// Whether this assignment (one that came from elsewhere: the cluster's) can be used for
+    /// `cfg` as it is: every backend, VIP and ring of `cfg` has an id, in range and unique.
+    pub fn covers(&self, cfg: &Config) -> bool {
+        fn unique_in(ids: impl Iterator<Item = Option<u32>>, range: Range<u32>) -> bool {
+            let mut seen = BTreeSet::new();
+            for id in ids {
+                match id {
+                    Some(id) if range.contains(&id) && seen.insert(id) => {}
+                    _ => return false,
+                }
+            }
+            true
+        }
+        unique_in(
+            cfg.backends.iter().map(|b| self.backend(&b.name)),
+            1..MAX_BACKENDS,
+        ) && unique_in(cfg.vips.iter().map(|v| self.vip(&v.name)), 0..MAX_VIPS)
+            && unique_in(
+                cfg.ring_keys().iter().map(|k| self.rings.get(k).copied()),
+                0..MAX_VIPS,
+            )
+    }
 }
 
 #[derive(Clone, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 //! path (`vip[1].pool[0].backends[2]`). Both are resolved against the spanned document tree to a
 //! line and a display path that uses item names (`vip "wireguard".pool "primary".backends[2]`).
 
+mod cluster;
 mod error;
 mod ids;
 mod locate;
@@ -30,6 +31,7 @@ use vpnlb_common::{
 use crate::dataplane::session_ids::{IdPrefix, esp_range_prefixes, ike_label_prefix};
 use crate::health::CheckSpec;
 
+pub use cluster::{ClusterConfig, OnEtcdLoss, ServiceDoc};
 pub use error::{ConfigError, FieldPath, PathSeg};
 pub use ids::{IdMap, RingKey, assign_ids};
 pub use validate::{MAX_NAME_LEN, MAX_WEIGHT, is_prime};
@@ -72,6 +74,35 @@ pub fn parse_all_errors(text: &str, origin: &str) -> Result<Config, Vec<ConfigEr
     Ok(cfg)
 }
 
+/// Parses and validates a cluster's service document (`[[backend]]` and `[[vip]]` only, as
+/// `vpnlb cluster push` writes it); `origin` names it in errors.
+pub fn parse_service(text: &str, origin: &str) -> Result<ServiceDoc, ConfigError> {
+    let doc = locate::Doc::parse(text).map_err(|e| locate::syntax_error(text, origin, &e))?;
+    let svc: ServiceDoc = toml::from_str(text).map_err(|e| {
+        let mut err = doc.schema_error(origin, &e);
+        if let ConfigError::Invalid { reason, .. } = &mut err
+            && reason.starts_with("unknown field")
+        {
+            reason.push_str(
+                "; a cluster's service holds [[backend]] and [[vip]] only ([agent], [[interface]], [hooks] and [cluster] are each host's own)",
+            );
+        }
+        err
+    })?;
+    let cfg = Config {
+        backends: svc.backends.clone(),
+        vips: svc.vips.clone(),
+        ..Config::default()
+    };
+    let mut issues = validate::validate_service(&cfg, &doc);
+    if !issues.is_empty() {
+        issues.sort_by_key(|(p, _)| doc.line_of(p));
+        let (p, reason) = issues.swap_remove(0);
+        return Err(doc.error_at(origin, &p, reason));
+    }
+    Ok(svc)
+}
+
 /// A whole, validated config file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +122,10 @@ pub struct Config {
     /// `[hooks]`.
     #[serde(default)]
     pub hooks: HooksConfig,
+    /// `[cluster]`: this host is a member of a cluster, whose service (backends and VIPs) comes
+    /// from etcd. None: a single host, everything in this file.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// Where the config came from, to point at its lines after parsing ([`Config::error_at`]).
     #[serde(skip)]
     pub source: ConfigSource,
@@ -118,6 +153,20 @@ impl Config {
                 )
             })
             .collect()
+    }
+
+    /// This host's config with a cluster's service in place of its (empty) backends and VIPs. The
+    /// result's errors point into the service document (`service_text`, named `origin`).
+    pub fn with_service(&self, svc: &ServiceDoc, service_text: &str, origin: &str) -> Config {
+        Config {
+            backends: svc.backends.clone(),
+            vips: svc.vips.clone(),
+            source: ConfigSource {
+                origin: origin.to_string(),
+                text: Some(Arc::from(service_text)),
+            },
+            ..self.clone()
+        }
     }
 
     /// The file name given to [`parse`] / [`load`] ("" for a config built in code).

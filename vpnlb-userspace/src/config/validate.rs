@@ -10,8 +10,8 @@ use vpnlb_common::{MAX_BACKENDS, MAX_VIPS, RING_SIZE_MAX};
 use super::error::FieldPath;
 use super::locate::Doc;
 use super::{
-    AgentConfig, BackendConfig, CheckSpec, Config, Forwarding, HashMode, HooksConfig, Protocol,
-    SessionIds, VipConfig,
+    AgentConfig, BackendConfig, CheckSpec, ClusterConfig, Config, Forwarding, HashMode,
+    HooksConfig, Protocol, SessionIds, VipConfig,
 };
 
 /// Longest backend/VIP/pool/class name.
@@ -44,6 +44,20 @@ pub(crate) fn validate(cfg: &Config, doc: &Doc<'_>) -> Vec<Issue> {
     v.backends(cfg);
     v.vips(cfg);
     v.hooks(&cfg.hooks);
+    if let Some(c) = &cfg.cluster {
+        v.cluster(c, cfg);
+    }
+    v.issues
+}
+
+/// The checks of a cluster's service document: its backends and VIPs.
+pub(crate) fn validate_service(cfg: &Config, doc: &Doc<'_>) -> Vec<Issue> {
+    let mut v = Checker {
+        doc,
+        issues: Vec::new(),
+    };
+    v.backends(cfg);
+    v.vips(cfg);
     v.issues
 }
 
@@ -853,6 +867,100 @@ impl Checker<'_, '_> {
                 .enumerate()
                 .map(|(i, c)| (cat(i).key("name"), c.name.as_str())),
         );
+    }
+
+    fn cluster(&mut self, c: &ClusterConfig, cfg: &Config) {
+        let at = |k: &str| path("cluster").key(k);
+        // The service is the cluster's: a member's own file cannot have one too.
+        if !cfg.backends.is_empty() {
+            self.err(
+                path("backend").index(0),
+                "with [cluster], backends and VIPs come from `vpnlb cluster push`, not from the host's file",
+            );
+        }
+        if !cfg.vips.is_empty() {
+            self.err(
+                path("vip").index(0),
+                "with [cluster], backends and VIPs come from `vpnlb cluster push`, not from the host's file",
+            );
+        }
+        self.name(at("name"), &c.name);
+        if let Some(m) = &c.member {
+            self.name(at("member"), m);
+        }
+        if c.etcd_endpoints.is_empty() {
+            self.err(at("etcd_endpoints"), "needs at least one etcd client URL");
+        }
+        for (i, e) in c.etcd_endpoints.iter().enumerate() {
+            let ok = match e.parse::<hyper::Uri>() {
+                Ok(u) => {
+                    matches!(u.scheme_str(), Some("http") | Some("https"))
+                        && u.host().is_some()
+                        && u.port_u16().is_some()
+                }
+                Err(_) => false,
+            };
+            if !ok {
+                self.err(
+                    at("etcd_endpoints").index(i),
+                    format!(
+                        "{e:?} is not an etcd client URL (http://HOST:PORT or https://HOST:PORT)"
+                    ),
+                );
+            } else if e.starts_with("https://") && c.etcd_ca_file.is_none() {
+                self.err(
+                    at("etcd_ca_file"),
+                    "https:// endpoints need etcd_ca_file (the CA of etcd's server certificates)",
+                );
+            }
+        }
+        if let Some(p) = &c.prefix
+            && (!p.starts_with('/') || p.trim_end_matches('/').is_empty())
+        {
+            self.err(
+                at("prefix"),
+                format!("{p:?} must start with / and not be / alone"),
+            );
+        }
+        if c.etcd_cert_file.is_some() != c.etcd_key_file.is_some() {
+            self.err(
+                at(if c.etcd_cert_file.is_some() {
+                    "etcd_key_file"
+                } else {
+                    "etcd_cert_file"
+                }),
+                "etcd_cert_file and etcd_key_file go together",
+            );
+        }
+        if c.etcd_timeout_ms == 0 {
+            self.err(at("etcd_timeout_ms"), "must be at least 1");
+        }
+        if !(1..=60).contains(&c.lease_ttl_s) {
+            self.err(
+                at("lease_ttl_s"),
+                format!("{} is out of range 1..=60", c.lease_ttl_s),
+            );
+        }
+        if c.health_quorum == Some(0) {
+            self.err(at("health_quorum"), "must be at least 1");
+        }
+        if c.peer_listen.port() == 0 {
+            self.err(at("peer_listen"), "needs a port");
+        }
+        if let Some(a) = c.peer_advertise
+            && (a.ip().is_unspecified() || a.port() == 0)
+        {
+            self.err(
+                at("peer_advertise"),
+                format!("{a} is not an address peers can reach"),
+            );
+        }
+        if c.peer_advertise.is_none() && c.peer_listen.ip().is_unspecified() {
+            self.err(
+                at("peer_advertise"),
+                "needed when peer_listen is a wildcard address (peers must know where to connect)",
+            );
+        }
     }
 
     fn hooks(&mut self, h: &HooksConfig) {
