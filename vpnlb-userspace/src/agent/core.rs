@@ -672,9 +672,15 @@ impl<W: MapWriter + MapReader> Core<W> {
         {
             return;
         }
-        if let Some(t) = b.on_result(&r, now, wall) {
+        let before = b.health();
+        let t = b.on_result(&r, now, wall);
+        let moved = b.health() != before;
+        if let Some(t) = t {
             self.transition(t, fx);
             self.apply("health", wall, fx);
+        } else if moved && self.member.is_some() {
+            // A member's own view changed: it counts towards the agreement (and is published).
+            self.agree_one(&name, now, wall, fx);
         } else {
             // Copying every backend's health into the metrics view per result would cost O(n)
             // per probe (O(n^2) per second with n backends): the tick refreshes it.
@@ -722,10 +728,14 @@ impl<W: MapWriter + MapReader> Core<W> {
             detail,
             at: now,
         };
+        let before = b.health();
         let t = b.on_result(&r, now, wall);
+        let moved = b.health() != before;
         let transitioned = t.is_some();
         if let Some(t) = t {
             self.transition(t, fx);
+        } else if moved && self.member.is_some() {
+            self.agree_one(&u.backend, now, wall, fx);
         } else {
             self.view_dirty = true;
         }
@@ -1051,5 +1061,7 @@ fn prune_adopted<W: MapWriter + MapReader>(
 
 mod member;
 
+#[cfg(test)]
+mod member_tests;
 #[cfg(test)]
 mod tests;

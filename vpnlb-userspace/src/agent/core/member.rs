@@ -346,6 +346,22 @@ impl<W: MapWriter + MapReader> Core<W> {
     /// included) and applies what changed. While etcd is lost nothing changes here (freeze), or
     /// this host's checks decide (`on_etcd_loss = "local"`, see `Update::Lost`).
     pub(super) fn agree(&mut self, now: Instant, wall: SystemTime, fx: &mut Vec<Effect>) {
+        let names: Vec<String> = self.health.backends.keys().cloned().collect();
+        self.agree_on(&names, now, wall, fx);
+    }
+
+    /// [`Core::agree`] for one backend (this member's own view of it changed).
+    pub(super) fn agree_one(
+        &mut self,
+        backend: &str,
+        now: Instant,
+        wall: SystemTime,
+        fx: &mut Vec<Effect>,
+    ) {
+        self.agree_on(&[backend.to_string()], now, wall, fx);
+    }
+
+    fn agree_on(&mut self, names: &[String], now: Instant, wall: SystemTime, fx: &mut Vec<Effect>) {
         let Some(m) = self.member.as_ref() else {
             return;
         };
@@ -360,14 +376,15 @@ impl<W: MapWriter + MapReader> Core<W> {
             .iter()
             .map(|(n, s)| (n.clone(), s.health.clone()))
             .collect();
-        let names: Vec<String> = self.health.backends.keys().cloned().collect();
         let mut changed = false;
         for n in names {
-            let b = self.health.backends.get_mut(&n).expect("listed");
+            let Some(b) = self.health.backends.get_mut(n) else {
+                continue;
+            };
             let mut views: BTreeMap<String, Seen> = BTreeMap::new();
             views.insert(own.clone(), seen(b.health()));
             for (peer, h) in &peers {
-                views.insert(peer.clone(), h.get(&n).copied().unwrap_or(Seen::Unknown));
+                views.insert(peer.clone(), h.get(n).copied().unwrap_or(Seen::Unknown));
             }
             let previous = seen(b.agreed.unwrap_or_else(|| b.health()));
             let (agreed, who) = quorum::agree(&views, q, previous);
