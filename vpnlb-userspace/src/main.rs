@@ -220,10 +220,46 @@ enum Cmd {
     /// sysctls, the decap program, the daemons) and that a reply to the VIP leaves from the VIP.
     /// Exits non-zero on any failed check.
     GatewayCheck(GatewayCheckArgs),
+    /// Several vpnlb hosts: push the cluster's service to etcd, or show every member's state.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Print a shell completion script: `vpnlb completions bash > /etc/bash_completion.d/vpnlb`.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+/// A member's config file, for its `[cluster]` section (etcd endpoints, TLS, prefix).
+#[derive(Args, Debug, Clone)]
+struct HostConfig {
+    /// A member's config file (its `[cluster]` says where etcd is).
+    #[arg(long, value_name = "FILE", default_value = "/etc/vpnlb/vpnlb.toml")]
+    host_config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Validate a service document (`[[backend]]` and `[[vip]]` only) and write it to etcd
+    /// atomically, with the stable ids every member uses; every member applies it.
+    Push {
+        /// The service document.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[command(flatten)]
+        host: HostConfig,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every member as it publishes itself in etcd: the service revision it runs (or refused),
+    /// what its checks see down, its ring hashes (and which differ), readiness.
+    Status {
+        #[command(flatten)]
+        host: HostConfig,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -618,6 +654,24 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Cluster(ClusterCmd::Push { config, host, json }) => {
+            match vpnlb::cli::cluster::push(&host.host_config, &config) {
+                Ok(v) => {
+                    emit(json, &v, &vpnlb::cli::cluster::push_text(&v));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Cluster(ClusterCmd::Status { host, json }) => {
+            match vpnlb::cli::cluster::status(&host.host_config) {
+                Ok(v) => {
+                    emit(json, &v, &vpnlb::cli::cluster::status_text(&v));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vpnlb", &mut std::io::stdout());
             ExitCode::SUCCESS

@@ -638,6 +638,9 @@ impl<W: MapWriter + MapReader> Core<W> {
     fn settle_check(&mut self, now: Instant, fx: &mut Vec<Effect>) {
         if self.unsettled.as_ref().is_some_and(|u| u.is_empty()) {
             self.unsettled = None;
+            if self.health.backends.is_empty() {
+                return;
+            }
             let count = |s: BackendState| {
                 self.health
                     .backends

@@ -2,6 +2,7 @@
 //! ([`source`]) and talks to the agent through its control socket for changes. One writer: the CLI
 //! never writes a map.
 
+pub mod cluster;
 pub mod ctl;
 pub mod gateway_check;
 pub mod inspect;

@@ -275,6 +275,15 @@ impl<W: MapWriter + MapReader> Core<W> {
                 fx.push(Effect::PersistService(svc.clone()));
                 m.service = Some((svc, doc));
                 if first {
+                    // Ready only once the service's backends have concluded.
+                    self.unsettled = Some(
+                        self.health
+                            .backends
+                            .values()
+                            .filter(|h| h.state == BackendState::Unknown)
+                            .map(|h| h.name.clone())
+                            .collect(),
+                    );
                     // Only now that the service is known is it safe to remove what a previous
                     // agent left that the service does not have.
                     match self.desired() {
