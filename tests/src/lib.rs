@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod bfd_peer;
 pub mod drill;
+pub mod etcd;
 pub mod harness;
 pub mod ipsec;
 pub mod livegen;

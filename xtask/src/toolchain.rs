@@ -22,6 +22,14 @@ const BUILD_PACKAGES: &[(&str, &str)] = &[
     ),
     ("llvm-22-dev", "libLLVM 22 that bpf-linker links against"),
     ("clang-22", "LLVM 22 tools used by bpf-linker's build"),
+    (
+        "protobuf-compiler",
+        "protoc: the etcd client (etcd-client crate) compiles etcd's gRPC definitions",
+    ),
+    (
+        "libprotobuf-dev",
+        "the well-known .proto files protoc needs for etcd's definitions",
+    ),
 ];
 
 /// Packages the root-only tests and the demo use at run time.
@@ -80,6 +88,16 @@ const RUNTIME_PACKAGES: &[(&str, &str)] = &[
         "procps",
         "sysctl: ARP, rp_filter and forwarding settings of the test namespaces",
     ),
+    (
+        "etcd-server",
+        "etcd 3.4: the real etcd cluster of the cluster tests",
+    ),
+    (
+        "etcd-client",
+        "etcdctl: the cluster tests write and read etcd directly",
+    ),
+    ("openssl", "the throw-away CA of the etcd TLS test"),
+    ("stress-ng", "a CPU hog for runs of the suite under load"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

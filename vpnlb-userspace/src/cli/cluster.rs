@@ -43,7 +43,7 @@ pub fn push(host: &Path, service: &Path) -> Result<Value> {
         ..config::Config::default()
     };
     let keys = Keys::new(&c.prefix());
-    runtime()?.block_on(async {
+    runtime()?.block_on(retrying(|| async {
         let mut client = etcd::connect(&c).await?;
         let snap = etcd::snapshot(&mut client, &keys).await?;
         let (previous, prev_ids, same) = match &snap.service {
@@ -59,11 +59,34 @@ pub fn push(host: &Path, service: &Path) -> Result<Value> {
         // Ids are agreed here, once, for every member: names keep theirs.
         let ids = config::assign_ids(&cfg, prev_ids.as_ref());
         let revision = etcd::push_service(&mut client, &keys, &text, &ids, previous).await?;
-        Ok::<_, anyhow::Error>(json!({
+        Ok::<_, etcd::EtcdError>(json!({
             "revision": revision, "previous": previous, "changed": true,
             "backends": doc.backends.len(), "vips": doc.vips.len(),
         }))
-    })
+    }))
+}
+
+/// Runs `f` again while etcd answers with a transient error (an election after a member died, a
+/// member that refuses connections): up to 5 tries over about 3 s. A conflict (the service
+/// changed meanwhile) is not retried: the operator must look again.
+async fn retrying<T, F, Fut>(mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd::EtcdError>>,
+{
+    let mut pause = std::time::Duration::from_millis(200);
+    for attempt in 1.. {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e @ etcd::EtcdError::Conflict { .. }) => return Err(e.into()),
+            Err(e) if attempt >= 5 => return Err(e.into()),
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 pub fn push_text(v: &Value) -> String {
@@ -84,10 +107,10 @@ pub fn push_text(v: &Value) -> String {
 pub fn status(host: &Path) -> Result<Value> {
     let c = cluster_of(host)?;
     let keys = Keys::new(&c.prefix());
-    let snap: Snapshot = runtime()?.block_on(async {
+    let snap: Snapshot = runtime()?.block_on(retrying(|| async {
         let mut client = etcd::connect(&c).await?;
         etcd::snapshot(&mut client, &keys).await
-    })?;
+    }))?;
     Ok(status_json(&c, &snap))
 }
 

@@ -113,17 +113,36 @@ pub fn options(c: &ClusterConfig) -> Result<ConnectOptions, EtcdError> {
     Ok(opts)
 }
 
-/// Connects and proves the connection with one request (the client connects lazily).
-pub async fn connect(c: &ClusterConfig) -> Result<Client, EtcdError> {
+/// Connects to the first endpoint that answers, trying them in order from `first` (a member
+/// that is down refuses at once; one that hangs costs the timeout), and proves the connection
+/// with one request. One endpoint per client: a client given all of them may route its first
+/// request to a dead member and fail.
+pub async fn connect_from(c: &ClusterConfig, first: usize) -> Result<(Client, usize), EtcdError> {
     let timeout = Duration::from_millis(c.etcd_timeout_ms);
-    let fut = async {
-        let mut client = Client::connect(&c.etcd_endpoints, Some(options(c)?)).await?;
-        client.status().await?;
-        Ok::<_, EtcdError>(client)
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| EtcdError::Timeout(timeout))?
+    let n = c.etcd_endpoints.len().max(1);
+    let mut last = EtcdError::Timeout(timeout);
+    for k in 0..n {
+        let i = (first + k) % n;
+        let Some(ep) = c.etcd_endpoints.get(i) else {
+            break;
+        };
+        let fut = async {
+            let mut client = Client::connect([ep.as_str()], Some(options(c)?)).await?;
+            client.status().await?;
+            Ok::<_, EtcdError>(client)
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(client)) => return Ok((client, i)),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = EtcdError::Timeout(timeout),
+        }
+    }
+    Err(last)
+}
+
+/// [`connect_from`] the first endpoint.
+pub async fn connect(c: &ClusterConfig) -> Result<Client, EtcdError> {
+    connect_from(c, 0).await.map(|(client, _)| client)
 }
 
 fn utf8(key: &str, v: &[u8]) -> Result<String, String> {
@@ -230,6 +249,7 @@ pub async fn run(
     let member = cfg.member_name();
     let mut published: Option<MemberState> = None;
     let mut pause = Duration::from_millis(100);
+    let mut endpoint = 0;
     loop {
         let r = session(
             &cfg,
@@ -238,12 +258,20 @@ pub async fn run(
             &mut commands,
             &updates,
             &mut published,
+            &mut endpoint,
         )
         .await;
         let error = match r {
             Ok(()) => return,
-            Err(e) => e.to_string(),
+            // A session that had been up for a while ends: the next endpoint is tried at once
+            // (losing one etcd member is not losing etcd); only if that fails is etcd lost.
+            Err((_, Some(up))) if up >= Duration::from_secs(1) => {
+                endpoint += 1;
+                continue;
+            }
+            Err((e, _)) => e.to_string(),
         };
+        endpoint += 1;
         if updates.send(Update::Lost { error }).await.is_err() {
             return;
         }
@@ -265,7 +293,7 @@ pub async fn run(
     }
 }
 
-/// One connection: lease, snapshot, watch, until an error.
+/// Runs [`session_inner`]; the error says for how long the session had been up (snapshot sent).
 async fn session(
     cfg: &ClusterConfig,
     keys: &Keys,
@@ -273,8 +301,30 @@ async fn session(
     commands: &mut mpsc::Receiver<Command>,
     updates: &mpsc::Sender<Update>,
     published: &mut Option<MemberState>,
+    endpoint: &mut usize,
+) -> Result<(), (EtcdError, Option<Duration>)> {
+    let mut up = None;
+    session_inner(
+        cfg, keys, member, commands, updates, published, endpoint, &mut up,
+    )
+    .await
+    .map_err(|e| (e, up.map(|t: tokio::time::Instant| t.elapsed())))
+}
+
+/// One connection: lease, snapshot, watch, until an error.
+#[allow(clippy::too_many_arguments)]
+async fn session_inner(
+    cfg: &ClusterConfig,
+    keys: &Keys,
+    member: &str,
+    commands: &mut mpsc::Receiver<Command>,
+    updates: &mpsc::Sender<Update>,
+    published: &mut Option<MemberState>,
+    endpoint: &mut usize,
+    up: &mut Option<tokio::time::Instant>,
 ) -> Result<(), EtcdError> {
-    let mut client = connect(cfg).await?;
+    let (mut client, i) = connect_from(cfg, *endpoint).await?;
+    *endpoint = i;
     let lease = client.lease_grant(cfg.lease_ttl_s as i64, None).await?;
     let lease_id = lease.id();
     let (mut keeper, mut acks) = client.lease_keep_alive(lease_id).await?;
@@ -296,6 +346,7 @@ async fn session(
     if updates.send(Update::Snapshot(snap)).await.is_err() {
         return Ok(());
     }
+    *up = Some(tokio::time::Instant::now());
     let mut watch = client
         .watch(
             keys.all(),

@@ -33,6 +33,8 @@ pub struct Member {
     /// The latest revision refused, and why.
     pub refused: Option<(i64, String)>,
     pub etcd_up: bool,
+    /// Whether a connection was ever tried (the first failure is reported too).
+    pub etcd_tried: bool,
     /// The other members, as they publish themselves.
     pub peers: BTreeMap<String, MemberState>,
     /// Admin overrides as etcd has them.
@@ -89,6 +91,7 @@ impl Member {
             service: None,
             refused: None,
             etcd_up: false,
+            etcd_tried: false,
             peers: BTreeMap::new(),
             admin: BTreeMap::new(),
             published: None,
@@ -146,6 +149,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             Update::Snapshot(s) => {
                 let was_up = m.etcd_up;
                 m.etcd_up = true;
+                m.etcd_tried = true;
                 if !was_up {
                     fx.push(Effect::Log(Log::Etcd {
                         up: true,
@@ -179,9 +183,11 @@ impl<W: MapWriter + MapReader> Core<W> {
                 fx.push(Effect::Log(Log::EtcdBadValue { key, reason }));
             }
             Update::Lost { error } => {
+                let first = !m.etcd_tried;
                 let was_up = m.etcd_up;
                 m.etcd_up = false;
-                if was_up {
+                m.etcd_tried = true;
+                if was_up || first {
                     fx.push(Effect::Log(Log::Etcd {
                         up: false,
                         detail: error,
@@ -555,12 +561,22 @@ impl<W: MapWriter + MapReader> Core<W> {
             "name": m.cfg.name,
             "member": m.name,
             "prefix": m.cfg.prefix(),
-            "etcd": if m.etcd_up { "up" } else { "lost" },
+            "etcd": match (m.etcd_up, m.etcd_tried) {
+                (true, _) => "up",
+                (false, true) => "lost",
+                (false, false) => "connecting",
+            },
             "on_etcd_loss": m.cfg.on_etcd_loss.as_str(),
             "service_revision": m.service.as_ref().map_or(0, |(s, _)| s.revision),
             "service_error": m.refused.as_ref().map(|(r, e)| json!({"revision": r, "error": e})),
             "quorum": quorum::quorum(m.cfg.health_quorum, live),
             "members": std::iter::once(m.name.clone()).chain(m.peers.keys().cloned()).collect::<Vec<_>>(),
+            // What each peer published: the revision it runs and what its checks see down.
+            "peers": m.peers.iter().map(|(n, p)| (n.clone(), json!({
+                "service_revision": p.service_revision,
+                "ready": p.ready,
+                "sees_down": p.health.iter().filter(|(_, s)| **s == Seen::Down).map(|(b, _)| b.clone()).collect::<Vec<_>>(),
+            }))).collect::<BTreeMap<_, _>>(),
             "rings": m.rings,
             "ring_mismatch": m.mismatch,
             "bad_values": m.bad_values,
