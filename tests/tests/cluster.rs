@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 use vpnlb::agent::control::Request;
 use vpnlb::dataplane::maps::{AyaMaps, MapReader};
-use vpnlb_tests::agent::{AgentProcess, Scratch, backend_in, env_path, wait_for};
+use vpnlb_tests::agent::{AgentProcess, Scratch, backend_in, env_path, metric, wait_for};
 use vpnlb_tests::etcd::{EtcdCluster, Tls};
 use vpnlb_tests::netns::{Netns, cable, switch};
 
@@ -526,6 +526,14 @@ fn bad_input_is_reported_and_changes_nothing() {
     .unwrap_or_else(|| panic!("lb3: {:#}", lb3.status()["cluster"]));
     assert!(err.contains("eth1"), "{err}");
     assert_eq!(lb3.status()["cluster"]["service_revision"], r);
+    wait_for(WAIT, || {
+        (metric(&lb3.metrics_text(), "vpnlb_cluster_service_refused") == Some(1.0)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("metric: {}", lb3.metrics_text()));
+    assert_eq!(
+        metric(&b.lbs[0].metrics_text(), "vpnlb_cluster_service_refused"),
+        Some(0.0)
+    );
     let st = b.cluster_status(0);
     let m3 = st["members"]
         .as_array()

@@ -547,6 +547,7 @@ impl<W: MapWriter + MapReader> Core<W> {
                 .filter_map(|v| self.ids.vip(&v.name).map(|id| (v.name.clone(), id)))
                 .collect(),
             pools: self.choices.clone(),
+            cluster: self.cluster_view(),
         })
     }
 

@@ -30,6 +30,24 @@ pub struct View {
     /// (vip name, vip_id)
     pub vips: Vec<(String, u32)>,
     pub pools: Vec<PoolChoice>,
+    /// As a cluster member.
+    pub cluster: Option<ClusterView>,
+}
+
+/// A member's cluster state, as the metrics show it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClusterView {
+    pub etcd_up: bool,
+    /// Live members, this one included.
+    pub members: usize,
+    pub service_revision: i64,
+    /// The latest service revision was refused (this member runs an older one).
+    pub service_refused: bool,
+    /// Rings that differ from a peer's that should be the same.
+    pub ring_mismatch: usize,
+    /// Unreadable values seen in etcd.
+    pub bad_values: u64,
+    pub ready: bool,
 }
 
 type Labels = Vec<(String, String)>;
@@ -59,6 +77,12 @@ fn counter(
     rows: &[(Labels, u64)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    if let [(labels, v)] = rows
+        && labels.is_empty()
+    {
+        // One series without labels: `name value`, not `name{} value`.
+        return ConstCounter::new(*v).encode(m);
+    }
     for (labels, v) in rows {
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
     }
@@ -72,6 +96,11 @@ fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Copy>(
     rows: &[(Labels, N)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    if let [(labels, v)] = rows
+        && labels.is_empty()
+    {
+        return ConstGauge::new(*v).encode(m);
+    }
     for (labels, v) in rows {
         ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
     }
@@ -242,6 +271,51 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
             "The pool serving each VIP (and class)",
             &pools,
         )?;
+        if let Some(c) = &view.cluster {
+            let g = |v: i64| vec![(Labels::new(), v)];
+            gauge(
+                &mut enc,
+                "vpnlb_cluster_etcd_up",
+                "1 while this member reaches etcd",
+                &g(c.etcd_up.into()),
+            )?;
+            gauge(
+                &mut enc,
+                "vpnlb_cluster_members",
+                "Live members of the cluster, this one included",
+                &g(c.members as i64),
+            )?;
+            gauge(
+                &mut enc,
+                "vpnlb_cluster_service_revision",
+                "The service revision this member runs",
+                &g(c.service_revision),
+            )?;
+            gauge(
+                &mut enc,
+                "vpnlb_cluster_service_refused",
+                "1 when this member refused the latest service revision",
+                &g(c.service_refused.into()),
+            )?;
+            gauge(
+                &mut enc,
+                "vpnlb_cluster_ring_mismatch",
+                "Rings that differ from a peer's that should be the same",
+                &g(c.ring_mismatch as i64),
+            )?;
+            gauge(
+                &mut enc,
+                "vpnlb_cluster_ready",
+                "1 when this member is ready to carry traffic",
+                &g(c.ready.into()),
+            )?;
+            counter(
+                &mut enc,
+                "vpnlb_cluster_bad_values",
+                "Unreadable values seen in etcd (ignored)",
+                &[(Labels::new(), c.bad_values)],
+            )?;
+        }
         let h = &self.hooks;
         counter(
             &mut enc,

@@ -553,6 +553,20 @@ impl<W: MapWriter + MapReader> Core<W> {
         }))));
     }
 
+    /// The cluster part of the metrics.
+    pub(super) fn cluster_view(&self) -> Option<crate::agent::metrics::ClusterView> {
+        let m = self.member.as_ref()?;
+        Some(crate::agent::metrics::ClusterView {
+            etcd_up: m.etcd_up,
+            members: m.peers.len() + 1,
+            service_revision: m.service.as_ref().map_or(0, |(s, _)| s.revision),
+            service_refused: m.refused.is_some(),
+            ring_mismatch: m.mismatch.len(),
+            bad_values: m.bad_values,
+            ready: m.published.as_ref().is_some_and(|p| p.ready),
+        })
+    }
+
     /// The cluster part of `vpnlb status`.
     pub(super) fn member_status(&self) -> Option<serde_json::Value> {
         let m = self.member.as_ref()?;
