@@ -99,7 +99,10 @@ impl Bed {
             .collect();
         let scratch: Vec<Scratch> = (0..3).map(|_| Scratch::new()).collect();
         for s in &scratch {
-            std::fs::write(s.dir.join("peer.key"), [7u8; 32]).unwrap();
+            let key = s.dir.join("peer.key");
+            std::fs::write(&key, [7u8; 32]).unwrap();
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
         }
         let addrs: Vec<String> = (1..=3).map(|i| format!("10.98.{net}.2{i}")).collect();
         let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();

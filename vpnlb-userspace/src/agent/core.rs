@@ -27,6 +27,7 @@ use crate::agent::status;
 use crate::agent::{AgentError, chain};
 use crate::cluster::Service;
 use crate::cluster::etcd::{Command, Update};
+use crate::cluster::replicate::Report;
 use crate::config::{self, BackendConfig, Config, ConfigError, IdMap};
 use crate::dataplane::Dataplane;
 use crate::dataplane::attach::AttachMode;
@@ -83,6 +84,8 @@ pub enum Event {
     /// From the member's etcd session, with every interface of the host (a service may name any
     /// as a backend's egress).
     Etcd(Box<(Update, HashMap<String, Iface>)>),
+    /// From the member's session replication.
+    Replication(Report),
 }
 
 /// A reload: the config file as the shell read it, and the host's interfaces that config names.
@@ -153,6 +156,8 @@ pub enum Effect {
     Etcd(Command),
     /// Keep the service just applied on this host (a restart while etcd is away runs it).
     PersistService(Service),
+    /// The peers to replicate sessions to (name -> address), when they change.
+    Peers(BTreeMap<String, std::net::SocketAddr>),
 }
 
 /// What the agent reports in its log; the shell picks the level and the wording.
@@ -228,6 +233,10 @@ pub enum Log {
     /// Rings that differ from a peer's that should be the same ("ring@peer").
     RingMismatch {
         rings: Vec<String>,
+    },
+    /// A peer's bulk copy of its sessions was written here.
+    PeerSynced {
+        peer: String,
     },
 }
 
@@ -497,11 +506,13 @@ impl<W: MapWriter + MapReader> Core<W> {
                 let (u, ifaces) = *e;
                 self.on_etcd(u, ifaces, now, wall, &mut fx);
             }
+            Event::Replication(r) => self.on_replication(r, &mut fx),
         }
         self.settle_check(now, &mut fx);
         if self.member.is_some() {
             self.publish(&mut fx);
             self.compare_rings(wall, &mut fx);
+            self.peers_changed(&mut fx);
         }
         fx
     }

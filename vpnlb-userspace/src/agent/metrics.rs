@@ -21,6 +21,7 @@ use vpnlb_common::COUNTER_NAMES;
 use crate::agent::hooks::HookStats;
 use crate::agent::reconcile::PoolChoice;
 use crate::agent::state::{BackendHealth, BackendState};
+use crate::cluster::replicate::Stats as ReplStats;
 use crate::dataplane::maps::MapReader;
 
 /// What the agent knows that the maps do not; replaced by the event loop after each change.
@@ -68,6 +69,7 @@ struct DataplaneCollector<R: MapReader + std::fmt::Debug + Send + 'static> {
     view: Arc<Mutex<View>>,
     hooks: Arc<HookStats>,
     sessions: Mutex<Option<(Instant, u64)>>,
+    replication: Arc<std::sync::OnceLock<Arc<ReplStats>>>,
 }
 
 fn counter(
@@ -316,6 +318,19 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
                 &[(Labels::new(), c.bad_values)],
             )?;
         }
+        if let Some(r) = self.replication.get() {
+            let c = |v: &std::sync::atomic::AtomicU64| vec![(Labels::new(), v.load(Ordering::Relaxed))];
+            counter(&mut enc, "vpnlb_replication_sent", "Sessions and ids sent to peers (bulk copies included)", &c(&r.sent))?;
+            counter(&mut enc, "vpnlb_replication_received", "Frames received from peers", &c(&r.received))?;
+            counter(&mut enc, "vpnlb_replication_written", "Sessions and ids from peers written into the maps", &c(&r.written))?;
+            counter(&mut enc, "vpnlb_replication_write_errors", "Writes of peers' entries the kernel refused", &c(&r.write_errors))?;
+            counter(&mut enc, "vpnlb_replication_resyncs", "Bulk copies sent again to a peer that fell behind", &c(&r.resyncs))?;
+            counter(&mut enc, "vpnlb_replication_refused", "Peer connections refused (wrong key, bad frames)", &c(&r.refused))?;
+            counter(&mut enc, "vpnlb_replication_events_dropped", "Data-plane events a slow peer missed (then resynchronised)", &c(&r.events_dropped))?;
+            if let Some((p50, p99)) = r.lag_percentiles() {
+                gauge(&mut enc, "vpnlb_replication_lag_ms", "Event to the peer's acknowledgement of its write (recent events)", &[(l(&[("quantile", "0.5")]), p50), (l(&[("quantile", "0.99")]), p99)])?;
+            }
+        }
         let h = &self.hooks;
         counter(
             &mut enc,
@@ -343,6 +358,8 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
 pub struct Metrics {
     pub registry: Arc<Registry>,
     pub view: Arc<Mutex<View>>,
+    /// A member's replication counters, once replication runs.
+    pub replication: Arc<std::sync::OnceLock<Arc<ReplStats>>>,
     /// Seconds from an event (check result, admin command, reload) to its map writes completing.
     pub map_write: Histogram,
 }
@@ -354,6 +371,7 @@ impl Metrics {
     ) -> Metrics {
         let mut registry = Registry::default();
         let view = Arc::new(Mutex::new(View::default()));
+        let replication = Arc::new(std::sync::OnceLock::new());
         let map_write = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
             "vpnlb_map_write_seconds",
@@ -365,10 +383,12 @@ impl Metrics {
             view: view.clone(),
             hooks,
             sessions: Mutex::new(None),
+            replication: replication.clone(),
         }));
         Metrics {
             registry: Arc::new(registry),
             view,
+            replication,
             map_write,
         }
     }

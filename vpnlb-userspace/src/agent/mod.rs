@@ -34,6 +34,7 @@ use crate::health::runner::{self, CheckHandle};
 use crate::health::{CheckResult, CheckSpec, CheckTarget};
 
 use self::core::{Core, Effect, Event, Log, Start};
+use crate::cluster::replicate::{self, Replicator};
 use control::Command;
 use hooks::{HookConfig, Hooks};
 use metrics::Metrics;
@@ -94,6 +95,8 @@ struct Shell {
     results_tx: mpsc::Sender<CheckResult>,
     /// Commands for the member's etcd session.
     etcd: Option<mpsc::Sender<crate::cluster::etcd::Command>>,
+    /// The member's session replication.
+    replicator: Option<Replicator>,
 }
 
 /// The interfaces a config names (attach points and backends' egress), as the host has them.
@@ -191,6 +194,12 @@ impl Shell {
                 },
                 Effect::PersistService(svc) => {
                     persist::save_service(&svc, &persist::service_path(&self.control_socket))
+                }
+                Effect::Peers(peers) => {
+                    if let Some(r) = &self.replicator {
+                        tracing::info!(peers = ?peers.keys().collect::<Vec<_>>(), "replicating sessions to peers");
+                        r.set_peers(peers);
+                    }
                 }
             }
         }
@@ -362,6 +371,9 @@ fn log(l: Log, t0: Instant) {
             error = %error,
             "cluster service refused; this member keeps running the previous revision"
         ),
+        Log::PeerSynced { peer } => {
+            tracing::info!(%peer, "sessions of a peer copied here")
+        }
         Log::RingMismatch { rings } => tracing::error!(
             rings = %rings.join(", "),
             "rings differ from peers that run the same service with the same health"
@@ -492,7 +504,26 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         metrics: metrics.clone(),
         results_tx,
         etcd: None,
+        replicator: None,
     };
+    let (repl_tx, mut repl_rx) = mpsc::channel::<replicate::Report>(256);
+    if let Some(c) = cluster.as_ref().filter(|c| c.replicate) {
+        let key = replicate::read_key(&c.peer_key_file)
+            .map_err(|e| AgentError::Internal(chain(&e)))?;
+        let r = Replicator::start(
+            replicate::Settings {
+                member: c.member_name(),
+                listen: c.peer_listen,
+                key: std::sync::Arc::new(key),
+                pin_dir: shell.pin_dir.clone(),
+            },
+            repl_tx,
+        )
+        .await
+        .map_err(|e| AgentError::Internal(chain(&e)))?;
+        let _ = metrics.replication.set(r.stats.clone());
+        shell.replicator = Some(r);
+    }
     let (etcd_tx, mut etcd_rx) = mpsc::channel::<crate::cluster::etcd::Update>(1024);
     let etcd_task = cluster.map(|c| {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
@@ -552,6 +583,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
             Some(u) = neigh_rx.recv() => {
                 step(&mut core, &mut shell, Event::Neigh(u));
             }
+            Some(r) = repl_rx.recv() => {
+                step(&mut core, &mut shell, Event::Replication(r));
+            }
             Some(u) = etcd_rx.recv() => {
                 let ifaces = neigh::all_ifaces();
                 step(&mut core, &mut shell, Event::Etcd(Box::new((u, ifaces))));
@@ -568,8 +602,16 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
                     Request::Reload {} => reload(false),
                     Request::Status {} => Event::Status,
                 };
-                let resp = step(&mut core, &mut shell, ev)
+                let is_status = matches!(ev, Event::Status);
+                let mut resp = step(&mut core, &mut shell, ev)
                     .unwrap_or_else(|| control::Response::err("no answer"));
+                if is_status
+                    && let Some(r) = &shell.replicator
+                    && let Some(c) = resp.result.get_mut("cluster")
+                    && c.is_object()
+                {
+                    c["replication"] = r.stats.json();
+                }
                 let _ = c.reply.send(resp);
             }
             _ = hup.recv() => {

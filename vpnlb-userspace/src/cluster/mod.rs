@@ -14,7 +14,9 @@
 //! any divergence is visible.
 
 pub mod etcd;
+pub mod peer;
 pub mod quorum;
+pub mod replicate;
 
 use std::collections::BTreeMap;
 

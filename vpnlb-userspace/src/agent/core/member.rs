@@ -16,6 +16,7 @@ use crate::agent::hooks::HookEvent;
 use crate::agent::state::{Admin, BackendState};
 use crate::agent::{AgentError, chain};
 use crate::cluster::etcd::{Command, Snapshot, Update};
+use crate::cluster::replicate::Report;
 use crate::cluster::quorum::{self, Seen};
 use crate::cluster::{MemberState, Service, ring_hash};
 use crate::config::{self, ClusterConfig, Config, IdMap, OnEtcdLoss, ServiceDoc};
@@ -48,6 +49,10 @@ pub struct Member {
     pub bad_values: u64,
     pub pid: u32,
     pub started_unix: u64,
+    /// Peers whose bulk copy of their sessions has been written here.
+    pub synced: BTreeSet<String>,
+    /// The peers last handed to replication.
+    pub replicating_to: BTreeMap<String, std::net::SocketAddr>,
 }
 
 fn admin_of(v: &str) -> Admin {
@@ -100,6 +105,8 @@ impl Member {
             bad_values: 0,
             pid,
             started_unix,
+            synced: BTreeSet::new(),
+            replicating_to: BTreeMap::new(),
         }
     }
 
@@ -457,7 +464,16 @@ impl<W: MapWriter + MapReader> Core<W> {
     /// This member's state as it publishes it.
     fn member_state(&self) -> Option<MemberState> {
         let m = self.member.as_ref()?;
-        let ready = m.serving() && self.unsettled.is_none();
+        // Ready once it runs the service, its checks have concluded, and (replicating) it holds
+        // the sessions of every peer that is itself ready.
+        let ready = m.serving()
+            && self.unsettled.is_none()
+            && (!m.cfg.replicate
+                || m
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.ready)
+                    .all(|(n, _)| m.synced.contains(n)));
         Some(MemberState {
             member: m.name.clone(),
             peer: m.cfg.advertised().to_string(),
@@ -553,6 +569,43 @@ impl<W: MapWriter + MapReader> Core<W> {
         }))));
     }
 
+    /// A report from replication.
+    pub(super) fn on_replication(&mut self, r: Report, fx: &mut Vec<Effect>) {
+        let Some(m) = self.member.as_mut() else {
+            return;
+        };
+        match r {
+            Report::Synced { peer } => {
+                if m.synced.insert(peer.clone()) {
+                    fx.push(Effect::Log(Log::PeerSynced { peer }));
+                }
+            }
+            // Logged where it happened; the counter is in the metrics.
+            Report::Refused { .. } => {}
+        }
+    }
+
+    /// Hands replication the current peers when they changed.
+    pub(super) fn peers_changed(&mut self, fx: &mut Vec<Effect>) {
+        let Some(m) = self.member.as_mut() else {
+            return;
+        };
+        if !m.cfg.replicate {
+            return;
+        }
+        let peers: BTreeMap<String, std::net::SocketAddr> = m
+            .peers
+            .iter()
+            .filter_map(|(n, p)| p.peer.parse().ok().map(|a| (n.clone(), a)))
+            .collect();
+        if peers != m.replicating_to {
+            m.replicating_to = peers.clone();
+            // A peer that left must send its copy again when it returns.
+            m.synced.retain(|n| peers.contains_key(n));
+            fx.push(Effect::Peers(peers));
+        }
+    }
+
     /// The cluster part of the metrics.
     pub(super) fn cluster_view(&self) -> Option<crate::agent::metrics::ClusterView> {
         let m = self.member.as_ref()?;
@@ -594,6 +647,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             "rings": m.rings,
             "ring_mismatch": m.mismatch,
             "bad_values": m.bad_values,
+            "synced_from": m.synced,
             "agreed": self.health.backends.iter().map(|(n, b)| (n.clone(), b.agreed)).collect::<BTreeMap<_, _>>(),
         }))
     }
