@@ -4,26 +4,22 @@
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use vpnlb_common::{
     Backend, DROP_ADJUST_FAILED, DROP_BACKEND_BAD, DROP_ENCAP_TOO_BIG, FAMILY_V4, FAMILY_V6,
-    FWD_GUE, FWD_IPIP, FWD_MODE_GUE, GlobalConfig, VipMeta,
+    FWD_GUE, FWD_IPIP, FWD_MODE_GUE, GlobalConfig, PROTO_UDP, VipMeta,
 };
 
 use crate::{
+    bytes::{bytes_at, load32, store16, store32},
     forward::set_macs,
-    maps::CONFIG,
-    parse::{
-        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, Packet, VLAN_ETH_LEN, bytes_at, load32, store16,
-        store32,
+    hdr::{
+        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, UDP_LEN,
+        VLAN_ETH_LEN,
     },
+    maps::CONFIG,
+    parse::Packet,
     stats::Stop,
 };
 
-const IPV4_LEN: u32 = 20;
-const IPV6_LEN: u32 = 40;
-const UDP_LEN: u32 = 8;
 const OUTER_TTL: u32 = 64;
-const IPPROTO_IPIP: u32 = 4;
-const IPPROTO_IPV6: u32 = 41;
-const IPPROTO_UDP: u32 = 17;
 
 /// Encapsulates the frame for backend `b` and returns the outcome (`FWD_IPIP` or `FWD_GUE`).
 #[inline(always)]
@@ -40,7 +36,8 @@ pub fn encap(
         FAMILY_V6 => true,
         _ => return Err(Stop(DROP_BACKEND_BAD)),
     };
-    let overhead = if outer_v6 { IPV6_LEN } else { IPV4_LEN } + if gue { UDP_LEN } else { 0 };
+    let overhead =
+        (if outer_v6 { IPV6_LEN } else { IPV4_LEN } + if gue { UDP_LEN } else { 0 }) as u32;
     let inner_len = pkt.frame_len - pkt.l2_len;
     let outer_len = inner_len + overhead;
     if vip.mtu != 0 && outer_len > vip.mtu {
@@ -53,9 +50,9 @@ pub fn encap(
         inner_len,
         outer_len,
         inner_proto: if pkt.family == FAMILY_V4 {
-            IPPROTO_IPIP
+            u32::from(PROTO_IPIP)
         } else {
-            IPPROTO_IPV6
+            u32::from(PROTO_IPV6)
         },
         hash,
         gue_port_be: vip.gue_port.to_be(),
@@ -127,11 +124,15 @@ impl Outer {
         cfg: &GlobalConfig,
         b: &Backend,
     ) -> Result<(), Stop> {
-        let ip_len = if V6 { IPV6_LEN } else { IPV4_LEN } as usize;
-        let len = ip_len + if GUE { UDP_LEN as usize } else { 0 };
+        let ip_len = if V6 { IPV6_LEN } else { IPV4_LEN };
+        let len = ip_len + if GUE { UDP_LEN } else { 0 };
         // verifier: the header writes need `l3 + len` proven against data_end.
         let p = bytes_at(ctx, l3, len).ok_or(Stop(DROP_ADJUST_FAILED))?;
-        let proto = if GUE { IPPROTO_UDP } else { self.inner_proto };
+        let proto = if GUE {
+            u32::from(PROTO_UDP)
+        } else {
+            self.inner_proto
+        };
         // SAFETY: `len` bytes at `p` are in the packet, and each writer stays inside them.
         unsafe {
             if V6 {
@@ -179,7 +180,7 @@ impl Outer {
     #[inline(always)]
     unsafe fn ipv6(&self, p: *mut u8, proto: u32, cfg: &GlobalConfig, b: &Backend) {
         let w0 = ((6 << 28) | (self.tos << 20) | (self.hash & 0xF_FFFF)).to_be();
-        let payload_len = self.outer_len - IPV6_LEN;
+        let payload_len = self.outer_len - IPV6_LEN as u32;
         let w1 = u32::from((payload_len as u16).to_be()) | (proto << 16) | (OUTER_TTL << 24);
         let mask = cfg.encap_src_v6_hash_mask;
         let s = cfg.encap_src_v6;
@@ -208,7 +209,7 @@ impl Outer {
     unsafe fn udp(&self, p: *mut u8) {
         let sport = (0xC000 | (self.hash & 0x3FFF)) as u16;
         let ports = u32::from(sport.to_be()) | (u32::from(self.gue_port_be) << 16);
-        let len = ((UDP_LEN + self.inner_len) as u16).to_be();
+        let len = ((UDP_LEN as u32 + self.inner_len) as u16).to_be();
         // SAFETY: the caller guarantees 8 bytes at `p`.
         unsafe {
             store32(p, ports);

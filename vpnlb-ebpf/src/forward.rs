@@ -8,9 +8,11 @@ use vpnlb_common::{
 };
 
 use crate::{
+    bytes::bytes_at,
     encap,
+    hdr::ETH_LEN,
     maps::{BACKEND_STATS, TX_PORTS, VIP_STATS},
-    parse::{ETH_LEN, Packet, bytes_at},
+    parse::Packet,
     session::Target,
     stats::{Stop, add_pkt, count},
 };

@@ -10,9 +10,12 @@ use vpnlb_common::{
 };
 
 use crate::{
-    forward, maglev,
+    bytes::{View, load16, load32},
+    forward,
+    hdr::ICMP_LEN,
+    maglev,
     maps::SESSIONS,
-    parse::{ICMP_LEN, Packet, load32},
+    parse::Packet,
     session::{Target, usable},
     stats::{Stop, count},
     vip,
@@ -32,33 +35,15 @@ const NO_FLOW: FlowKey = FlowKey {
     _pad: [0; 2],
 };
 
-/// The quoted packet: `start` (packet address) and `len` bytes of it that the ICMP length covers.
-struct Quote {
-    start: usize,
-    len: u32,
-    end: usize,
-}
-
-impl Quote {
-    /// A pointer to `n` bytes at quote offset `off`, if the quote holds them (the second test is
-    /// for the verifier).
-    #[inline(always)]
-    fn at(&self, off: usize, n: usize) -> Option<*const u8> {
-        if self.len < (off + n) as u32 || self.start + off + n > self.end {
-            return None;
-        }
-        Some((self.start + off) as *const u8)
-    }
-}
-
 /// Forwards a PMTU message to the backend of the flow it quotes.
 #[inline(always)]
 pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
-    let q = Quote {
-        start: pkt.l4 as usize + ICMP_LEN,
-        len: pkt.l4_len - ICMP_LEN as u32,
-        end: ctx.data_end(),
-    };
+    // The quoted packet: what the ICMP length covers after the ICMP header.
+    let q = View::new(
+        ctx,
+        pkt.l4.wrapping_add(ICMP_LEN),
+        pkt.l4_len - ICMP_LEN as u32,
+    );
     let key = if pkt.family == FAMILY_V4 {
         quote_v4(&q)
     } else {
@@ -117,7 +102,7 @@ pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
 /// The client flow of a quoted IPv4 packet (VIP → client): need the IPv4 header (version 4,
 /// IHL >= 5, not a later fragment, UDP/TCP/ESP) and 4 bytes of its L4 header.
 #[inline(always)]
-fn quote_v4(q: &Quote) -> FlowKey {
+fn quote_v4(q: &View) -> FlowKey {
     let Some(h) = q.at(0, 20) else {
         return NO_FLOW;
     };
@@ -125,7 +110,7 @@ fn quote_v4(q: &Quote) -> FlowKey {
     let (vihl, frag, proto, src, dst) = unsafe {
         (
             *h,
-            u16::from_be(crate::parse::load16(h.add(6))),
+            u16::from_be(load16(h.add(6))),
             *h.add(9),
             load32(h.add(12)),
             load32(h.add(16)),
@@ -151,7 +136,7 @@ fn quote_v4(q: &Quote) -> FlowKey {
 /// The client flow of a quoted IPv6 packet: need the 40-byte header (version 6, next header
 /// UDP/TCP/ESP: no extension headers) and 4 bytes of its L4 header.
 #[inline(always)]
-fn quote_v6(q: &Quote) -> FlowKey {
+fn quote_v6(q: &View) -> FlowKey {
     let Some(h) = q.at(0, 44) else {
         return NO_FLOW;
     };

@@ -4,11 +4,13 @@
 #![no_std]
 #![no_main]
 
+mod bytes;
 mod decap;
 mod encap;
 mod flow;
 mod forward;
 mod frag;
+mod hdr;
 mod icmp;
 mod ids;
 mod maglev;
@@ -42,7 +44,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, Stop> {
     if pkt.frag == parse::FRAG_LATER {
         return frag::later(ctx, &pkt);
     }
-    if pkt.proto == parse::PROTO_ICMP || pkt.proto == parse::PROTO_ICMPV6 {
+    if pkt.proto == hdr::PROTO_ICMP || pkt.proto == hdr::PROTO_ICMPV6 {
         return icmp::pmtu(ctx, &pkt);
     }
     let key = flow::flow_key(&pkt);
