@@ -208,6 +208,9 @@ fn reload_with_stats(obj: &[u8], map_ids: &HashSet<u32>) -> BTreeMap<&'static st
             let prog = &parsed.programs[name];
             let insns = &parsed.functions[&prog.function_key()].instructions;
             let log = load_stats(name, insns, &prog.license);
+            if std::env::var_os("VPNLB_BUDGET_LOG").is_some() {
+                eprintln!("{name}:\n{log}");
+            }
             (name, parse_stats(name, &log))
         })
         .collect()
