@@ -9,11 +9,11 @@ use vpnlb_common::{
 
 use crate::{
     bytes::{bytes_at, load32, store16, store32},
-    forward::set_macs,
     hdr::{
         ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, UDP_LEN,
         VLAN_ETH_LEN,
     },
+    l2::set_macs,
     maps::CONFIG,
     parse::Packet,
     stats::Stop,
@@ -43,8 +43,9 @@ pub fn encap(
     if vip.mtu != 0 && outer_len > vip.mtu {
         return Err(Stop(DROP_ENCAP_TOO_BIG));
     }
-    // The CONFIG array always has its entry; a missing one would read as all zeros.
-    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    // Borrowed, not copied: the writers read the few words they need from the map value.
+    // verifier: the lookup needs a test; entry 0 of an array always exists, so it never fails.
+    let cfg = CONFIG.get(0).ok_or(Stop(DROP_ADJUST_FAILED))?;
     let h = Outer {
         tos: u32::from(pkt.tos),
         inner_len,
@@ -74,7 +75,7 @@ pub fn encap(
     }
     // verifier: adjust_head invalidated every packet pointer; each write below re-derives one from
     // the new `data` behind its own range check. None can fail: the frame only grew.
-    set_macs(ctx, b).map_err(|_| Stop(DROP_ADJUST_FAILED))?;
+    set_macs(ctx, b).ok_or(Stop(DROP_ADJUST_FAILED))?;
     let ethertype = if outer_v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
     let l3 = if vlan {
         // verifier: the tag and EtherType writes at 12..18 need an 18-byte range.
@@ -94,10 +95,10 @@ pub fn encap(
     };
     // One monomorphic writer per header shape, so each range check has a constant length.
     match (outer_v6, gue) {
-        (false, false) => h.write::<false, false>(ctx, l3, &cfg, b),
-        (false, true) => h.write::<false, true>(ctx, l3, &cfg, b),
-        (true, false) => h.write::<true, false>(ctx, l3, &cfg, b),
-        (true, true) => h.write::<true, true>(ctx, l3, &cfg, b),
+        (false, false) => h.write::<false, false>(ctx, l3, cfg, b),
+        (false, true) => h.write::<false, true>(ctx, l3, cfg, b),
+        (true, false) => h.write::<true, false>(ctx, l3, cfg, b),
+        (true, true) => h.write::<true, true>(ctx, l3, cfg, b),
     }?;
     Ok(if gue { FWD_GUE } else { FWD_IPIP })
 }

@@ -1,7 +1,7 @@
 //! PMTU messages (docs/datapath.md, "PMTU messages"): an ICMP "fragmentation needed" or ICMPv6
 //! "packet too big" sent to a VIP quotes a packet the gateway sent from the VIP to a client; the
 //! quote, reversed, is that client's flow, and the message goes to the backend owning it (its
-//! session, else its hash), forwarded like the flow.
+//! session, else its hash), forwarded like the flow (this file only finds the target).
 
 use aya_ebpf::programs::XdpContext;
 use vpnlb_common::{
@@ -11,7 +11,6 @@ use vpnlb_common::{
 
 use crate::{
     bytes::{View, load16, load32},
-    forward,
     hdr::ICMP_LEN,
     maglev,
     maps::SESSIONS,
@@ -35,9 +34,9 @@ const NO_FLOW: FlowKey = FlowKey {
     _pad: [0; 2],
 };
 
-/// Forwards a PMTU message to the backend of the flow it quotes.
+/// Where a PMTU message goes: the backend of the flow it quotes, with that flow's VIP.
 #[inline(always)]
-pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
+pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<Target, Stop> {
     // The quoted packet: what the ICMP length covers after the ICMP header.
     let q = View::new(
         ctx,
@@ -73,30 +72,31 @@ pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
     // The flow's session, read only: an ICMP message neither refreshes nor creates one.
     // SAFETY: a value copied out at once (see session.rs on LRU element reuse).
     let session = unsafe { SESSIONS.get(key) }.copied();
-    let target = match session.and_then(|s| usable(s.backend_id).map(|b| (s, b))) {
+    match session.and_then(|s| usable(s.backend_id).map(|b| (s, b))) {
         Some((s, backend)) => {
             count(ICMP_PMTU_SESSION);
-            Target {
+            Ok(Target {
+                vip,
                 id: s.backend_id,
                 backend,
                 hash: s.hash,
                 now: 0,
-            }
+            })
         }
         None => {
             count(ICMP_PMTU_HASH);
             let hash = pick_hash(&key, vip.flags);
             let id = maglev::pick(vip, hash, pkt.tos)?;
             let backend = usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?;
-            Target {
+            Ok(Target {
+                vip,
                 id,
                 backend,
                 hash,
                 now: 0,
-            }
+            })
         }
-    };
-    forward::forward(ctx, pkt, vip, &target)
+    }
 }
 
 /// The client flow of a quoted IPv4 packet (VIP → client): need the IPv4 header (version 4,

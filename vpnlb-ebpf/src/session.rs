@@ -24,8 +24,9 @@ use crate::{
 /// Length of the flood guard's window.
 const FLOOD_WINDOW_NS: u64 = 1_000_000_000;
 
-/// Where a flow goes.
+/// Where a packet goes: the VIP whose settings forward it, and its backend.
 pub struct Target {
+    pub vip: &'static VipMeta,
     /// Backend id (index of `BACKENDS` and `BACKEND_STATS`).
     pub id: u32,
     pub backend: &'static Backend,
@@ -49,7 +50,7 @@ pub fn usable(id: u32) -> Option<&'static Backend> {
 pub fn resolve(
     ctx: &XdpContext,
     key: &FlowKey,
-    vip: &VipMeta,
+    vip: &'static VipMeta,
     tos: u8,
     sid: Option<&IdKey>,
 ) -> Result<Target, Stop> {
@@ -64,6 +65,7 @@ pub fn resolve(
             learn(sid, hit.id);
         }
         return Ok(Target {
+            vip,
             id: hit.id,
             backend,
             hash: hit.hash,
@@ -80,6 +82,7 @@ pub fn resolve(
     };
     record(ctx, key, id, hash, now);
     Ok(Target {
+        vip,
         id,
         backend,
         hash,
