@@ -10,11 +10,12 @@
 //!   encapsulation, miss+insert, a new session id every packet); the mean of the kernel-reported
 //!   durations.
 //!
-//! With `VPNLB_BASELINE_OBJ` (`cargo xtask bench --baseline REV`) a second object, another
-//! revision's, is loaded beside the current one with its own maps set up the same way, and every row
-//! is measured for both, one right after the other on the same CPU (the order alternating between
-//! runs), so the ratio new/old holds even when the machine's speed moves between days. Both objects
-//! must share the map ABI: the current userspace programs both.
+//! Every run loads the object afresh (its own maps, programmed like the agent does, sessions
+//! warmed). With `VPNLB_BASELINE_OBJ` (`cargo xtask bench --baseline REV`) another revision's
+//! object is loaded beside it the same way, and every row is measured for both, one right after the
+//! other on the same CPU, the order (of loading and of measuring) alternating between runs, so the
+//! ratio new/old holds even when the machine's speed moves between days. Both objects must share
+//! the map ABI: the current userspace programs both.
 //!
 //! The verifier's figures of each object (instructions, translated size, stack; tests/src/budget.rs)
 //! are printed beside the rows.
@@ -183,16 +184,15 @@ struct Subject {
 }
 
 impl Subject {
-    fn new(obj: &[u8], what: &str, runs: usize) -> Subject {
-        // new_flow and hit_by_session_id insert runs x SINGLE_CALLS sessions each (560k in 7
-        // runs): with per-CPU LRU lists a CPU gets max_sessions / ncpus, so 2M keeps every insert
-        // free of eviction on up to 3 CPUs and the rows comparable between runs.
-        let inserts = 2 * runs as u32 * SINGLE_CALLS;
+    fn new(obj: &[u8], what: &str) -> Subject {
         let mut ebpf = load(
             obj,
             &LoadOptions {
                 pin_dir: None,
-                max_sessions: Some((1 << 21).max((3 * inserts).next_power_of_two())),
+                // A fresh subject per run: new_flow and hit_by_session_id insert SINGLE_CALLS
+                // sessions each (80k); with per-CPU LRU lists a CPU gets max_sessions / ncpus,
+                // so 2M keeps every insert free of eviction and the rows comparable.
+                max_sessions: Some(1 << 21),
                 ring_rows: Some(3),
             },
         )
@@ -412,11 +412,6 @@ fn main() {
     let figures = budget::measure(&obj);
     let baseline_figures = baseline_obj.as_deref().map(budget::measure);
 
-    let mut new = Subject::new(&obj, "current", runs);
-    let mut old = baseline_obj
-        .as_deref()
-        .map(|o| Subject::new(o, "baseline", runs));
-
     let mut floor_ebpf =
         aya::Ebpf::load(&vpnlb_tests::testbed::helper_object()).expect("load bench programs");
     let floor: &mut Xdp = floor_ebpf
@@ -431,13 +426,25 @@ fn main() {
     let (mut floor_repeat, mut floor_single) = (Vec::new(), Vec::new());
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = ROWS.iter().map(|_| Default::default()).collect();
     for run in 0..runs {
+        // Fresh subjects every run. With a baseline, the two objects are loaded and measured in
+        // alternating order: where an object's maps and code land in memory moves its rows by a
+        // few percent (a run of one object against itself, always loaded in the same order, put
+        // the first one 5% behind on hit_encap), so neither object keeps the better place.
+        let old_first = run % 2 == 1;
+        let load_old = || baseline_obj.as_deref().map(|o| Subject::new(o, "baseline"));
+        let (mut new, mut old) = if old_first {
+            let old = load_old();
+            (Subject::new(&obj, "current"), old)
+        } else {
+            (Subject::new(&obj, "current"), load_old())
+        };
         // Interleave the rows inside each run so drift hits them all alike; with a baseline,
-        // each row runs on both objects back to back, the order alternating between runs.
+        // each row runs on both objects back to back.
         floor_repeat.push(run_repeat(floor, &pkt_dsr, REPEAT, XDP_TX));
         floor_single.push(run_single(floor, SINGLE_CALLS, XDP_TX, |_| pkt_dsr.clone()));
         for (i, (name, _)) in ROWS.iter().enumerate() {
             match old.as_mut() {
-                Some(old) if run % 2 == 1 => {
+                Some(old) if old_first => {
                     samples[i].1.push(old.row(name));
                     samples[i].0.push(new.row(name));
                 }
