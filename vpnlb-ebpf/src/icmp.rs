@@ -1,23 +1,19 @@
 //! PMTU messages (docs/datapath.md, "PMTU messages"): an ICMP "fragmentation needed" or ICMPv6
 //! "packet too big" sent to a VIP quotes a packet the gateway sent from the VIP to a client; the
-//! quote, reversed, is that client's flow, and the message goes to the backend owning it (its
-//! session, else its hash), forwarded like the flow (this file only finds the target).
+//! quote, reversed, is that client's flow. This file finds that flow; the message then goes where
+//! the flow goes (its VIP, its session read only, else its hash: session.rs) and is forwarded the
+//! flow's way.
 
 use aya_ebpf::programs::XdpContext;
 use vpnlb_common::{
-    DROP_BACKEND_DOWN, FAMILY_V4, FAMILY_V6, FlowKey, ICMP_PMTU_HASH, ICMP_PMTU_SESSION,
-    PASS_ICMP_BAD_QUOTE, PROTO_ESP, PROTO_TCP, PROTO_UDP, hash::pick_hash,
+    FAMILY_V4, FAMILY_V6, FlowKey, PASS_ICMP_BAD_QUOTE, PROTO_ESP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     bytes::{View, load16, load32},
     hdr::ICMP_LEN,
-    maglev,
-    maps::SESSIONS,
     parse::Packet,
-    session::{Target, usable},
-    stats::{Stop, count},
-    vip,
+    stats::Stop,
 };
 
 const BAD: Stop = Stop(PASS_ICMP_BAD_QUOTE);
@@ -34,9 +30,10 @@ const NO_FLOW: FlowKey = FlowKey {
     _pad: [0; 2],
 };
 
-/// Where a PMTU message goes: the backend of the flow it quotes, with that flow's VIP.
+/// The flow a PMTU message is about: the quoted packet's flow key, reversed. The message must be
+/// addressed to the address the quoted packet came from (the VIP); else `PASS_ICMP_BAD_QUOTE`.
 #[inline(always)]
-pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<Target, Stop> {
+pub fn quoted_flow(ctx: &XdpContext, pkt: &Packet) -> Result<FlowKey, Stop> {
     // The quoted packet: what the ICMP length covers after the ICMP header.
     let q = View::new(
         ctx,
@@ -51,7 +48,6 @@ pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<Target, Stop> {
     if key.proto == NO_FLOW.proto {
         return Err(BAD);
     }
-    // The message must be addressed to the address the quoted packet came from (the VIP).
     // SAFETY: parse proved 20 (IPv4) / 40 (IPv6) bytes at `l3`.
     let to = unsafe {
         if pkt.family == FAMILY_V4 {
@@ -68,35 +64,7 @@ pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<Target, Stop> {
     if to != key.dst {
         return Err(BAD);
     }
-    let vip = vip::lookup(&key)?;
-    // The flow's session, read only: an ICMP message neither refreshes nor creates one.
-    // SAFETY: a value copied out at once (see session.rs on LRU element reuse).
-    let session = unsafe { SESSIONS.get(key) }.copied();
-    match session.and_then(|s| usable(s.backend_id).map(|b| (s, b))) {
-        Some((s, backend)) => {
-            count(ICMP_PMTU_SESSION);
-            Ok(Target {
-                vip,
-                id: s.backend_id,
-                backend,
-                hash: s.hash,
-                now: 0,
-            })
-        }
-        None => {
-            count(ICMP_PMTU_HASH);
-            let hash = pick_hash(&key, vip.flags);
-            let id = maglev::pick(vip, hash, pkt.tos)?;
-            let backend = usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?;
-            Ok(Target {
-                vip,
-                id,
-                backend,
-                hash,
-                now: 0,
-            })
-        }
-    }
+    Ok(key)
 }
 
 /// The client flow of a quoted IPv4 packet (VIP → client): need the IPv4 header (version 4,

@@ -45,13 +45,21 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, Stop> {
     // A side path decides where a packet goes; the one call to forward at the end decides how.
     let target = if pkt.frag == parse::FRAG_LATER {
         frag::later(&pkt)?
-    } else if pkt.proto == hdr::PROTO_ICMP || pkt.proto == hdr::PROTO_ICMPV6 {
-        icmp::pmtu(ctx, &pkt)?
     } else {
-        let key = flow::flow_key(&pkt);
+        // A PMTU message goes where the flow it quotes goes: that flow's key, its session only read.
+        let pmtu = pkt.proto == hdr::PROTO_ICMP || pkt.proto == hdr::PROTO_ICMPV6;
+        let key = if pmtu {
+            icmp::quoted_flow(ctx, &pkt)?
+        } else {
+            flow::flow_key(&pkt)
+        };
         let vip = vip::lookup(&key)?;
-        let sid = ids::session_id(ctx, &pkt, &key, vip);
-        let target = session::resolve(ctx, &key, vip, pkt.tos, sid.as_ref())?;
+        let sid = if pmtu {
+            None
+        } else {
+            ids::session_id(ctx, &pkt, &key, vip)
+        };
+        let target = session::resolve(ctx, &key, vip, pkt.tos, sid.as_ref(), pmtu)?;
         if pkt.frag == parse::FRAG_FIRST {
             frag::record(&pkt, &key, &target);
         }
