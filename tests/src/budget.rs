@@ -8,7 +8,7 @@
 //! agent loads it. The stack depth is only in the verifier log, and aya keeps no log of a load that
 //! succeeds, so the same relocated instructions are loaded a second time with the statistics log
 //! level (`BPF_LOG_STATS`); that load must report the same instruction count, or the figures are
-//! refused. Root only (loads programs).
+//! refused (`VPNLB_BUDGET_LOG=1` prints its log). Root only (loads programs).
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
