@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use aya::maps::{MapFd, MapInfo};
 use aya::programs::Xdp;
 use serde::{Deserialize, Serialize};
-use vpnlb::loader::{LoadOptions, load};
+use vpnlb::dataplane::loader::{LoadOptions, load};
 use vpnlb_common::prog_names;
 
 /// The programs with a budget, in the order they are printed.

@@ -4,7 +4,7 @@
 //!
 //! Root only: run with `cargo xtask test budget`.
 
-use vpnlb::loader::object_bytes;
+use vpnlb::dataplane::loader::object_bytes;
 use vpnlb_tests::budget::{BUDGET_FILE, Budget, PROGRAMS, measure, table};
 
 #[test]
