@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod bfd_peer;
+pub mod budget;
 pub mod drill;
 pub mod etcd;
 pub mod harness;

@@ -124,32 +124,168 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "icmp_pmtu_hash",
 ];
 
-/// Outcome counters of `vpnlb_ingress` (exactly one per packet): ids `0..SESSION_HIT` and the
-/// outcomes appended later (ids are never renumbered).
-pub const INGRESS_OUTCOMES: [u32; 29] = ingress_outcomes();
+/// What a counter id stands for: an outcome of one of the two programs, with what happens to the
+/// packet, or an event (counted besides the outcome).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// An outcome of `vpnlb_ingress` (exactly one per packet).
+    Ingress(Verdict),
+    /// An outcome of `vpnlb_decap` (exactly one per packet).
+    Decap(Verdict),
+    /// Not an outcome (`SESSION_*`, `FRAG_*`, `ICMP_PMTU_*`).
+    Event,
+}
 
-const fn ingress_outcomes() -> [u32; 29] {
-    let mut ids = [0u32; 29];
-    let mut i = 0;
-    while i < SESSION_HIT as usize {
-        ids[i] = i as u32;
-        i += 1;
+/// What an outcome does with the packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Sent on (`XDP_TX` or `XDP_REDIRECT`, chosen by the egress).
+    Forward,
+    /// Handed to the kernel (`XDP_PASS`).
+    Pass,
+    /// Dropped (`XDP_DROP`).
+    Drop,
+}
+
+/// Every counter id's meaning, indexed by id: the one table both the XDP programs (the verdict of
+/// a packet that stops early) and the reference model read. Its length is `NUM_COUNTERS`, so a new
+/// counter does not compile without its entry; `outcomes_are_named_by_kind` checks each entry
+/// against the counter's name.
+pub const COUNTERS: [Counter; NUM_COUNTERS as usize] = {
+    use Counter::{Decap, Event, Ingress};
+    use Verdict::{Drop, Forward, Pass};
+    [
+        Ingress(Forward), // FWD_L2DSR_TX
+        Ingress(Forward), // FWD_L2DSR_REDIRECT
+        Ingress(Forward), // FWD_IPIP
+        Ingress(Forward), // FWD_GUE
+        Ingress(Pass),    // PASS_NOT_IP
+        Ingress(Pass),    // PASS_NOT_VIP
+        Ingress(Pass),    // PASS_L2_TRUNCATED
+        Ingress(Pass),    // PASS_VLAN_STACKED
+        Ingress(Pass),    // PASS_IPV4_TRUNCATED
+        Ingress(Pass),    // PASS_IPV4_BAD_VERSION
+        Ingress(Pass),    // PASS_IPV4_BAD_IHL
+        Ingress(Pass),    // PASS_IPV4_BAD_TOTLEN
+        Ingress(Pass),    // PASS_IPV6_TRUNCATED
+        Ingress(Pass),    // PASS_IPV6_BAD_VERSION
+        Ingress(Pass),    // PASS_IPV6_BAD_PAYLOAD_LEN
+        Ingress(Pass),    // PASS_IPV6_EXT_HDR
+        Ingress(Pass),    // PASS_FRAGMENT
+        Ingress(Pass),    // PASS_OTHER_PROTO
+        Ingress(Pass),    // PASS_L4_TRUNCATED
+        Ingress(Pass),    // PASS_UDP_BAD_LEN
+        Ingress(Pass),    // PASS_TCP_BAD_DOFF
+        Ingress(Pass),    // PASS_ESP_BAD_SPI
+        Ingress(Drop),    // DROP_NO_BACKEND
+        Ingress(Drop),    // DROP_BACKEND_DOWN
+        Ingress(Drop),    // DROP_BACKEND_BAD
+        Ingress(Drop),    // DROP_ENCAP_TOO_BIG
+        Ingress(Drop),    // DROP_ADJUST_FAILED
+        Ingress(Drop),    // DROP_REDIRECT_FAILED
+        Event,            // SESSION_HIT
+        Event,            // SESSION_MISS
+        Event,            // SESSION_INSERT
+        Event,            // SESSION_INSERT_FAILED
+        Event,            // SESSION_REPICK_DOWN
+        Event,            // SESSION_REPICK_IDLE
+        Event,            // SESSION_FLOOD_SKIP
+        Decap(Pass),      // DECAP_IPIP: the unwrapped packet goes to the kernel
+        Decap(Pass),      // DECAP_GUE
+        Decap(Pass),      // DECAP_PASS
+        Decap(Pass),      // DECAP_BAD_INNER
+        Decap(Drop),      // DECAP_ADJUST_FAILED
+        Event,            // SESSION_ID_LEARNED
+        Event,            // SESSION_ID_USED
+        Event,            // SESSION_ID_REJECTED
+        Event,            // FRAG_RECORD
+        Event,            // FRAG_HIT
+        Event,            // FRAG_MISS
+        Ingress(Pass),    // PASS_ICMP_BAD_QUOTE
+        Event,            // ICMP_PMTU_SESSION
+        Event,            // ICMP_PMTU_HASH
+    ]
+};
+
+/// The verdict of outcome `id` (of either program); `None` for events and unknown ids.
+pub const fn verdict(id: u32) -> Option<Verdict> {
+    if id >= NUM_COUNTERS {
+        return None;
     }
-    ids[28] = PASS_ICMP_BAD_QUOTE;
-    ids
+    match COUNTERS[id as usize] {
+        Counter::Ingress(v) | Counter::Decap(v) => Some(v),
+        Counter::Event => None,
+    }
+}
+
+/// Bit `id` set for every outcome whose verdict is `v`: the form the XDP programs test (one shift,
+/// no table in the object).
+const fn verdict_mask(v: Verdict) -> u64 {
+    let mut mask = 0u64;
+    let mut id = 0;
+    while id < NUM_COUNTERS {
+        if let Some(x) = verdict(id)
+            && x as u8 == v as u8
+        {
+            mask |= 1 << id;
+        }
+        id += 1;
+    }
+    mask
+}
+
+const _: () = assert!(
+    NUM_COUNTERS <= 64,
+    "the verdict masks hold one bit per counter id"
+);
+
+/// The outcomes that drop the packet, as a bit mask over counter ids.
+pub const DROP_OUTCOMES: u64 = verdict_mask(Verdict::Drop);
+
+/// True when outcome `id` drops the packet (from [`COUNTERS`]).
+#[inline(always)]
+pub const fn is_drop(id: u32) -> bool {
+    id < NUM_COUNTERS && (DROP_OUTCOMES >> id) & 1 != 0
 }
 
 /// True for outcome ids whose packets leave the host (forwarded).
-pub fn is_forward(id: u32) -> bool {
-    id <= FWD_GUE
+pub const fn is_forward(id: u32) -> bool {
+    matches!(verdict(id), Some(Verdict::Forward))
 }
+
+const fn ingress_outcome_count() -> usize {
+    let mut n = 0;
+    let mut id = 0;
+    while id < COUNTERS.len() {
+        if let Counter::Ingress(_) = COUNTERS[id] {
+            n += 1;
+        }
+        id += 1;
+    }
+    n
+}
+
+/// Outcome counters of `vpnlb_ingress` (exactly one per packet), in id order, from [`COUNTERS`].
+pub const INGRESS_OUTCOMES: [u32; ingress_outcome_count()] = {
+    let mut ids = [0u32; ingress_outcome_count()];
+    let (mut i, mut id) = (0, 0);
+    while id < COUNTERS.len() {
+        if let Counter::Ingress(_) = COUNTERS[id] {
+            ids[i] = id as u32;
+            i += 1;
+        }
+        id += 1;
+    }
+    ids
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Readers (`vpnlb top`, `inspect stats`) group outcomes by name prefix: every outcome is
-    /// exactly one of fwd_/pass_/drop_, and no event counter looks like one.
+    /// exactly one of fwd_/pass_/drop_, and no event counter looks like one; the table's verdict of
+    /// every counter agrees with its name.
     #[test]
     fn outcomes_are_named_by_kind() {
         for id in 0..NUM_COUNTERS {
@@ -165,6 +301,33 @@ mod tests {
                 "{n} (id {id})"
             );
             assert_eq!(is_forward(id), n.starts_with("fwd_"), "{n}");
+            let want = match COUNTERS[id as usize] {
+                Counter::Ingress(_) => {
+                    let v = if n.starts_with("fwd_") {
+                        Verdict::Forward
+                    } else if n.starts_with("drop_") {
+                        Verdict::Drop
+                    } else {
+                        Verdict::Pass
+                    };
+                    Some(v)
+                }
+                // The decap program drops only when it cannot move the head; it passes the rest.
+                Counter::Decap(_) => Some(if n == "decap_adjust_failed" {
+                    Verdict::Drop
+                } else {
+                    Verdict::Pass
+                }),
+                Counter::Event => None,
+            };
+            assert_eq!(verdict(id), want, "{n}");
+            assert_eq!(is_drop(id), want == Some(Verdict::Drop), "{n}");
+            assert_eq!(
+                matches!(COUNTERS[id as usize], Counter::Decap(_)),
+                is_decap,
+                "{n}"
+            );
         }
+        assert!(!is_drop(NUM_COUNTERS) && verdict(NUM_COUNTERS).is_none());
     }
 }

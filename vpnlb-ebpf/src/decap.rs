@@ -2,23 +2,20 @@
 //! receives the client's original packet, keeping the L2 header (VLAN tag included) in front.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use vpnlb_common::{DECAP_ADJUST_FAILED, DECAP_BAD_INNER, DECAP_GUE, DECAP_IPIP, DECAP_PASS};
-
-use crate::{
-    maps::CONFIG,
-    parse::{
-        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, VLAN_ETH_LEN, bytes_at, ethernet, load16, load32,
-        store16, store32,
-    },
-    stats::{Stop, count},
+use vpnlb_common::{
+    DECAP_ADJUST_FAILED, DECAP_BAD_INNER, DECAP_GUE, DECAP_IPIP, DECAP_PASS, PROTO_UDP,
 };
 
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const UDP_LEN: usize = 8;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
-const IPPROTO_UDP: u8 = 17;
+use crate::{
+    bytes::{bytes_at, load16, load32, store16, store32},
+    hdr::{
+        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, UDP_LEN,
+        VLAN_ETH_LEN,
+    },
+    maps::CONFIG,
+    parse::ethernet,
+    stats::{Stop, count},
+};
 
 /// Decapsulates one IPIP/IP6IP6/4in6/6in4 or GUE packet; anything else passes untouched.
 #[inline(always)]
@@ -48,9 +45,9 @@ pub fn try_decap(ctx: &XdpContext) -> Result<u32, Stop> {
 
     // `want`: the inner version nibble required (0 = 4 or 6).
     let (overhead, outcome, want) = match proto {
-        IPPROTO_IPIP => (ip_len, DECAP_IPIP, 4),
-        IPPROTO_IPV6 => (ip_len, DECAP_IPIP, 6),
-        IPPROTO_UDP => {
+        PROTO_IPIP => (ip_len, DECAP_IPIP, 4),
+        PROTO_IPV6 => (ip_len, DECAP_IPIP, 6),
+        PROTO_UDP => {
             let u = bytes_at(ctx, l2_len + ip_len, UDP_LEN).ok_or(pass)?;
             // SAFETY: 8 bytes at `u` are in the packet.
             let dport = u16::from_be(unsafe { load16(u.add(2)) });

@@ -4,26 +4,22 @@
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use vpnlb_common::{
     Backend, DROP_ADJUST_FAILED, DROP_BACKEND_BAD, DROP_ENCAP_TOO_BIG, FAMILY_V4, FAMILY_V6,
-    FWD_GUE, FWD_IPIP, FWD_MODE_GUE, GlobalConfig, VipMeta,
+    FWD_GUE, FWD_IPIP, FWD_MODE_GUE, GlobalConfig, PROTO_UDP, VipMeta,
 };
 
 use crate::{
-    forward::set_macs,
-    maps::CONFIG,
-    parse::{
-        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, Packet, VLAN_ETH_LEN, bytes_at, load32, store16,
-        store32,
+    bytes::{bytes_at, load32, store16, store32},
+    hdr::{
+        ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, UDP_LEN,
+        VLAN_ETH_LEN,
     },
+    l2::set_macs,
+    maps::CONFIG,
+    parse::Packet,
     stats::Stop,
 };
 
-const IPV4_LEN: u32 = 20;
-const IPV6_LEN: u32 = 40;
-const UDP_LEN: u32 = 8;
 const OUTER_TTL: u32 = 64;
-const IPPROTO_IPIP: u32 = 4;
-const IPPROTO_IPV6: u32 = 41;
-const IPPROTO_UDP: u32 = 17;
 
 /// Encapsulates the frame for backend `b` and returns the outcome (`FWD_IPIP` or `FWD_GUE`).
 #[inline(always)]
@@ -40,22 +36,24 @@ pub fn encap(
         FAMILY_V6 => true,
         _ => return Err(Stop(DROP_BACKEND_BAD)),
     };
-    let overhead = if outer_v6 { IPV6_LEN } else { IPV4_LEN } + if gue { UDP_LEN } else { 0 };
+    let overhead =
+        (if outer_v6 { IPV6_LEN } else { IPV4_LEN } + if gue { UDP_LEN } else { 0 }) as u32;
     let inner_len = pkt.frame_len - pkt.l2_len;
     let outer_len = inner_len + overhead;
     if vip.mtu != 0 && outer_len > vip.mtu {
         return Err(Stop(DROP_ENCAP_TOO_BIG));
     }
-    // The CONFIG array always has its entry; a missing one would read as all zeros.
-    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    // Borrowed, not copied: the writers read the few words they need from the map value.
+    // verifier: the lookup needs a test; entry 0 of an array always exists, so it never fails.
+    let cfg = CONFIG.get(0).ok_or(Stop(DROP_ADJUST_FAILED))?;
     let h = Outer {
         tos: u32::from(pkt.tos),
         inner_len,
         outer_len,
         inner_proto: if pkt.family == FAMILY_V4 {
-            IPPROTO_IPIP
+            u32::from(PROTO_IPIP)
         } else {
-            IPPROTO_IPV6
+            u32::from(PROTO_IPV6)
         },
         hash,
         gue_port_be: vip.gue_port.to_be(),
@@ -77,7 +75,7 @@ pub fn encap(
     }
     // verifier: adjust_head invalidated every packet pointer; each write below re-derives one from
     // the new `data` behind its own range check. None can fail: the frame only grew.
-    set_macs(ctx, b).map_err(|_| Stop(DROP_ADJUST_FAILED))?;
+    set_macs(ctx, b).ok_or(Stop(DROP_ADJUST_FAILED))?;
     let ethertype = if outer_v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
     let l3 = if vlan {
         // verifier: the tag and EtherType writes at 12..18 need an 18-byte range.
@@ -97,10 +95,10 @@ pub fn encap(
     };
     // One monomorphic writer per header shape, so each range check has a constant length.
     match (outer_v6, gue) {
-        (false, false) => h.write::<false, false>(ctx, l3, &cfg, b),
-        (false, true) => h.write::<false, true>(ctx, l3, &cfg, b),
-        (true, false) => h.write::<true, false>(ctx, l3, &cfg, b),
-        (true, true) => h.write::<true, true>(ctx, l3, &cfg, b),
+        (false, false) => h.write::<false, false>(ctx, l3, cfg, b),
+        (false, true) => h.write::<false, true>(ctx, l3, cfg, b),
+        (true, false) => h.write::<true, false>(ctx, l3, cfg, b),
+        (true, true) => h.write::<true, true>(ctx, l3, cfg, b),
     }?;
     Ok(if gue { FWD_GUE } else { FWD_IPIP })
 }
@@ -127,11 +125,15 @@ impl Outer {
         cfg: &GlobalConfig,
         b: &Backend,
     ) -> Result<(), Stop> {
-        let ip_len = if V6 { IPV6_LEN } else { IPV4_LEN } as usize;
-        let len = ip_len + if GUE { UDP_LEN as usize } else { 0 };
+        let ip_len = if V6 { IPV6_LEN } else { IPV4_LEN };
+        let len = ip_len + if GUE { UDP_LEN } else { 0 };
         // verifier: the header writes need `l3 + len` proven against data_end.
         let p = bytes_at(ctx, l3, len).ok_or(Stop(DROP_ADJUST_FAILED))?;
-        let proto = if GUE { IPPROTO_UDP } else { self.inner_proto };
+        let proto = if GUE {
+            u32::from(PROTO_UDP)
+        } else {
+            self.inner_proto
+        };
         // SAFETY: `len` bytes at `p` are in the packet, and each writer stays inside them.
         unsafe {
             if V6 {
@@ -179,7 +181,7 @@ impl Outer {
     #[inline(always)]
     unsafe fn ipv6(&self, p: *mut u8, proto: u32, cfg: &GlobalConfig, b: &Backend) {
         let w0 = ((6 << 28) | (self.tos << 20) | (self.hash & 0xF_FFFF)).to_be();
-        let payload_len = self.outer_len - IPV6_LEN;
+        let payload_len = self.outer_len - IPV6_LEN as u32;
         let w1 = u32::from((payload_len as u16).to_be()) | (proto << 16) | (OUTER_TTL << 24);
         let mask = cfg.encap_src_v6_hash_mask;
         let s = cfg.encap_src_v6;
@@ -208,7 +210,7 @@ impl Outer {
     unsafe fn udp(&self, p: *mut u8) {
         let sport = (0xC000 | (self.hash & 0x3FFF)) as u16;
         let ports = u32::from(sport.to_be()) | (u32::from(self.gue_port_be) << 16);
-        let len = ((UDP_LEN + self.inner_len) as u16).to_be();
+        let len = ((UDP_LEN as u32 + self.inner_len) as u16).to_be();
         // SAFETY: the caller guarantees 8 bytes at `p`.
         unsafe {
             store32(p, ports);

@@ -2,7 +2,10 @@
 
 use vpnlb_common::{FAMILY_V4, FlowKey};
 
-use crate::parse::{FRAG_LATER, Packet, load32};
+use crate::{
+    bytes::load32,
+    parse::{FRAG_LATER, Packet},
+};
 
 /// Builds the five-tuple key: addresses as on the wire (IPv4 in word 0), the first 4 bytes of the
 /// L4 header (ports, or the ESP SPI; 0 for a later fragment), protocol and family; padding zeroed.

@@ -4,24 +4,27 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use vpnlb_common::{
     Backend, DROP_BACKEND_BAD, DROP_REDIRECT_FAILED, FWD_L2DSR_REDIRECT, FWD_L2DSR_TX,
-    FWD_MODE_GUE, FWD_MODE_IPIP, FWD_MODE_L2DSR, VipMeta,
+    FWD_MODE_GUE, FWD_MODE_IPIP, FWD_MODE_L2DSR,
 };
 
 use crate::{
-    encap,
+    encap, l2,
     maps::{BACKEND_STATS, TX_PORTS, VIP_STATS},
-    parse::{ETH_LEN, Packet, bytes_at},
+    parse::Packet,
     session::Target,
     stats::{Stop, add_pkt, count},
 };
 
-/// Rewrites (or encapsulates) the frame for backend `t`, picks the egress and counts the outcome.
+/// Rewrites (or encapsulates) the frame for target `t` the way its VIP says, picks the egress and
+/// counts the outcome. The one place a packet is forwarded from: the main path and the side paths
+/// (fragments, PMTU messages) only decide the target.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, t: &Target) -> Result<u32, Stop> {
-    let b = t.backend;
+pub fn forward(ctx: &XdpContext, pkt: &Packet, t: &Target) -> Result<u32, Stop> {
+    let (vip, b) = (t.vip, t.backend);
     let outcome = match vip.fwd_mode {
         FWD_MODE_L2DSR => {
-            set_macs(ctx, b)?;
+            // verifier: parse saw 14 bytes, but the range is not carried here; this never fails.
+            l2::set_macs(ctx, b).ok_or(Stop(DROP_BACKEND_BAD))?;
             FWD_L2DSR_TX
         }
         FWD_MODE_IPIP | FWD_MODE_GUE => encap::encap(ctx, pkt, vip, b, t.hash)?,
@@ -38,20 +41,6 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, t: &Target) -> Res
     add_pkt(&VIP_STATS, vip.vip_id, bytes);
     add_pkt(&BACKEND_STATS, t.id, bytes);
     Ok(verdict)
-}
-
-/// Destination MAC = `b.mac`, source MAC = `b.src_mac`.
-#[inline(always)]
-pub fn set_macs(ctx: &XdpContext, b: &Backend) -> Result<(), Stop> {
-    // verifier: the MAC writes need a range proven from `data` itself. Parse already saw 14 bytes,
-    // so this never fails.
-    let eth = bytes_at(ctx, 0, ETH_LEN).ok_or(Stop(DROP_BACKEND_BAD))?;
-    // SAFETY: 14 bytes at `eth` are in the packet; `b` is a map value of 48 bytes.
-    unsafe {
-        core::ptr::copy_nonoverlapping(b.mac.as_ptr(), eth, 6);
-        core::ptr::copy_nonoverlapping(b.src_mac.as_ptr(), eth.add(6), 6);
-    }
-    Ok(())
 }
 
 /// XDP_TX when the backend is reached through the ingress interface (or `ifindex` is 0), else a

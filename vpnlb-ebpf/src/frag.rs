@@ -3,14 +3,14 @@
 //! record, or without one are hashed on their source address onto the ring of the address's
 //! fragment VIP (`FRAG_VIPS`).
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use vpnlb_common::{
     DROP_BACKEND_DOWN, FRAG_HIT, FRAG_MISS, FRAG_RECORD, FRAG_TIMEOUT_NS, FlowKey, FragKey,
     PASS_NOT_VIP, Session, VipKey, hash::hash_src,
 };
 
 use crate::{
-    flow, forward, maglev,
+    flow, maglev,
     maps::{FRAG_VIPS, FRAGS, VIPS},
     parse::Packet,
     session::{Target, usable},
@@ -46,10 +46,10 @@ pub fn record(pkt: &Packet, key: &FlowKey, t: &Target) {
     }
 }
 
-/// A later fragment: its VIP through `FRAG_VIPS`, its backend from the datagram's record (fresh,
-/// backend usable: `FRAG_HIT`) or else the source-address hash (`FRAG_MISS`); then forwarded.
+/// Where a later fragment goes: its VIP through `FRAG_VIPS`, its backend from the datagram's record
+/// (fresh, backend usable: `FRAG_HIT`) or else the source-address hash (`FRAG_MISS`).
 #[inline(always)]
-pub fn later(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
+pub fn later(pkt: &Packet) -> Result<Target, Stop> {
     let key = flow::flow_key(pkt);
     let portless = VipKey {
         addr: key.dst,
@@ -68,28 +68,29 @@ pub fn later(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
     let followed = rec
         .filter(|r| now.wrapping_sub(r.last_seen_ns) <= FRAG_TIMEOUT_NS)
         .and_then(|r| usable(r.backend_id).map(|b| (r, b)));
-    let target = match followed {
+    match followed {
         Some((r, backend)) => {
             count(FRAG_HIT);
-            Target {
+            Ok(Target {
+                vip,
                 id: r.backend_id,
                 backend,
                 hash: r.hash,
                 now,
-            }
+            })
         }
         None => {
             count(FRAG_MISS);
             let hash = hash_src(&key);
             let id = maglev::pick(vip, hash, pkt.tos)?;
             let backend = usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?;
-            Target {
+            Ok(Target {
+                vip,
                 id,
                 backend,
                 hash,
                 now,
-            }
+            })
         }
-    };
-    forward::forward(ctx, pkt, vip, &target)
+    }
 }

@@ -1,21 +1,19 @@
 //! PMTU messages (docs/datapath.md, "PMTU messages"): an ICMP "fragmentation needed" or ICMPv6
 //! "packet too big" sent to a VIP quotes a packet the gateway sent from the VIP to a client; the
-//! quote, reversed, is that client's flow, and the message goes to the backend owning it (its
-//! session, else its hash), forwarded like the flow.
+//! quote, reversed, is that client's flow. This file finds that flow; the message then goes where
+//! the flow goes (its VIP, its session read only, else its hash: session.rs) and is forwarded the
+//! flow's way.
 
 use aya_ebpf::programs::XdpContext;
 use vpnlb_common::{
-    DROP_BACKEND_DOWN, FAMILY_V4, FAMILY_V6, FlowKey, ICMP_PMTU_HASH, ICMP_PMTU_SESSION,
-    PASS_ICMP_BAD_QUOTE, PROTO_ESP, PROTO_TCP, PROTO_UDP, hash::pick_hash,
+    FAMILY_V4, FAMILY_V6, FlowKey, PASS_ICMP_BAD_QUOTE, PROTO_ESP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    forward, maglev,
-    maps::SESSIONS,
-    parse::{ICMP_LEN, Packet, load32},
-    session::{Target, usable},
-    stats::{Stop, count},
-    vip,
+    bytes::{View, load16, load32},
+    hdr::ICMP_LEN,
+    parse::Packet,
+    stats::Stop,
 };
 
 const BAD: Stop = Stop(PASS_ICMP_BAD_QUOTE);
@@ -32,33 +30,16 @@ const NO_FLOW: FlowKey = FlowKey {
     _pad: [0; 2],
 };
 
-/// The quoted packet: `start` (packet address) and `len` bytes of it that the ICMP length covers.
-struct Quote {
-    start: usize,
-    len: u32,
-    end: usize,
-}
-
-impl Quote {
-    /// A pointer to `n` bytes at quote offset `off`, if the quote holds them (the second test is
-    /// for the verifier).
-    #[inline(always)]
-    fn at(&self, off: usize, n: usize) -> Option<*const u8> {
-        if self.len < (off + n) as u32 || self.start + off + n > self.end {
-            return None;
-        }
-        Some((self.start + off) as *const u8)
-    }
-}
-
-/// Forwards a PMTU message to the backend of the flow it quotes.
+/// The flow a PMTU message is about: the quoted packet's flow key, reversed. The message must be
+/// addressed to the address the quoted packet came from (the VIP); else `PASS_ICMP_BAD_QUOTE`.
 #[inline(always)]
-pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
-    let q = Quote {
-        start: pkt.l4 as usize + ICMP_LEN,
-        len: pkt.l4_len - ICMP_LEN as u32,
-        end: ctx.data_end(),
-    };
+pub fn quoted_flow(ctx: &XdpContext, pkt: &Packet) -> Result<FlowKey, Stop> {
+    // The quoted packet: what the ICMP length covers after the ICMP header.
+    let q = View::new(
+        ctx,
+        pkt.l4.wrapping_add(ICMP_LEN),
+        pkt.l4_len - ICMP_LEN as u32,
+    );
     let key = if pkt.family == FAMILY_V4 {
         quote_v4(&q)
     } else {
@@ -67,7 +48,6 @@ pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
     if key.proto == NO_FLOW.proto {
         return Err(BAD);
     }
-    // The message must be addressed to the address the quoted packet came from (the VIP).
     // SAFETY: parse proved 20 (IPv4) / 40 (IPv6) bytes at `l3`.
     let to = unsafe {
         if pkt.family == FAMILY_V4 {
@@ -84,40 +64,13 @@ pub fn pmtu(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Stop> {
     if to != key.dst {
         return Err(BAD);
     }
-    let vip = vip::lookup(&key)?;
-    // The flow's session, read only: an ICMP message neither refreshes nor creates one.
-    // SAFETY: a value copied out at once (see session.rs on LRU element reuse).
-    let session = unsafe { SESSIONS.get(key) }.copied();
-    let target = match session.and_then(|s| usable(s.backend_id).map(|b| (s, b))) {
-        Some((s, backend)) => {
-            count(ICMP_PMTU_SESSION);
-            Target {
-                id: s.backend_id,
-                backend,
-                hash: s.hash,
-                now: 0,
-            }
-        }
-        None => {
-            count(ICMP_PMTU_HASH);
-            let hash = pick_hash(&key, vip.flags);
-            let id = maglev::pick(vip, hash, pkt.tos)?;
-            let backend = usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?;
-            Target {
-                id,
-                backend,
-                hash,
-                now: 0,
-            }
-        }
-    };
-    forward::forward(ctx, pkt, vip, &target)
+    Ok(key)
 }
 
 /// The client flow of a quoted IPv4 packet (VIP → client): need the IPv4 header (version 4,
 /// IHL >= 5, not a later fragment, UDP/TCP/ESP) and 4 bytes of its L4 header.
 #[inline(always)]
-fn quote_v4(q: &Quote) -> FlowKey {
+fn quote_v4(q: &View) -> FlowKey {
     let Some(h) = q.at(0, 20) else {
         return NO_FLOW;
     };
@@ -125,7 +78,7 @@ fn quote_v4(q: &Quote) -> FlowKey {
     let (vihl, frag, proto, src, dst) = unsafe {
         (
             *h,
-            u16::from_be(crate::parse::load16(h.add(6))),
+            u16::from_be(load16(h.add(6))),
             *h.add(9),
             load32(h.add(12)),
             load32(h.add(16)),
@@ -151,7 +104,7 @@ fn quote_v4(q: &Quote) -> FlowKey {
 /// The client flow of a quoted IPv6 packet: need the 40-byte header (version 6, next header
 /// UDP/TCP/ESP: no extension headers) and 4 bytes of its L4 header.
 #[inline(always)]
-fn quote_v6(q: &Quote) -> FlowKey {
+fn quote_v6(q: &View) -> FlowKey {
     let Some(h) = q.at(0, 44) else {
         return NO_FLOW;
     };

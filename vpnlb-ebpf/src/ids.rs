@@ -10,12 +10,14 @@ use vpnlb_common::{
     VIP_F_IDS_IPSEC, VIP_F_IDS_WIREGUARD, VipMeta,
 };
 
-use crate::parse::{Packet, load16, load32};
+use crate::{
+    bytes::{View, load16},
+    hdr::UDP_LEN,
+    parse::Packet,
+};
 
 /// IKE's well-known port: the IKE header starts the UDP payload (no non-ESP marker).
 const IKE_PORT_BE: u16 = 500u16.to_be();
-/// UDP header length: the payload starts here.
-const UDP_LEN: usize = 8;
 /// IKE header length (RFC 7296 3.1).
 const IKE_HDR_LEN: u32 = 28;
 /// OpenVPN's P_DATA_V2 opcode (top 5 bits of the first payload byte).
@@ -23,42 +25,16 @@ const P_DATA_V2: u8 = 9;
 /// "No peer-id" in P_DATA_V2.
 const PEER_ID_UNSET: u32 = 0x00FF_FFFF;
 
-/// The UDP payload view: a packet pointer and the payload length from the UDP header.
-struct Payload {
-    start: usize,
-    end: usize,
-    len: u32,
-}
-
-impl Payload {
-    /// A pointer to `n` bytes at payload offset `off` (constants after inlining), if the UDP
-    /// length covers them (the frame then does too; the second test is for the verifier).
-    #[inline(always)]
-    fn at(&self, off: usize, n: usize) -> Option<*const u8> {
-        if self.len < (off + n) as u32 || self.start + off + n > self.end {
-            return None;
-        }
-        Some((self.start + off) as *const u8)
+/// The IKE responder SPI of the header at payload offset `off` (None when zero or short).
+#[inline(always)]
+fn ike_responder_spi(p: &View, off: usize) -> Option<(u8, u64)> {
+    if p.len() < off as u32 + IKE_HDR_LEN {
+        return None;
     }
-
-    /// The little-endian u32 load of payload bytes `off..off+4`.
-    #[inline(always)]
-    fn word(&self, off: usize) -> Option<u32> {
-        // SAFETY: `at` proved the 4 bytes are in the packet.
-        self.at(off, 4).map(|p| unsafe { load32(p) })
-    }
-
-    /// The IKE responder SPI of the header at payload offset `off` (None when zero or short).
-    #[inline(always)]
-    fn ike_responder_spi(&self, off: usize) -> Option<(u8, u64)> {
-        if self.len < off as u32 + IKE_HDR_LEN {
-            return None;
-        }
-        let lo = self.word(off + 8)?;
-        let hi = self.word(off + 12)?;
-        let spi = u64::from(lo) | (u64::from(hi) << 32);
-        (spi != 0).then_some((ID_IKE, spi))
-    }
+    let lo = p.word(off + 8)?;
+    let hi = p.word(off + 12)?;
+    let spi = u64::from(lo) | (u64::from(hi) << 32);
+    (spi != 0).then_some((ID_IKE, spi))
 }
 
 /// The id key of the packet, or `None` when the VIP learns no ids or the packet carries none.
@@ -87,11 +63,7 @@ pub fn session_id(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipMeta) 
         } else {
             pkt.l4_len
         };
-        let p = Payload {
-            start: pkt.l4 as usize + UDP_LEN,
-            end: ctx.data_end(),
-            len: len - UDP_LEN as u32,
-        };
+        let p = View::new(ctx, pkt.l4.wrapping_add(UDP_LEN), len - UDP_LEN as u32);
         if flags & VIP_F_IDS_WIREGUARD != 0 {
             wireguard(&p)?
         } else if flags & VIP_F_IDS_IPSEC != 0 {
@@ -126,7 +98,7 @@ fn id_key(key: &FlowKey, kind: u8, id: u64) -> IdKey {
 /// Receiver index: type 4 (transport data) and 3 (cookie reply) at offset 4, type 2 (handshake
 /// response) at offset 8; the three reserved bytes after the type must be zero.
 #[inline(always)]
-fn wireguard(p: &Payload) -> Option<(u8, u64)> {
+fn wireguard(p: &View) -> Option<(u8, u64)> {
     let head = p.word(0)?;
     let (msg_type, reserved) = (head & 0xff, head >> 8);
     if reserved != 0 {
@@ -143,13 +115,13 @@ fn wireguard(p: &Payload) -> Option<(u8, u64)> {
 /// UDP 500: the IKE header; any other port (NAT-T): a single 0xff byte is a keepalive (no id),
 /// a zero non-ESP marker is followed by the IKE header, otherwise the payload is ESP (SPI first).
 #[inline(always)]
-fn ipsec(p: &Payload, dport_be: u16) -> Option<(u8, u64)> {
+fn ipsec(p: &View, dport_be: u16) -> Option<(u8, u64)> {
     if dport_be == IKE_PORT_BE {
-        return p.ike_responder_spi(0);
+        return ike_responder_spi(p, 0);
     }
     let marker = p.word(0)?;
     if marker == 0 {
-        return p.ike_responder_spi(4);
+        return ike_responder_spi(p, 4);
     }
     // An ESP header is at least SPI + sequence number.
     p.at(0, 8)?;
@@ -161,7 +133,7 @@ fn ipsec(p: &Payload, dport_be: u16) -> Option<(u8, u64)> {
 /// address itself). Every openvpn server numbers peer-ids from 0, so the bare peer-id is not
 /// unique across gateways; with the client's address it is (a rebound source port keeps it).
 #[inline(always)]
-fn openvpn(p: &Payload, src: &[u32; 4]) -> Option<(u8, u64)> {
+fn openvpn(p: &View, src: &[u32; 4]) -> Option<(u8, u64)> {
     let w = p.word(0)?;
     if (w & 0xff) as u8 >> 3 != P_DATA_V2 {
         return None;

@@ -1,16 +1,19 @@
 //! vpnlb's XDP programs: `vpnlb_ingress` (the load balancer, stages parse → flow → vip → ids →
-//! session → maglev → forward/encap; later IP fragments through frag, PMTU ICMP through icmp;
-//! docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
+//! session → maglev → forward/encap; later IP fragments through frag, PMTU ICMP through icmp, which
+//! only choose the target; docs/datapath.md) and `vpnlb_decap` (the gateway-side decapsulator).
 #![no_std]
 #![no_main]
 
+mod bytes;
 mod decap;
 mod encap;
 mod flow;
 mod forward;
 mod frag;
+mod hdr;
 mod icmp;
 mod ids;
+mod l2;
 mod maglev;
 mod maps;
 mod parse;
@@ -39,20 +42,30 @@ pub fn vpnlb_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_ingress(ctx: &XdpContext) -> Result<u32, Stop> {
     let pkt = parse::parse(ctx)?;
-    if pkt.frag == parse::FRAG_LATER {
-        return frag::later(ctx, &pkt);
-    }
-    if pkt.proto == parse::PROTO_ICMP || pkt.proto == parse::PROTO_ICMPV6 {
-        return icmp::pmtu(ctx, &pkt);
-    }
-    let key = flow::flow_key(&pkt);
-    let vip = vip::lookup(&key)?;
-    let sid = ids::session_id(ctx, &pkt, &key, vip);
-    let target = session::resolve(ctx, &key, vip, pkt.tos, sid.as_ref())?;
-    if pkt.frag == parse::FRAG_FIRST {
-        frag::record(&pkt, &key, &target);
-    }
-    forward::forward(ctx, &pkt, vip, &target)
+    // A side path decides where a packet goes; the one call to forward at the end decides how.
+    let target = if pkt.frag == parse::FRAG_LATER {
+        frag::later(&pkt)?
+    } else {
+        // A PMTU message goes where the flow it quotes goes: that flow's key, its session only read.
+        let pmtu = pkt.proto == hdr::PROTO_ICMP || pkt.proto == hdr::PROTO_ICMPV6;
+        let key = if pmtu {
+            icmp::quoted_flow(ctx, &pkt)?
+        } else {
+            flow::flow_key(&pkt)
+        };
+        let vip = vip::lookup(&key)?;
+        let sid = if pmtu {
+            None
+        } else {
+            ids::session_id(ctx, &pkt, &key, vip)
+        };
+        let target = session::resolve(ctx, &key, vip, pkt.tos, sid.as_ref(), pmtu)?;
+        if pkt.frag == parse::FRAG_FIRST {
+            frag::record(&pkt, &key, &target);
+        }
+        target
+    };
+    forward::forward(ctx, &pkt, &target)
 }
 
 #[cfg(not(test))]

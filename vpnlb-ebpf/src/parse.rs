@@ -1,8 +1,5 @@
 //! Stage 1: validate Ethernet (one 802.1Q tag at most), IPv4/IPv6 and the UDP/TCP/ESP header exactly
-//! as docs/datapath.md says, and record where the headers are; plus the bounds-checked packet access
-//! helpers every stage uses.
-
-use core::ptr;
+//! as docs/datapath.md says, and record where the headers are.
 
 use aya_ebpf::programs::XdpContext;
 use vpnlb_common::{
@@ -13,87 +10,15 @@ use vpnlb_common::{
     PROTO_UDP,
 };
 
-use crate::stats::Stop;
-
-/// EtherTypes as read from the wire into a native u16 (network order in memory).
-pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-pub const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
-const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
-const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
-
-pub const ETH_LEN: usize = 14;
-pub const VLAN_ETH_LEN: usize = 18;
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const UDP_LEN: u32 = 8;
-const TCP_LEN: u32 = 20;
-const ESP_LEN: u32 = 8;
-/// ICMP / ICMPv6: the header before the quoted packet.
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_ICMPV6: u8 = 58;
-pub const ICMP_LEN: usize = 8;
-/// IPv6 Fragment header: next header 44, 8 bytes.
-const IPPROTO_FRAGMENT: u8 = 44;
-const FRAG_HDR_LEN: usize = 8;
-
-/// A pointer to `len` bytes of the packet starting `off` bytes into it, or `None` if the frame is
-/// shorter.
-#[inline(always)]
-pub fn bytes_at(ctx: &XdpContext, off: usize, len: usize) -> Option<*mut u8> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    // verifier: every packet access must sit below a `ptr + len <= data_end` test on that pointer.
-    if start + off + len > end {
-        return None;
-    }
-    Some((start + off) as *mut u8)
-}
-
-/// Reads a u16 as stored on the wire (the value stays in network byte order).
-///
-/// # Safety
-/// `p..p+2` must be inside the packet (checked against `data_end`).
-#[inline(always)]
-pub unsafe fn load16(p: *const u8) -> u16 {
-    // SAFETY: the caller guarantees the bytes are in the packet; unaligned reads are allowed.
-    unsafe { ptr::read_unaligned(p.cast::<u16>()) }
-}
-
-/// Reads a u32 as stored on the wire (the value stays in network byte order).
-///
-/// # Safety
-/// `p..p+4` must be inside the packet (checked against `data_end`).
-#[inline(always)]
-pub unsafe fn load32(p: *const u8) -> u32 {
-    // SAFETY: the caller guarantees the bytes are in the packet; unaligned reads are allowed.
-    unsafe { ptr::read_unaligned(p.cast::<u32>()) }
-}
-
-/// Writes a u16 that is already in network byte order.
-///
-/// # Safety
-/// `p..p+2` must be inside the packet (checked against `data_end`).
-#[inline(always)]
-pub unsafe fn store16(p: *mut u8, v: u16) {
-    // SAFETY: the caller guarantees the bytes are in the packet; unaligned writes are allowed.
-    unsafe { ptr::write_unaligned(p.cast::<u16>(), v) }
-}
-
-/// Writes a u32 that is already in network byte order.
-///
-/// # Safety
-/// `p..p+4` must be inside the packet (checked against `data_end`).
-#[inline(always)]
-pub unsafe fn store32(p: *mut u8, v: u32) {
-    // SAFETY: the caller guarantees the bytes are in the packet; unaligned writes are allowed.
-    unsafe { ptr::write_unaligned(p.cast::<u32>(), v) }
-}
-
-/// Length of the received frame.
-#[inline(always)]
-pub fn frame_len(ctx: &XdpContext) -> u32 {
-    (ctx.data_end() - ctx.data()) as u32
-}
+use crate::{
+    bytes::{bytes_at, frame_len, load16, load32},
+    hdr::{
+        ESP_LEN, ETH_LEN, ETH_P_8021AD_BE, ETH_P_8021Q_BE, ETH_P_IP_BE, ETH_P_IPV6_BE,
+        FRAG_HDR_LEN, ICMP_LEN, IPV4_LEN, IPV6_LEN, PROTO_FRAGMENT, PROTO_ICMP, PROTO_ICMPV6,
+        TCP_LEN, UDP_LEN, VLAN_ETH_LEN,
+    },
+    stats::Stop,
+};
 
 /// The Ethernet header: its length (14, or 18 with one 802.1Q tag) and the (inner) EtherType in
 /// network order. Errors are `PASS_*` counter ids.
@@ -278,7 +203,7 @@ fn ipv6(ctx: &XdpContext, l3_off: usize, ip_room: u32) -> Result<Ip, Stop> {
         return Err(Stop(PASS_IPV6_BAD_PAYLOAD_LEN));
     }
     let (mut next, mut hdrs, mut frag, mut frag_id) = (next, IPV6_LEN, FRAG_NONE, 0);
-    if next == IPPROTO_FRAGMENT {
+    if next == PROTO_FRAGMENT {
         // The Fragment header right after the fixed header: next header, offset and M flag, id.
         if payload_len < FRAG_HDR_LEN as u32 {
             return Err(Stop(PASS_FRAGMENT));
@@ -338,25 +263,25 @@ fn l4(ctx: &XdpContext, ip: &Ip) -> Result<*const u8, Stop> {
     let len = ip.l4_len;
     match ip.proto {
         PROTO_UDP => {
-            if len < UDP_LEN {
+            if len < UDP_LEN as u32 {
                 return Err(Stop(PASS_L4_TRUNCATED));
             }
             // verifier: `L >= 8` already implies the bytes exist, but the verifier needs the test.
-            let u = bytes_at(ctx, ip.l4_off, UDP_LEN as usize).ok_or(Stop(PASS_L4_TRUNCATED))?;
+            let u = bytes_at(ctx, ip.l4_off, UDP_LEN).ok_or(Stop(PASS_L4_TRUNCATED))?;
             // SAFETY: 8 bytes at `u` are in the packet.
             let udp_len = u32::from(u16::from_be(unsafe { load16(u.add(4)) }));
             // A first fragment holds only part of the datagram the UDP length counts.
-            if udp_len < UDP_LEN || (udp_len > len && ip.frag != FRAG_FIRST) {
+            if udp_len < UDP_LEN as u32 || (udp_len > len && ip.frag != FRAG_FIRST) {
                 return Err(Stop(PASS_UDP_BAD_LEN));
             }
             Ok(u)
         }
         PROTO_TCP => {
-            if len < TCP_LEN {
+            if len < TCP_LEN as u32 {
                 return Err(Stop(PASS_L4_TRUNCATED));
             }
             // verifier: `L >= 20` already implies the bytes exist, but the verifier needs the test.
-            let t = bytes_at(ctx, ip.l4_off, TCP_LEN as usize).ok_or(Stop(PASS_L4_TRUNCATED))?;
+            let t = bytes_at(ctx, ip.l4_off, TCP_LEN).ok_or(Stop(PASS_L4_TRUNCATED))?;
             // SAFETY: 20 bytes at `t` are in the packet.
             let doff = u32::from(unsafe { *t.add(12) } >> 4);
             if doff < 5 || doff * 4 > len {
@@ -365,11 +290,11 @@ fn l4(ctx: &XdpContext, ip: &Ip) -> Result<*const u8, Stop> {
             Ok(t)
         }
         _ => {
-            if len < ESP_LEN {
+            if len < ESP_LEN as u32 {
                 return Err(Stop(PASS_L4_TRUNCATED));
             }
             // verifier: `L >= 8` already implies the bytes exist, but the verifier needs the test.
-            let e = bytes_at(ctx, ip.l4_off, ESP_LEN as usize).ok_or(Stop(PASS_L4_TRUNCATED))?;
+            let e = bytes_at(ctx, ip.l4_off, ESP_LEN).ok_or(Stop(PASS_L4_TRUNCATED))?;
             // SAFETY: 8 bytes at `e` are in the packet.
             if unsafe { load32(e) } == 0 {
                 return Err(Stop(PASS_ESP_BAD_SPI));

@@ -9,10 +9,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use vpnlb_common::{
-    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FlowKey, ID_RANGE_KIND_BITS, IdKey,
-    IdRangeData, SESSION_FLOOD_SKIP, SESSION_HIT, SESSION_ID_LEARNED, SESSION_ID_REJECTED,
-    SESSION_ID_USED, SESSION_INSERT, SESSION_INSERT_FAILED, SESSION_MISS, SESSION_REPICK_DOWN,
-    SESSION_REPICK_IDLE, SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash,
+    BACKEND_DRAINING, BACKEND_UP, Backend, DROP_BACKEND_DOWN, FlowKey, ICMP_PMTU_HASH,
+    ICMP_PMTU_SESSION, ID_RANGE_KIND_BITS, IdKey, IdRangeData, SESSION_FLOOD_SKIP, SESSION_HIT,
+    SESSION_ID_LEARNED, SESSION_ID_REJECTED, SESSION_ID_USED, SESSION_INSERT,
+    SESSION_INSERT_FAILED, SESSION_MISS, SESSION_REPICK_DOWN, SESSION_REPICK_IDLE,
+    SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash,
 };
 
 use crate::{
@@ -24,8 +25,9 @@ use crate::{
 /// Length of the flood guard's window.
 const FLOOD_WINDOW_NS: u64 = 1_000_000_000;
 
-/// Where a flow goes.
+/// Where a packet goes: the VIP whose settings forward it, and its backend.
 pub struct Target {
+    pub vip: &'static VipMeta,
     /// Backend id (index of `BACKENDS` and `BACKEND_STATS`).
     pub id: u32,
     pub backend: &'static Backend,
@@ -44,32 +46,46 @@ pub fn usable(id: u32) -> Option<&'static Backend> {
 }
 
 /// Runs stage 4: session lookup (learning the packet's id on a hit), else the id's backend or the
-/// Maglev pick, and session insert.
+/// Maglev pick, and session insert. For a PMTU message (`pmtu`, `key` the quoted flow's) the
+/// session is only read: used when its backend is usable, whatever its age, else the hash picks;
+/// nothing is refreshed, learned or inserted, and `ICMP_PMTU_*` is counted instead of `SESSION_*`.
 #[inline(always)]
 pub fn resolve(
     ctx: &XdpContext,
     key: &FlowKey,
-    vip: &VipMeta,
+    vip: &'static VipMeta,
     tos: u8,
     sid: Option<&IdKey>,
+    pmtu: bool,
 ) -> Result<Target, Stop> {
     // CLOCK_MONOTONIC_COARSE (jiffy resolution): enough for a 1 s touch and idle timeouts, and
     // about half the cost of bpf_ktime_get_ns on hosts where reading the TSC traps (VMs).
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions (kernel >= 5.11).
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let hit = lookup(key, vip, now);
+    let hit = if pmtu {
+        peek(key)
+    } else {
+        lookup(key, vip, now)
+    };
     // A hit never hashes: encapsulation takes the hash stored with the session.
     if let Some(backend) = hit.backend {
         if let Some(sid) = sid {
             learn(sid, hit.id);
         }
         return Ok(Target {
+            vip,
             id: hit.id,
             backend,
             hash: hit.hash,
             now,
         });
     }
+    if pmtu {
+        count(ICMP_PMTU_HASH);
+    }
+    // The one copy of the flow hash for new picks (a later fragment hashes its source address
+    // alone, frag.rs). Inlined: as a BPF function of its own (a BPF-to-BPF call) new_flow measured
+    // 7-10% slower against this on our AMD VM, whose kernel reports the Safe RET mitigation.
     let hash = pick_hash(key, vip.flags);
     let (id, backend) = match sid.and_then(by_id) {
         Some(found) => found,
@@ -78,8 +94,11 @@ pub fn resolve(
             (id, usable(id).ok_or(Stop(DROP_BACKEND_DOWN))?)
         }
     };
-    record(ctx, key, id, hash, now);
+    if !pmtu {
+        record(ctx, key, id, hash, now);
+    }
     Ok(Target {
+        vip,
         id,
         backend,
         hash,
@@ -185,6 +204,29 @@ fn lookup(key: &FlowKey, vip: &VipMeta, now: u64) -> Hit {
         id,
         hash,
         backend: Some(backend),
+    }
+}
+
+/// A PMTU message's read of the quoted flow's session: its backend when usable, whatever the
+/// session's age (`ICMP_PMTU_SESSION`); nothing is counted otherwise, nothing written.
+#[inline(always)]
+fn peek(key: &FlowKey) -> Hit {
+    // SAFETY: a value copied out at once (see `lookup` on LRU element reuse).
+    let session = unsafe { SESSIONS.get(key) }.copied();
+    match session.and_then(|s| usable(s.backend_id).map(|b| (s, b))) {
+        Some((s, backend)) => {
+            count(ICMP_PMTU_SESSION);
+            Hit {
+                id: s.backend_id,
+                hash: s.hash,
+                backend: Some(backend),
+            }
+        }
+        None => Hit {
+            id: 0,
+            hash: 0,
+            backend: None,
+        },
     }
 }
 

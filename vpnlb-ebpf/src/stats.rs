@@ -2,7 +2,7 @@
 //! pairs, and `Stop`, the early-exit outcome that maps a counter id to its verdict.
 
 use aya_ebpf::{bindings::xdp_action, btf_maps::PerCpuArray};
-use vpnlb_common::{DECAP_ADJUST_FAILED, DROP_NO_BACKEND, DROP_REDIRECT_FAILED, PktBytes};
+use vpnlb_common::{PktBytes, is_drop};
 
 use crate::maps::STATS;
 
@@ -29,18 +29,18 @@ pub fn add_pkt<const N: usize>(map: &PerCpuArray<PktBytes, N>, idx: u32, bytes: 
 }
 
 /// A packet that leaves the pipeline without being forwarded: the `STATS` id of its outcome
-/// (`PASS_*`, `DROP_*` or `DECAP_*`). The verdict follows from the id.
+/// (`PASS_*`, `DROP_*` or `DECAP_*`). The verdict follows from the id through the outcome table
+/// `vpnlb_common::COUNTERS`.
 #[derive(Clone, Copy)]
 pub struct Stop(pub u32);
 
 impl Stop {
-    /// Counts the outcome and returns its verdict: `XDP_DROP` for the drop outcomes, else `XDP_PASS`.
+    /// Counts the outcome and returns its verdict: `XDP_DROP` for the outcomes the table says drop,
+    /// else `XDP_PASS`.
     #[inline(always)]
     pub fn finish(self) -> u32 {
         count(self.0);
-        if (DROP_NO_BACKEND..=DROP_REDIRECT_FAILED).contains(&self.0)
-            || self.0 == DECAP_ADJUST_FAILED
-        {
+        if is_drop(self.0) {
             xdp_action::XDP_DROP
         } else {
             xdp_action::XDP_PASS

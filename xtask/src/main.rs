@@ -40,6 +40,11 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Build the eBPF object of revision REV too (in a git worktree under target/baseline/) and
+        /// measure it row by row beside the current one, printing new/old per row. Runs the
+        /// per-packet benchmark only.
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
         /// Extra arguments for the bench binary.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -83,11 +88,6 @@ fn root_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of the production eBPF object.
-fn ebpf_object() -> PathBuf {
-    root_dir().join("vpnlb-ebpf/target/bpfel-unknown-none/release/vpnlb")
-}
-
 fn bench_object() -> PathBuf {
     root_dir().join("vpnlb-ebpf/target/bpfel-unknown-none/release/vpnlb-bench-progs")
 }
@@ -102,9 +102,15 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 /// Builds vpnlb-ebpf with Debian's rustc (prebuilt bpfel core) and rustup's cargo, as TOOLCHAIN.md says.
 fn build_ebpf(quiet: bool) -> Result<PathBuf> {
+    build_ebpf_in(&root_dir(), quiet)
+}
+
+/// [`build_ebpf`] for the checkout at `root` (this one, or a baseline worktree); returns the path
+/// of its production object.
+fn build_ebpf_in(root: &Path, quiet: bool) -> Result<PathBuf> {
     toolchain::ensure_build_prereqs()?;
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root_dir().join("vpnlb-ebpf"))
+    cmd.current_dir(root.join("vpnlb-ebpf"))
         .args(["build", "--release"])
         .env("RUSTC", "/usr/bin/rustc")
         // aya-ebpf uses #![feature]s; Debian's rustc is a stable build.
@@ -122,7 +128,7 @@ fn build_ebpf(quiet: bool) -> Result<PathBuf> {
         cmd.arg("--quiet");
     }
     run(&mut cmd).context("building the eBPF object")?;
-    let obj = ebpf_object();
+    let obj = root.join("vpnlb-ebpf/target/bpfel-unknown-none/release/vpnlb");
     if !obj.exists() {
         bail!("eBPF build succeeded but {} is missing", obj.display());
     }
@@ -209,10 +215,62 @@ fn test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn bench(json: bool, args: &[String]) -> Result<()> {
+/// Git's answer to `args` in the workspace root, trimmed.
+fn git(args: &[&str]) -> Result<String> {
+    let out = Command::new("git")
+        .current_dir(root_dir())
+        .args(args)
+        .output()
+        .with_context(|| format!("running git {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Builds the eBPF object of revision `rev` in its own git worktree,
+/// `target/baseline/<commit>` (kept for the next run), with the same toolchain route as the
+/// current object; returns the object's path.
+fn baseline_object(rev: &str) -> Result<PathBuf> {
+    let commit = git(&["rev-parse", "--verify", &format!("{rev}^{{commit}}")])
+        .with_context(|| format!("--baseline {rev}: not a revision"))?;
+    let dir = target_dir().join("baseline").join(&commit[..12]);
+    if dir.join(".git").exists() {
+        let head = git(&["-C", &dir.to_string_lossy(), "rev-parse", "HEAD"])?;
+        if head != commit {
+            bail!(
+                "{} is at {head}, not {commit}: remove it (git worktree remove --force)",
+                dir.display()
+            );
+        }
+    } else {
+        eprintln!(
+            "xtask: checking out {rev} ({}) in {}",
+            &commit[..12],
+            dir.display()
+        );
+        // A stale registration (the directory deleted by hand or by cargo clean) blocks `add`.
+        git(&["worktree", "prune"])?;
+        git(&[
+            "worktree",
+            "add",
+            "--detach",
+            &dir.to_string_lossy(),
+            &commit,
+        ])?;
+    }
+    eprintln!("xtask: building the baseline eBPF object ({rev})");
+    build_ebpf_in(&dir, true).with_context(|| format!("building the eBPF object of {rev}"))
+}
+
+fn bench(json: bool, baseline: Option<&str>, args: &[String]) -> Result<()> {
     toolchain::require_root("cargo xtask bench")?;
     toolchain::ensure_runtime_prereqs()?;
     let obj = build_ebpf(true)?;
+    let baseline = baseline.map(baseline_object).transpose()?;
     // The agent rows measure the release agent (what users run).
     run(cargo_with_object(&obj).args([
         "build",
@@ -223,11 +281,19 @@ fn bench(json: bool, args: &[String]) -> Result<()> {
         "--bin",
         "vpnlb",
     ]))?;
-    let bins = ["vpnlb-bench", "vpnlb-agent-bench", "vpnlb-throughput-bench"];
+    // A baseline compares two eBPF objects: only the per-packet benchmark runs them.
+    let bins: &[&str] = if baseline.is_some() {
+        &["vpnlb-bench"]
+    } else {
+        &["vpnlb-bench", "vpnlb-agent-bench", "vpnlb-throughput-bench"]
+    };
     let mut merged: Vec<serde_json::Value> = Vec::new();
     let mut extra = serde_json::Map::new();
-    for bin in bins {
+    for &bin in bins {
         let mut cmd = cargo_with_object(&obj);
+        if let Some(b) = &baseline {
+            cmd.env("VPNLB_BASELINE_OBJ", b);
+        }
         cmd.env("VPNLB_BIN", target_dir().join("release/vpnlb"))
             .args([
                 "run",
@@ -356,7 +422,11 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => test(&args),
         Cmd::Clippy => clippy(),
-        Cmd::Bench { json, args } => bench(json, &args),
+        Cmd::Bench {
+            json,
+            baseline,
+            args,
+        } => bench(json, baseline.as_deref(), &args),
         Cmd::Demo { keep } => demo(keep),
         Cmd::Drill {
             scenario,

@@ -453,7 +453,10 @@ pub fn run_ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx) -> ModelRes
     for e in r.events.clone() {
         count(maps, e);
     }
-    if counters::is_forward(outcome) {
+    // The action of every outcome is the one vpnlb_common::COUNTERS gives it.
+    let verdict = counters::verdict(outcome);
+    debug_assert_eq!(verdict == Some(counters::Verdict::Drop), action == XDP_DROP);
+    if verdict == Some(counters::Verdict::Forward) {
         let len = frame.len() as u64;
         let add = |s: &mut PktBytes| {
             s.packets = s.packets.wrapping_add(1);
