@@ -94,7 +94,8 @@ fn config() -> GlobalConfig {
         // On, but far above anything this test sends: the window code runs, nothing is skipped.
         flood_max_inserts_per_sec: 1_000_000,
         decap_gue_port: GUE_PORT,
-        _pad: [0; 6],
+        replicate: 0,
+        _pad: [0; 5],
     }
 }
 

@@ -68,7 +68,8 @@ fn config() -> GlobalConfig {
         encap_src_v6_hash_mask: u32::from_ne_bytes(ENCAP_MASK6_BYTES),
         flood_max_inserts_per_sec: 0,
         decap_gue_port: GUE_PORT,
-        _pad: [0; 6],
+        replicate: 0,
+        _pad: [0; 5],
     }
 }
 

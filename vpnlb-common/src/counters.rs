@@ -67,9 +67,13 @@ pub const PASS_ICMP_BAD_QUOTE: u32 = 46;
 // (no usable session) to the backend its hash picks.
 pub const ICMP_PMTU_SESSION: u32 = 47;
 pub const ICMP_PMTU_HASH: u32 = 48;
+// Replication events (not outcomes; only with `GlobalConfig::replicate`): a new session or learned
+// id reported to the agent through `EVENTS`, or not (the ring buffer was full).
+pub const REPL_EVENT: u32 = 49;
+pub const REPL_EVENT_LOST: u32 = 50;
 
 /// Size of the `STATS` array.
-pub const NUM_COUNTERS: u32 = 49;
+pub const NUM_COUNTERS: u32 = 51;
 
 /// Counter names (JSON keys, metric labels), indexed by id.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -122,6 +126,8 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "pass_icmp_bad_quote",
     "icmp_pmtu_session",
     "icmp_pmtu_hash",
+    "repl_event",
+    "repl_event_lost",
 ];
 
 /// What a counter id stands for: an outcome of one of the two programs, with what happens to the
@@ -204,6 +210,8 @@ pub const COUNTERS: [Counter; NUM_COUNTERS as usize] = {
         Ingress(Pass),    // PASS_ICMP_BAD_QUOTE
         Event,            // ICMP_PMTU_SESSION
         Event,            // ICMP_PMTU_HASH
+        Event,            // REPL_EVENT
+        Event,            // REPL_EVENT_LOST
     ]
 };
 

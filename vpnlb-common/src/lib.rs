@@ -23,6 +23,6 @@ pub use counters::*;
 pub use types::*;
 
 /// Version of the map ABI. Pins live under `/sys/fs/bpf/vpnlb/v{ABI_VERSION}/`.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 /// Root of the versioned pin directory (without the version component).
 pub const PIN_ROOT: &str = "/sys/fs/bpf/vpnlb";

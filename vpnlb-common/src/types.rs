@@ -231,9 +231,30 @@ pub struct GlobalConfig {
     pub flood_max_inserts_per_sec: u32,
     /// GUE destination port the decap program accepts (host order); 0 = GUE decap off.
     pub decap_gue_port: u16,
-    pub _pad: [u8; 6],
+    /// 1: report new sessions and learned ids on `EVENTS` (a cluster member replicating them).
+    pub replicate: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+
+/// What `EVENTS` carries: a session the data plane inserted (`kind` `REPL_KIND_SESSION`: `flow`,
+/// `backend_id`, `hash`) or an id it learned (`REPL_KIND_ID`: `id`, `backend_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplEvent {
+    pub kind: u32,
+    pub backend_id: u32,
+    pub hash: u32,
+    pub _pad: u32,
+    pub flow: FlowKey,
+    pub id: IdKey,
+}
+const _: () = assert!(core::mem::size_of::<ReplEvent>() == 88);
+
+pub const REPL_KIND_SESSION: u32 = 1;
+pub const REPL_KIND_ID: u32 = 2;
+/// Bytes of the `EVENTS` ring buffer (a power of two, page-aligned): ~43k events.
+pub const EVENTS_BYTES: u32 = 4 << 20;
 
 /// Per-CPU packet/byte pair of `VIP_STATS` and `BACKEND_STATS`.
 #[repr(C)]
@@ -283,8 +304,9 @@ pub mod map_names {
     pub const ID_RANGES: &str = "ID_RANGES";
     pub const FRAGS: &str = "FRAGS";
     pub const FRAG_VIPS: &str = "FRAG_VIPS";
+    pub const EVENTS: &str = "EVENTS";
     /// Every map the agent pins, in make-before-break creation order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
         STATS,
         VIP_STATS,
@@ -300,6 +322,7 @@ pub mod map_names {
         FRAGS,
         VIPS,
         FRAG_VIPS,
+        EVENTS,
     ];
 }
 
@@ -325,7 +348,7 @@ const fn abi<K, V>(name: &'static str, min_entries: u32) -> MapAbi {
 /// The layout of every map in `map_names::ALL` (per-CPU maps: the size of one CPU's value).
 /// `TX_PORTS` values are the kernel's `struct bpf_devmap_val` (ifindex + program fd/id);
 /// `ID_RANGES` keys are the LPM trie's u32 prefix length followed by the data.
-pub const MAP_ABI: [MapAbi; 15] = [
+pub const MAP_ABI: [MapAbi; 16] = [
     abi::<u32, GlobalConfig>(map_names::CONFIG, 1),
     abi::<u32, u64>(map_names::STATS, crate::counters::NUM_COUNTERS),
     abi::<u32, PktBytes>(map_names::VIP_STATS, MAX_VIPS),
@@ -341,6 +364,13 @@ pub const MAP_ABI: [MapAbi; 15] = [
     abi::<(u32, IdRangeData), u32>(map_names::ID_RANGES, 1),
     abi::<FragKey, Session>(map_names::FRAGS, 1),
     abi::<VipKey, VipKey>(map_names::FRAG_VIPS, 1),
+    // A ring buffer has no key or value; its size is its max_entries.
+    MapAbi {
+        name: map_names::EVENTS,
+        key_size: 0,
+        value_size: 0,
+        min_entries: EVENTS_BYTES,
+    },
 ];
 
 /// Names of the XDP programs in the object.
@@ -365,6 +395,7 @@ mod pod {
     unsafe impl aya::Pod for IdKey {}
     unsafe impl aya::Pod for IdRangeData {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for ReplEvent {}
 }
 
 #[cfg(feature = "user")]

@@ -3,13 +3,14 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
-    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use vpnlb_common::{
     Backend, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS, DSCP_VALUES,
     FloodState, FlowKey, FragKey, GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_ID_RANGES,
-    MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, Session, TX_PORTS_MAX, VipKey, VipMeta,
+    EVENTS_BYTES, MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, ReplEvent, Session,
+    TX_PORTS_MAX, VipKey, VipMeta,
 };
 
 /// VIP (address, port, protocol) → its metadata.
@@ -82,3 +83,8 @@ pub static FRAGS: LruHashMap<FragKey, Session, { DEFAULT_MAX_FRAGS as usize }> =
 /// (VIP address, port 0, protocol) → the VIP whose settings later fragments (no ports) use.
 #[btf_map]
 pub static FRAG_VIPS: HashMap<VipKey, VipKey, { MAX_VIPS as usize }> = HashMap::new();
+
+/// New sessions and learned ids for the agent (a cluster member replicates them to its peers);
+/// written only with `GlobalConfig::replicate`.
+#[btf_map]
+pub static EVENTS: RingBuf<ReplEvent, { EVENTS_BYTES as usize }> = RingBuf::new();

@@ -13,12 +13,13 @@ use vpnlb_common::{
     ICMP_PMTU_SESSION, ID_RANGE_KIND_BITS, IdKey, IdRangeData, SESSION_FLOOD_SKIP, SESSION_HIT,
     SESSION_ID_LEARNED, SESSION_ID_REJECTED, SESSION_ID_USED, SESSION_INSERT,
     SESSION_INSERT_FAILED, SESSION_MISS, SESSION_REPICK_DOWN, SESSION_REPICK_IDLE,
-    SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash,
+    SESSION_TOUCH_NS, Session, VipMeta, hash::pick_hash, REPL_EVENT, REPL_EVENT_LOST,
+    REPL_KIND_ID, REPL_KIND_SESSION, ReplEvent,
 };
 
 use crate::{
     maglev,
-    maps::{BACKENDS, CONFIG, FLOOD, ID_RANGES, SESSION_IDS, SESSIONS},
+    maps::{BACKENDS, CONFIG, EVENTS, FLOOD, ID_RANGES, SESSION_IDS, SESSIONS},
     stats::{Stop, count},
 };
 
@@ -116,7 +117,36 @@ fn learn(sid: &IdKey, id: u32) {
     }
     if SESSION_IDS.insert(sid, id, u64::from(BPF_ANY)).is_ok() {
         count(SESSION_ID_LEARNED);
+        if replicating() {
+            report(REPL_KIND_ID, id, 0, None, Some(sid));
+        }
     }
+}
+
+/// Whether the agent asked for new sessions and ids on `EVENTS` (a replicating cluster member).
+#[inline(always)]
+fn replicating() -> bool {
+    CONFIG.get(0).is_some_and(|c| c.replicate != 0)
+}
+
+/// Reports a new session or learned id on `EVENTS` (`REPL_EVENT`), or counts that the ring was
+/// full (`REPL_EVENT_LOST`: the agent's peers get it in their next bulk copy).
+#[inline(always)]
+fn report(kind: u32, backend_id: u32, hash: u32, flow: Option<&FlowKey>, id: Option<&IdKey>) {
+    let Some(mut e) = EVENTS.reserve(0) else {
+        count(REPL_EVENT_LOST);
+        return;
+    };
+    e.write(ReplEvent {
+        kind,
+        backend_id,
+        hash,
+        _pad: 0,
+        flow: flow.copied().unwrap_or_default(),
+        id: id.copied().unwrap_or_default(),
+    });
+    e.submit(0);
+    count(REPL_EVENT);
 }
 
 /// The backend that owns `sid`: a static range (longest prefix of kind + id bytes) first, else the
@@ -267,7 +297,12 @@ fn record(ctx: &XdpContext, key: &FlowKey, id: u32, hash: u32, now: u64) {
         last_seen_ns: now,
     };
     match SESSIONS.insert(key, session, u64::from(BPF_ANY)) {
-        Ok(()) => count(SESSION_INSERT),
+        Ok(()) => {
+            count(SESSION_INSERT);
+            if replicating() {
+                report(REPL_KIND_SESSION, id, hash, Some(key), None);
+            }
+        }
         Err(_) => count(SESSION_INSERT_FAILED),
     }
 }

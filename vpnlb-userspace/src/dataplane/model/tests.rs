@@ -163,7 +163,8 @@ fn cfg() -> GlobalConfig {
         encap_src_v6_hash_mask: u32::from_ne_bytes([0, 0, 0, 0xff]),
         flood_max_inserts_per_sec: 0,
         decap_gue_port: DEFAULT_GUE_PORT,
-        _pad: [0; 6],
+        replicate: 0,
+        _pad: [0; 5],
     }
 }
 
