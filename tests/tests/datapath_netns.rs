@@ -1,7 +1,8 @@
 //! Real packets through the real `vpnlb_ingress` attached in native XDP mode to a veth in a network
 //! namespace: UDP flows from a client namespace reach DSR gateways that answer from the VIP. Asserts
 //! which gateway got each flow (against the userspace prediction from the same hash and Maglev table),
-//! stickiness, drain and failover, and the counters. Root only.
+//! stickiness, drain and failover, and the counters; and that the probe sends again what the network
+//! drops (nftables on the switch). Root only.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -146,4 +147,52 @@ fn flows_follow_maglev_stick_drain_and_fail_over() {
         moved,
         "one re-pick per flow of the dead gateway"
     );
+}
+
+/// The probe over a lossy path: nftables on the switch (bridge family, so neither end sees it)
+/// drops the first datagram of every flow (a set of the flows seen so far), so every flow is
+/// answered only because the probe sends again; each is answered by the gateway the prediction
+/// names, and the next round (nothing dropped) agrees.
+#[test]
+#[ignore = "needs root, nftables and the eBPF object: run cargo xtask test"]
+fn probes_resend_the_datagrams_the_network_drops() {
+    let tb = Testbed::up("vpnlb-t-loss", 3, 4);
+    tb.sw.sh(&format!(
+        "nft -f - <<'EOF'
+table bridge vpnlb_lossy {{
+  set seen {{ type ipv4_addr . inet_service; flags dynamic; }}
+  chain drop_first {{
+    type filter hook forward priority 0; policy accept;
+    ip daddr {VIP} udp dport {VIP_PORT} ip saddr . udp sport @seen accept
+    ip daddr {VIP} udp dport {VIP_PORT} add @seen {{ ip saddr . udp sport }} counter drop
+  }}
+}}
+EOF"
+    ));
+    let flows = tb.flows(3);
+    let n = flows.sockets.len();
+    let got = flows.probe(1, WAIT);
+    let sent = flows.sent();
+    let chain = tb.sw.sh("nft list chain bridge vpnlb_lossy drop_first");
+    let dropped = chain
+        .lines()
+        .find(|l| l.contains("counter"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    println!("{n} flows, datagrams sent per flow {sent:?}; switch: {dropped}");
+    let want: Vec<Option<String>> = locals(&flows)
+        .into_iter()
+        .map(|l| Some(predicted(&tb, l)))
+        .collect();
+    assert_eq!(got, want, "owners over the lossy path");
+    assert!(
+        sent.iter().all(|&c| c >= 2),
+        "every flow lost its first datagram and was sent again: {sent:?}"
+    );
+    assert!(
+        dropped.contains(&format!("counter packets {n} ")),
+        "the switch dropped one datagram per flow: {chain}"
+    );
+    assert_eq!(flows.probe(2, WAIT), want, "the next round");
 }
