@@ -981,12 +981,11 @@ impl AgentBed {
 
 /// The flows `idx` of `flows`, as a new [`Flows`] over the same sockets.
 pub fn subset(flows: &Flows, idx: &[usize]) -> Flows {
-    Flows {
-        sockets: idx
-            .iter()
+    Flows::new(
+        idx.iter()
             .map(|&i| flows.sockets[i].try_clone().expect("clone socket"))
             .collect(),
-    }
+    )
 }
 
 /// Count of flows per owner.

@@ -19,5 +19,6 @@ pub mod openvpn;
 pub mod packet;
 pub mod pcap;
 pub mod pins;
+pub mod probe_round;
 pub mod testbed;
 pub mod wg;

@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use vpnlb::dataplane::{BackendSpec, Dataplane, VipSpec};
 use vpnlb_common::{BACKEND_UP, FWD_MODE_L2DSR, GlobalConfig, PROTO_UDP, VipKey};
 
 use crate::netns::{Netns, cable, switch};
+use crate::probe_round::{ProbeRound, Step};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 pub const VIP_PORT: u16 = 51820;
@@ -88,49 +90,121 @@ impl Drop for Sink {
 /// Client flows: one UDP socket per (source address, port), all sending to the VIP.
 pub struct Flows {
     pub sockets: Vec<UdpSocket>,
+    /// Datagrams [`Flows::probe`] sent per flow, over all rounds.
+    sent: Vec<AtomicU32>,
 }
 
 impl Flows {
-    /// Sends one datagram per flow and returns, per flow, the name of the gateway that answered
-    /// (None if no answer within `wait`). Replies come straight from the gateway (DSR), from the VIP.
+    pub fn new(sockets: Vec<UdpSocket>) -> Flows {
+        let sent = sockets.iter().map(|_| AtomicU32::new(0)).collect();
+        Flows { sockets, sent }
+    }
+
+    /// Probes every flow once and returns, per flow, the name of the gateway that answered (None
+    /// if none did within `wait`). Replies come straight from the gateway (DSR), from the VIP.
+    ///
+    /// A flow that has not answered gets its datagram again (first after 200 ms, then with a
+    /// doubling gap, see [`crate::probe_round`]) until `wait` has passed: UDP is lossy and a busy
+    /// machine slow, so `wait` should be generous; the round ends as soon as every flow has
+    /// answered. A flow that has answered is never sent to again, so a wrong gateway's answer is
+    /// what the caller sees. Panics at once on a reply not from the VIP or on a flow answered by
+    /// two gateways in one round.
     pub fn probe(&self, round: u32, wait: Duration) -> Vec<Option<String>> {
-        for (i, s) in self.sockets.iter().enumerate() {
-            s.send_to(
-                format!("flow {i} round {round}").as_bytes(),
-                (VIP, VIP_PORT),
-            )
-            .expect("send");
+        self.probe_at(SocketAddr::from((VIP, VIP_PORT)), round, wait)
+    }
+
+    /// [`Flows::probe`] towards `dest` (the VIP in the testbed).
+    pub fn probe_at(&self, dest: SocketAddr, round: u32, wait: Duration) -> Vec<Option<String>> {
+        for s in &self.sockets {
+            s.set_nonblocking(true).expect("non-blocking flow socket");
         }
-        let deadline = Instant::now() + wait;
-        self.sockets
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let mut buf = [0u8; 2048];
-                loop {
-                    // Past the deadline, still collect replies that are already queued.
-                    let left = deadline
-                        .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(1));
-                    s.set_read_timeout(Some(left)).ok()?;
-                    match s.recv_from(&mut buf) {
-                        Ok((n, from)) => {
-                            assert_eq!(
-                                from,
-                                SocketAddr::from((VIP, VIP_PORT)),
-                                "reply not from the VIP"
-                            );
-                            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                            // Skip stale answers of earlier rounds.
-                            if text.ends_with(&format!("flow {i} round {round}")) {
-                                return text.split(' ').next().map(str::to_string);
+        let mut r = ProbeRound::new(self.sockets.len(), Instant::now(), wait);
+        loop {
+            match r.step(Instant::now()) {
+                Step::Send(to) => {
+                    for i in to {
+                        let msg = format!("flow {i} round {round}");
+                        match self.sockets[i].send_to(msg.as_bytes(), dest) {
+                            Ok(_) => {
+                                self.sent[i].fetch_add(1, Ordering::Relaxed);
                             }
+                            // A full socket buffer loses the datagram like the network would.
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => panic!("flow {i}: send to {dest}: {e}"),
                         }
-                        Err(_) => return None,
                     }
                 }
+                Step::Wait(until) => {
+                    self.wait_readable(until);
+                    self.collect(&mut r, dest, round);
+                }
+                Step::Done => break,
+                // Past the deadline, still take the replies that are already queued.
+                Step::Expired => {
+                    self.collect(&mut r, dest, round);
+                    break;
+                }
+            }
+        }
+        for s in &self.sockets {
+            s.set_nonblocking(false).expect("blocking flow socket");
+        }
+        r.into_answers()
+    }
+
+    /// Blocks until a flow socket is readable or `until` (poll(2) over all of them).
+    fn wait_readable(&self, until: Instant) {
+        let mut fds: Vec<libc::pollfd> = self
+            .sockets
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
             })
+            .collect();
+        let left = until.saturating_duration_since(Instant::now());
+        // Rounded up: a wait of 0 ms before `until` would spin.
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: fds is a valid array of fds.len() pollfd structs for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "poll: {e}");
+        }
+    }
+
+    /// Takes every queued reply (all sockets, non-blocking) into the round: this round's answers
+    /// count, stale answers of earlier rounds are skipped.
+    fn collect(&self, r: &mut ProbeRound, dest: SocketAddr, round: u32) {
+        let mut buf = [0u8; 2048];
+        for (i, s) in self.sockets.iter().enumerate() {
+            let tail = format!("flow {i} round {round}");
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                assert_eq!(from, dest, "flow {i}: reply not from the VIP");
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if !text.ends_with(&tail) {
+                    continue;
+                }
+                let gw = text.split(' ').next().unwrap_or_default();
+                if let Err(e) = r.answer(i, gw) {
+                    panic!("{e}: {:?}", self.sockets[i].local_addr());
+                }
+            }
+        }
+    }
+
+    /// Datagrams sent per flow by all probes so far (one per round unless some were resent).
+    pub fn sent(&self) -> Vec<u32> {
+        self.sent
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// All datagrams sent by all probes so far.
+    pub fn sent_total(&self) -> u64 {
+        self.sent().iter().map(|&c| u64::from(c)).sum()
     }
 }
 
@@ -245,7 +319,7 @@ impl Topology {
             }
             v
         });
-        Flows { sockets }
+        Flows::new(sockets)
     }
 
     /// Cuts gateway `i`'s cable at the switch: its packets vanish (a dead gateway).
@@ -370,5 +444,130 @@ pub fn assert_fair_share(owner: &[usize], gateways: usize, min: usize) {
             g + 1,
             owner.len()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gateways on loopback behind one address: `answers(flow, n)` names the gateways that answer
+    /// the `n`th datagram (1-based) of flow `flow`, each with one reply "<gateway> <payload>" from
+    /// that address; none: the datagram is lost.
+    struct FakeGateways {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl FakeGateways {
+        fn start(answers: impl Fn(usize, u32) -> Vec<&'static str> + Send + 'static) -> Self {
+            let sock = UdpSocket::bind("127.0.0.1:0").expect("bind fake gateways");
+            sock.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+            let addr = sock.local_addr().expect("address");
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let thread = std::thread::spawn(move || {
+                let mut seen: HashMap<usize, u32> = HashMap::new();
+                let mut buf = [0u8; 2048];
+                while !stop2.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let flow: usize = text
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|f| f.parse().ok())
+                        .expect("flow N round R");
+                    let k = seen.entry(flow).or_default();
+                    *k += 1;
+                    for g in answers(flow, *k) {
+                        let _ = sock.send_to(format!("{g} {text}").as_bytes(), from);
+                    }
+                }
+            });
+            FakeGateways {
+                addr,
+                stop,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for FakeGateways {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn loopback_flows(n: usize) -> Flows {
+        Flows::new(
+            (0..n)
+                .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind flow"))
+                .collect(),
+        )
+    }
+
+    fn names(v: &[&str]) -> Vec<Option<String>> {
+        v.iter().map(|g| Some(g.to_string())).collect()
+    }
+
+    /// Long enough never to be reached when every flow answers (the round ends at the last answer).
+    const GENEROUS: Duration = Duration::from_secs(60);
+
+    /// Flow 0 answers at once, flow 1 loses its first datagram and gets it again, flow 2 sits on
+    /// the wrong gateway (gw3 instead of gw2): the probe answers gw1, gw2, gw3 and the caller's
+    /// comparison with the expected owners fails, as it must.
+    #[test]
+    fn probe_resends_a_lost_datagram_and_reports_a_wrong_gateway() {
+        let gws = FakeGateways::start(|flow, n| match (flow, n) {
+            (0, _) => vec!["gw1"],
+            (1, 1) => vec![],
+            (1, _) => vec!["gw2"],
+            _ => vec!["gw3"],
+        });
+        let flows = loopback_flows(3);
+        let got = flows.probe_at(gws.addr, 1, GENEROUS);
+        assert_eq!(got, names(&["gw1", "gw2", "gw3"]));
+        assert_ne!(
+            got,
+            names(&["gw1", "gw2", "gw2"]),
+            "the wrong gateway shows"
+        );
+        let sent = flows.sent();
+        assert!(
+            sent[1] >= 2,
+            "flow 1 lost its first datagram: resent ({sent:?})"
+        );
+        // The next round: stale replies of round 1 (to resent datagrams) are skipped.
+        assert_eq!(flows.probe_at(gws.addr, 2, GENEROUS), got);
+    }
+
+    #[test]
+    fn probe_gives_a_flow_that_never_answers_none() {
+        let gws = FakeGateways::start(|flow, _| if flow == 0 { vec!["gw1"] } else { vec![] });
+        let flows = loopback_flows(2);
+        let got = flows.probe_at(gws.addr, 1, Duration::from_millis(500));
+        assert_eq!(got[1], None);
+    }
+
+    /// Flow 0 is answered by gw1 and gw2: the probe panics when the second answer comes (flow 1,
+    /// silent, keeps the round open until then).
+    #[test]
+    #[should_panic(expected = "flow 0 answered by gw1 and then by gw2")]
+    fn probe_fails_at_once_on_a_flow_answered_by_two_gateways() {
+        let gws = FakeGateways::start(|flow, _| {
+            if flow == 0 {
+                vec!["gw1", "gw2"]
+            } else {
+                vec![]
+            }
+        });
+        loopback_flows(2).probe_at(gws.addr, 1, GENEROUS);
     }
 }

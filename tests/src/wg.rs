@@ -10,7 +10,8 @@
 //!   its target;
 //! - [`WgDaemon`] runs `wireguard-go -f` under `nsenter` and kills it by PID on drop; the UAPI socket
 //!   (/var/run/wireguard/IF.sock) is global, so interface names are unique across namespaces and `wg`
-//!   runs from anywhere;
+//!   runs from anywhere; the test creates that socket, already listening, and hands it to the
+//!   daemon (`WG_UAPI_FD`): `wg` unlinks a socket that is bound but not yet listening;
 //! - [`dump`] reads `wg show IF dump` (endpoint, latest handshake) to see which gateway a client
 //!   landed on; [`Pinger`] runs a steady `ping -D` through a tunnel and counts replies by sequence.
 
@@ -18,6 +19,8 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -100,6 +103,53 @@ fn uapi_socket(ifname: &str) -> PathBuf {
     PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"))
 }
 
+/// Whether the UAPI socket of `ifname` accepts connections, i.e. it is listening. A plain
+/// connect, which leaves the socket file alone whatever the answer (`wg` unlinks a socket that
+/// refuses it): wait with this, never with `wg`, for a `wireguard-go` that opens its own socket.
+pub fn uapi_listening(ifname: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(uapi_socket(ifname)).is_ok()
+}
+
+/// The descriptor [`WgDaemon`] hands its UAPI socket over on (`WG_UAPI_FD`).
+const UAPI_FD: RawFd = 3;
+
+/// A listening UAPI socket at `path` that is never seen unready: bound and listening under a name
+/// `wg` never looks at (not `*.sock`), then renamed into place (rename(2) is atomic).
+fn listening_uapi_socket(path: &Path) -> UnixListener {
+    let dir = path.parent().expect("socket directory");
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let tmp = path.with_extension("starting");
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).unwrap_or_else(|e| panic!("bind {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path)
+        .unwrap_or_else(|e| panic!("rename {} to {}: {e}", tmp.display(), path.display()));
+    l
+}
+
+/// Gives the child `fd` as descriptor [`UAPI_FD`], open across exec.
+fn hand_over(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: dup2 and fcntl are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == UAPI_FD {
+                // dup2 onto itself would keep FD_CLOEXEC.
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 {
+                    flags
+                } else {
+                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC)
+                }
+            } else {
+                libc::dup2(fd, UAPI_FD)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sets PR_SET_PDEATHSIG so a child dies with the thread that started it.
 pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
@@ -123,25 +173,39 @@ pub struct WgDaemon {
 
 impl WgDaemon {
     /// Starts `wireguard-go` in namespace `ns` (entered with nsenter, which execs it: the child's
-    /// PID is the daemon's) and waits for its UAPI socket.
+    /// PID is the daemon's) on a UAPI socket created here, and waits until `wg show` reads it.
+    ///
+    /// wireguard-go left to itself creates the socket file with bind(2) and calls listen(2) just
+    /// after, and `wg` takes a refused connect (ECONNREFUSED) for the socket of a dead daemon and
+    /// unlinks the file. A `wg` that lands between the two calls (a loaded machine preempts the
+    /// daemon there; this one polled `wg show` every 10 ms) removes the fresh socket, and
+    /// wireguard-go exits when it then puts an inotify watch on the path: "Failed to listen on
+    /// uapi socket: no such file or directory". So the socket is made here, listening before its
+    /// name appears ([`listening_uapi_socket`]), and handed over with `WG_UAPI_FD` (wireguard-go's
+    /// own way, from its daemonizing). From then on only the daemon holds it: it accepts (`wg`
+    /// waits for it to serve) or, once the daemon is gone, refuses.
     pub fn start(ns: &str, ifname: &str, log_dir: &Path) -> WgDaemon {
         assert!(ifname.len() <= 15, "interface name too long: {ifname}");
         let sock = uapi_socket(ifname);
         // Unique names: a socket file left here belongs to a killed run of ours.
         let _ = std::fs::remove_file(&sock);
+        let uapi = listening_uapi_socket(&sock);
         let log = log_dir.join(format!("{ifname}.log"));
         let f = File::create(&log).expect("daemon log");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}"))
             .args(["wireguard-go", "-f", ifname])
             .env("LOG_LEVEL", "error")
+            .env("WG_UAPI_FD", UAPI_FD.to_string())
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup"))
             .stderr(f);
         die_with_parent(&mut cmd);
+        hand_over(&mut cmd, uapi.as_raw_fd());
         let child = cmd
             .spawn()
             .expect("spawn wireguard-go (apt-get install wireguard-go)");
+        drop(uapi);
         let mut d = WgDaemon {
             ns: ns.to_string(),
             ifname: ifname.to_string(),

@@ -30,6 +30,7 @@ use vpnlb::health::spec::{CheckResult, CheckSpec, CheckTarget, CheckTiming};
 use vpnlb::health::wireguard::public_key_of;
 use vpnlb_tests::ipsec::Charon;
 use vpnlb_tests::netns::{Netns, ip};
+use vpnlb_tests::wg::uapi_listening;
 
 const PROBER_V4: &str = "10.219.0.1";
 const GATEWAY_V4: &str = "10.219.0.2";
@@ -293,14 +294,11 @@ fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Waits (bounded) until `path` exists.
-fn wait_for(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} never appeared at {path:?}"
-        );
+/// Waits (bounded) until `ready()`.
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -347,9 +345,14 @@ fn wireguard_probe_against_wireguard_go() {
         &dir.join("wireguard-go.log"),
         "wireguard-go",
     );
-    wg.leftovers.push(sock.clone());
+    wg.leftovers.push(sock);
     wg.wait_comm("wireguard-go");
-    wait_for(&sock, "wireguard-go UAPI socket");
+    // Listening, not only there: `wg set` unlinks a socket file that refuses connections, which
+    // it does between wireguard-go's bind(2) and listen(2), and the daemon then exits (see
+    // WgDaemon::start).
+    wait_until("wireguard-go's UAPI socket listening", || {
+        uapi_listening(WG_IF)
+    });
     lab.gateway.sh(&format!(
         "wg set {WG_IF} private-key {} listen-port 51820 peer {probe_pub} allowed-ips 10.219.9.77/32 \
          && ip addr add 10.219.9.1/24 dev {WG_IF} && ip link set {WG_IF} up",
