@@ -129,22 +129,33 @@ fn replicating() -> bool {
     CONFIG.get(0).is_some_and(|c| c.replicate != 0)
 }
 
-/// Reports a new session or learned id on `EVENTS` (`REPL_EVENT`), or counts that the ring was
-/// full (`REPL_EVENT_LOST`: the agent's peers get it in their next bulk copy).
-#[inline(always)]
+/// Reports a new session (`flow`, or a learned id: `id`) with its backend on `EVENTS`
+/// (`REPL_EVENT`), or counts that the ring was full (`REPL_EVENT_LOST`: the agent's peers get the
+/// entry in their next bulk copy). Only the key of the event's kind is written; the other one is
+/// whatever the ring's memory held (the agent reads the kind's key only). Not inlined: a rare
+/// path (inserts and id changes of replicating members), one copy for both callers.
+#[inline(never)]
 fn report(kind: u32, backend_id: u32, hash: u32, flow: Option<&FlowKey>, id: Option<&IdKey>) {
     let Some(mut e) = EVENTS.reserve(0) else {
         count(REPL_EVENT_LOST);
         return;
     };
-    e.write(ReplEvent {
-        kind,
-        backend_id,
-        hash,
-        _pad: 0,
-        flow: flow.copied().unwrap_or_default(),
-        id: id.copied().unwrap_or_default(),
-    });
+    let p = e.as_mut_ptr();
+    // SAFETY: `p` points to the 88 reserved bytes of this record (8-aligned by the kernel), ours
+    // until submit; fields are written one by one (no struct with an enum tag on the stack: that
+    // misaligns its words, which the verifier refuses).
+    unsafe {
+        (*p).kind = kind;
+        (*p).backend_id = backend_id;
+        (*p).hash = hash;
+        (*p)._pad = 0;
+        if let Some(f) = flow {
+            (*p).flow = *f;
+        }
+        if let Some(i) = id {
+            (*p).id = *i;
+        }
+    }
     e.submit(0);
     count(REPL_EVENT);
 }

@@ -43,6 +43,8 @@ pub fn global_config(cfg: &Config) -> GlobalConfig {
     let a = &cfg.agent;
     let mut g = GlobalConfig {
         flood_max_inserts_per_sec: a.flood_max_inserts_per_sec,
+        // A replicating member asks the data plane for its new sessions and ids.
+        replicate: cfg.cluster.as_ref().is_some_and(|c| c.replicate).into(),
         ..Default::default()
     };
     if let Some(v4) = a.encap_source_v4 {

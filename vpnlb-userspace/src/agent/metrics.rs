@@ -319,16 +319,60 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
             )?;
         }
         if let Some(r) = self.replication.get() {
-            let c = |v: &std::sync::atomic::AtomicU64| vec![(Labels::new(), v.load(Ordering::Relaxed))];
-            counter(&mut enc, "vpnlb_replication_sent", "Sessions and ids sent to peers (bulk copies included)", &c(&r.sent))?;
-            counter(&mut enc, "vpnlb_replication_received", "Frames received from peers", &c(&r.received))?;
-            counter(&mut enc, "vpnlb_replication_written", "Sessions and ids from peers written into the maps", &c(&r.written))?;
-            counter(&mut enc, "vpnlb_replication_write_errors", "Writes of peers' entries the kernel refused", &c(&r.write_errors))?;
-            counter(&mut enc, "vpnlb_replication_resyncs", "Bulk copies sent again to a peer that fell behind", &c(&r.resyncs))?;
-            counter(&mut enc, "vpnlb_replication_refused", "Peer connections refused (wrong key, bad frames)", &c(&r.refused))?;
-            counter(&mut enc, "vpnlb_replication_events_dropped", "Data-plane events a slow peer missed (then resynchronised)", &c(&r.events_dropped))?;
+            let c =
+                |v: &std::sync::atomic::AtomicU64| vec![(Labels::new(), v.load(Ordering::Relaxed))];
+            counter(
+                &mut enc,
+                "vpnlb_replication_sent",
+                "Sessions and ids sent to peers (bulk copies included)",
+                &c(&r.sent),
+            )?;
+            counter(
+                &mut enc,
+                "vpnlb_replication_received",
+                "Frames received from peers",
+                &c(&r.received),
+            )?;
+            counter(
+                &mut enc,
+                "vpnlb_replication_written",
+                "Sessions and ids from peers written into the maps",
+                &c(&r.written),
+            )?;
+            counter(
+                &mut enc,
+                "vpnlb_replication_write_errors",
+                "Writes of peers' entries the kernel refused",
+                &c(&r.write_errors),
+            )?;
+            counter(
+                &mut enc,
+                "vpnlb_replication_resyncs",
+                "Bulk copies sent again to a peer that fell behind",
+                &c(&r.resyncs),
+            )?;
+            counter(
+                &mut enc,
+                "vpnlb_replication_refused",
+                "Peer connections refused (wrong key, bad frames)",
+                &c(&r.refused),
+            )?;
+            counter(
+                &mut enc,
+                "vpnlb_replication_events_dropped",
+                "Data-plane events a slow peer missed (then resynchronised)",
+                &c(&r.events_dropped),
+            )?;
             if let Some((p50, p99)) = r.lag_percentiles() {
-                gauge(&mut enc, "vpnlb_replication_lag_ms", "Event to the peer's acknowledgement of its write (recent events)", &[(l(&[("quantile", "0.5")]), p50), (l(&[("quantile", "0.99")]), p99)])?;
+                gauge(
+                    &mut enc,
+                    "vpnlb_replication_lag_ms",
+                    "Event to the peer's acknowledgement of its write (recent events)",
+                    &[
+                        (l(&[("quantile", "0.5")]), p50),
+                        (l(&[("quantile", "0.99")]), p99),
+                    ],
+                )?;
             }
         }
         let h = &self.hooks;

@@ -508,8 +508,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     };
     let (repl_tx, mut repl_rx) = mpsc::channel::<replicate::Report>(256);
     if let Some(c) = cluster.as_ref().filter(|c| c.replicate) {
-        let key = replicate::read_key(&c.peer_key_file)
-            .map_err(|e| AgentError::Internal(chain(&e)))?;
+        let key =
+            replicate::read_key(&c.peer_key_file).map_err(|e| AgentError::Internal(chain(&e)))?;
         let r = Replicator::start(
             replicate::Settings {
                 member: c.member_name(),
@@ -522,6 +522,16 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         .await
         .map_err(|e| AgentError::Internal(chain(&e)))?;
         let _ = metrics.replication.set(r.stats.clone());
+        let events = shell
+            .ebpf
+            .take_map(vpnlb_common::map_names::EVENTS)
+            .ok_or_else(|| AgentError::Internal("the object has no EVENTS map".into()))
+            .and_then(|m| {
+                aya::maps::RingBuf::try_from(m)
+                    .map_err(|e| AgentError::Internal(format!("EVENTS: {e}")))
+            })?;
+        replicate::read_events(events, r.clone())
+            .map_err(|e| AgentError::Internal(format!("reading EVENTS: {e}")))?;
         shell.replicator = Some(r);
     }
     let (etcd_tx, mut etcd_rx) = mpsc::channel::<crate::cluster::etcd::Update>(1024);

@@ -405,7 +405,10 @@ mod tests {
                 backend_id: 9,
             },
             Msg::SyncBegin,
-            Msg::SyncEnd { sessions: 5, ids: 7 },
+            Msg::SyncEnd {
+                sessions: 5,
+                ids: 7,
+            },
             Msg::Ping { t: 42 },
             Msg::Ack { seq: 1234 },
         ];
@@ -429,7 +432,10 @@ mod tests {
             got.iter().map(|(m, _)| *m).collect::<Vec<_>>(),
             msgs.to_vec()
         );
-        assert_eq!(got.iter().map(|(_, s)| *s).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            got.iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
     }
 
     #[test]
@@ -449,16 +455,10 @@ mod tests {
         assert_eq!(Framer::new(&other).decode(&a), Err(PeerError::Auth));
         // Out of order, and a replay of a frame already taken.
         let mut rx = Framer::new(&k);
-        assert_eq!(
-            rx.decode(&b),
-            Err(PeerError::Sequence { got: 2, want: 1 })
-        );
+        assert_eq!(rx.decode(&b), Err(PeerError::Sequence { got: 2, want: 1 }));
         let mut rx = Framer::new(&k);
         assert!(rx.decode(&a).unwrap().is_some());
-        assert_eq!(
-            rx.decode(&a),
-            Err(PeerError::Sequence { got: 1, want: 2 })
-        );
+        assert_eq!(rx.decode(&a), Err(PeerError::Sequence { got: 1, want: 2 }));
         // Lengths: too long, too short to hold a tag.
         assert_eq!(
             Framer::new(&k).decode(&u32::MAX.to_be_bytes()),

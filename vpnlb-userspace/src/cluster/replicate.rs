@@ -165,12 +165,13 @@ impl Replicator {
         s: Settings,
         reports: mpsc::Sender<Report>,
     ) -> Result<Replicator, ReplicationError> {
-        let listener = TcpListener::bind(s.listen)
-            .await
-            .map_err(|source| ReplicationError::Listen {
-                addr: s.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(s.listen)
+                .await
+                .map_err(|source| ReplicationError::Listen {
+                    addr: s.listen,
+                    source,
+                })?;
         let stats = Arc::new(Stats::default());
         let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
@@ -196,6 +197,47 @@ impl Replicator {
     }
 }
 
+/// Reads the data plane's `EVENTS` ring buffer (new sessions, learned ids) and hands every event
+/// to `r` (until the task is dropped).
+pub fn read_events(
+    events: aya::maps::RingBuf<aya::maps::MapData>,
+    r: Replicator,
+) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
+    use vpnlb_common::{REPL_KIND_ID, REPL_KIND_SESSION, ReplEvent};
+    // SAFETY: the ring buffer owns its fd and neither closes nor replaces it while the AsyncFd
+    // owns the ring buffer.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+    }?;
+    Ok(tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < size_of::<ReplEvent>() {
+                    continue;
+                }
+                // SAFETY: the data plane writes whole `ReplEvent`s (repr(C), integers only: every
+                // bit pattern is valid); read unaligned from the ring's bytes.
+                let e: ReplEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let m = match e.kind {
+                    REPL_KIND_SESSION => Msg::Session {
+                        key: e.flow,
+                        backend_id: e.backend_id,
+                        hash: e.hash,
+                    },
+                    REPL_KIND_ID => Msg::Id {
+                        key: e.id,
+                        backend_id: e.backend_id,
+                    },
+                    _ => continue,
+                };
+                r.event(m);
+            }
+            guard.clear_ready();
+        }
+    }))
+}
+
 /// Writes what peers send into this member's maps, on its own thread (map updates are
 /// syscalls). Each batch is acknowledged once written.
 type WriteBatch = (Vec<Msg>, tokio::sync::oneshot::Sender<()>);
@@ -212,7 +254,9 @@ fn spawn_writer(pin_dir: PathBuf, stats: Arc<Stats>) -> std::sync::mpsc::Sender<
                         Ok(m) => maps = Some(m),
                         Err(e) => {
                             tracing::error!(error = %e, "replication: cannot open the pinned maps");
-                            stats.write_errors.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            stats
+                                .write_errors
+                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
                             let _ = done.send(());
                             continue;
                         }
@@ -393,8 +437,7 @@ async fn manage(
     events: broadcast::Sender<(Msg, Instant)>,
     stats: Arc<Stats>,
 ) {
-    let mut running: BTreeMap<String, (SocketAddr, tokio::task::JoinHandle<()>)> =
-        BTreeMap::new();
+    let mut running: BTreeMap<String, (SocketAddr, tokio::task::JoinHandle<()>)> = BTreeMap::new();
     loop {
         let want = peers.borrow_and_update().clone();
         running.retain(|name, (addr, task)| {
@@ -617,7 +660,10 @@ mod tests {
         std::fs::write(&p, [1u8; 32]).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = read_key(&p).unwrap_err().to_string();
-        assert!(e.contains("mode 0644 lets others read it: chmod 600"), "{e}");
+        assert!(
+            e.contains("mode 0644 lets others read it: chmod 600"),
+            "{e}"
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_key(&p).unwrap(), vec![1u8; 32]);
         std::fs::write(&p, [1u8; 16]).unwrap();

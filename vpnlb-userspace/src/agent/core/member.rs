@@ -16,8 +16,8 @@ use crate::agent::hooks::HookEvent;
 use crate::agent::state::{Admin, BackendState};
 use crate::agent::{AgentError, chain};
 use crate::cluster::etcd::{Command, Snapshot, Update};
-use crate::cluster::replicate::Report;
 use crate::cluster::quorum::{self, Seen};
+use crate::cluster::replicate::Report;
 use crate::cluster::{MemberState, Service, ring_hash};
 use crate::config::{self, ClusterConfig, Config, IdMap, OnEtcdLoss, ServiceDoc};
 use crate::dataplane::maps::{MapReader, MapWriter};
@@ -469,8 +469,7 @@ impl<W: MapWriter + MapReader> Core<W> {
         let ready = m.serving()
             && self.unsettled.is_none()
             && (!m.cfg.replicate
-                || m
-                    .peers
+                || m.peers
                     .iter()
                     .filter(|(_, p)| p.ready)
                     .all(|(n, _)| m.synced.contains(n)));

@@ -526,6 +526,10 @@ fn ingress(maps: &mut MemMaps, frame: &[u8], ctx: &ModelCtx, r: &mut ModelResult
                 {
                     maps.id_insert(sid, s.backend_id);
                     r.events.push(SESSION_ID_LEARNED);
+                    // Reported on EVENTS (the model's ring buffer never fills).
+                    if maps.config.replicate != 0 {
+                        r.events.push(REPL_EVENT);
+                    }
                 }
             }
         }
@@ -779,6 +783,9 @@ fn record(maps: &mut MemMaps, r: &mut ModelResult, key: FlowKey, id: u32, hash: 
     } else {
         SESSION_INSERT_FAILED
     });
+    if ok && maps.config.replicate != 0 {
+        r.events.push(REPL_EVENT);
+    }
 }
 
 /// Stage 5: rewrite or encapsulate, then TX or redirect.

@@ -1181,7 +1181,28 @@ fn every_ingress_outcome_is_covered_by_these_tests() {
     // Guard: if a counter is added, this file must learn to reach it.
     assert_eq!(INGRESS_OUTCOMES[..28], (0..28).collect::<Vec<u32>>()[..]);
     assert_eq!(INGRESS_OUTCOMES[28], PASS_ICMP_BAD_QUOTE);
-    assert_eq!(NUM_COUNTERS, 49);
+    assert_eq!(NUM_COUNTERS, 51);
+}
+
+#[test]
+fn a_replicating_member_reports_new_sessions_and_nothing_else() {
+    let mut m = setup(FWD_MODE_L2DSR, "10.1.0.1", 0);
+    let ctx = |t| ModelCtx {
+        ingress_ifindex: 2,
+        now_ns: t,
+    };
+    let f = v4_udp(1000, 51820);
+    // Off (a single host): no report.
+    let r = run_ingress(&mut m, &f, &ctx(5 * NS_PER_SEC));
+    assert_eq!(r.events, vec![SESSION_MISS, SESSION_INSERT]);
+    // On: a new session is reported; a hit is not.
+    m.config.replicate = 1;
+    let r = run_ingress(&mut m, &v4_udp(1001, 51820), &ctx(6 * NS_PER_SEC));
+    assert_eq!(r.events, vec![SESSION_MISS, SESSION_INSERT, REPL_EVENT]);
+    let r = run_ingress(&mut m, &f, &ctx(7 * NS_PER_SEC));
+    assert_eq!(r.events, vec![SESSION_HIT]);
+    assert_eq!(m.counters[REPL_EVENT as usize], 1);
+    assert_eq!(m.counters[REPL_EVENT_LOST as usize], 0);
 }
 
 #[test]
