@@ -1575,6 +1575,21 @@ fn every_example_config_parses() {
 }
 
 #[test]
+fn the_cluster_examples_parse_as_a_member_and_its_service() {
+    let host = load(&examples_dir().join("cluster-member.toml")).unwrap();
+    let c = host.cluster.as_ref().expect("[cluster]");
+    assert_eq!(
+        (c.prefix(), c.member_name()),
+        ("/vpnlb/edge".to_string(), "lb-a".to_string())
+    );
+    let text = std::fs::read_to_string(examples_dir().join("cluster/service.toml")).unwrap();
+    let svc = parse_service(&text, "service.toml").unwrap_or_else(|e| panic!("{e}"));
+    let merged = host.with_service(&svc, &text, "service.toml");
+    assert_eq!((merged.backends.len(), merged.vips.len()), (2, 1));
+    assert_eq!(merged.interfaces, host.interfaces);
+}
+
+#[test]
 fn examples_say_what_they_promise() {
     let cfg = load(&examples_dir().join("ipsec-source-hash-gue.toml")).unwrap();
     let keys: Vec<(u16, u8)> = cfg
