@@ -99,6 +99,8 @@ pub struct Scratch {
     pub log: PathBuf,
     /// The metrics endpoint, inside the LB namespace.
     pub metrics: SocketAddr,
+    /// The agent's `max_sessions` (65536 unless a test needs a bigger table).
+    pub max_sessions: u32,
 }
 
 impl Scratch {
@@ -119,6 +121,7 @@ impl Scratch {
             log: dir.join("agent.log"),
             // A fresh LB namespace: any port is free there; distinct ones make logs unambiguous.
             metrics: SocketAddr::from(([127, 0, 0, 1], 19100 + (n % 800) as u16)),
+            max_sessions: 65536,
             dir,
         }
     }
@@ -126,10 +129,11 @@ impl Scratch {
     /// The `[agent]` table every test config starts with.
     pub fn header(&self) -> String {
         format!(
-            "[agent]\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"{}\"\nmax_sessions = 65536\n\n",
+            "[agent]\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"{}\"\nmax_sessions = {}\n\n",
             self.pin_dir.display(),
             self.socket.display(),
-            self.metrics
+            self.metrics,
+            self.max_sessions
         )
     }
 }

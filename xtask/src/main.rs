@@ -285,7 +285,12 @@ fn bench(json: bool, baseline: Option<&str>, args: &[String]) -> Result<()> {
     let bins: &[&str] = if baseline.is_some() {
         &["vpnlb-bench"]
     } else {
-        &["vpnlb-bench", "vpnlb-agent-bench", "vpnlb-throughput-bench"]
+        &[
+            "vpnlb-bench",
+            "vpnlb-agent-bench",
+            "vpnlb-cluster-bench",
+            "vpnlb-throughput-bench",
+        ]
     };
     let mut merged: Vec<serde_json::Value> = Vec::new();
     let mut extra = serde_json::Map::new();
