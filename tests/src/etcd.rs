@@ -61,6 +61,27 @@ impl Tls {
     }
 }
 
+/// Writes a cluster peer key (`[cluster] peer_key_file`) at `path`: 32 bytes of `byte`, mode 0600.
+pub fn write_peer_key(path: &Path, byte: u8) {
+    std::fs::write(path, [byte; 32]).expect("peer key");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod peer key");
+}
+
+/// A namespace `<prefix>-etcd` on `switch` (port `etcd`) with the three member addresses
+/// `<net>.51`-`.53` (`net`: the first three octets), and the members started in it.
+pub fn etcd_on_switch(switch: &Netns, prefix: &str, net: &str) -> (Netns, EtcdCluster) {
+    let ns = Netns::new(&format!("{prefix}-etcd"));
+    crate::netns::cable(switch, "etcd", &ns, &format!("{net}.51/24"));
+    ns.sh(&format!(
+        "ip addr add {net}.52/24 dev eth0 && ip addr add {net}.53/24 dev eth0"
+    ));
+    let addrs: Vec<String> = (51..=53).map(|h| format!("{net}.{h}")).collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let etcd = EtcdCluster::start(&ns, &refs, None, &[]);
+    (ns, etcd)
+}
+
 /// Three etcd members in namespace `ns`.
 pub struct EtcdCluster {
     ns: String,

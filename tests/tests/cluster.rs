@@ -16,7 +16,7 @@ use serde_json::Value;
 use vpnlb::agent::control::Request;
 use vpnlb::dataplane::maps::{AyaMaps, MapReader};
 use vpnlb_tests::agent::{AgentProcess, Scratch, backend_in, env_path, metric, wait_for};
-use vpnlb_tests::etcd::{EtcdCluster, Tls};
+use vpnlb_tests::etcd::{EtcdCluster, Tls, write_peer_key};
 use vpnlb_tests::netns::{Netns, cable, switch};
 
 static NET: AtomicU32 = AtomicU32::new(0);
@@ -99,10 +99,7 @@ impl Bed {
             .collect();
         let scratch: Vec<Scratch> = (0..3).map(|_| Scratch::new()).collect();
         for s in &scratch {
-            let key = s.dir.join("peer.key");
-            std::fs::write(&key, [7u8; 32]).unwrap();
-            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .unwrap();
+            write_peer_key(&s.dir.join("peer.key"), 7);
         }
         let addrs: Vec<String> = (1..=3).map(|i| format!("10.98.{net}.2{i}")).collect();
         let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();

@@ -16,7 +16,7 @@ use serde::Serialize;
 use vpnlb::dataplane::maps::{AyaMaps, MapReader, MapWriter};
 use vpnlb_common::{FlowKey, Session};
 use vpnlb_tests::agent::{AgentProcess, Scratch, env_path, wait_for};
-use vpnlb_tests::etcd::EtcdCluster;
+use vpnlb_tests::etcd::{EtcdCluster, etcd_on_switch, write_peer_key};
 use vpnlb_tests::netns::{Netns, cable};
 use vpnlb_tests::testbed::{Topology, VIP, VIP_PORT, gw_addr};
 
@@ -71,23 +71,12 @@ impl Bed {
                 ns
             })
             .collect();
-        let ns_etcd = Netns::new("vpnlb-cbn-etcd");
-        cable(&topo.sw, "etcd", &ns_etcd, "10.77.0.51/24");
-        ns_etcd.sh("ip addr add 10.77.0.52/24 dev eth0 && ip addr add 10.77.0.53/24 dev eth0");
-        let etcd = EtcdCluster::start(
-            &ns_etcd,
-            &["10.77.0.51", "10.77.0.52", "10.77.0.53"],
-            None,
-            &[],
-        );
+        let (ns_etcd, etcd) = etcd_on_switch(&topo.sw, "vpnlb-cbn", "10.77.0");
         let scratch: Vec<Scratch> = (0..3)
             .map(|_| {
                 let mut s = Scratch::new();
                 s.max_sessions = max_sessions;
-                let key = s.dir.join("peer.key");
-                std::fs::write(&key, [9u8; 32]).unwrap();
-                std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                    .unwrap();
+                write_peer_key(&s.dir.join("peer.key"), 9);
                 s
             })
             .collect();

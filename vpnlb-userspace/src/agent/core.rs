@@ -412,14 +412,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             config_path: s.config_path,
             cfg: s.cfg,
         };
-        core.unsettled = Some(
-            core.health
-                .backends
-                .values()
-                .filter(|h| h.state == BackendState::Unknown)
-                .map(|h| h.name.clone())
-                .collect(),
-        );
+        core.unsettled = Some(core.unknown_backends());
         let mut fx = Vec::new();
         core.dp.set_config(desired::global_config(&core.cfg))?;
         if core.member.as_ref().is_none_or(Member::serving) {
@@ -644,6 +637,16 @@ impl<W: MapWriter + MapReader> Core<W> {
         }
         fx.push(Effect::Hook(HookEvent::backend_state(&t, &self.host)));
         fx.push(Effect::Log(Log::Transition { t, initial }));
+    }
+
+    /// Backends no check has concluded on yet.
+    fn unknown_backends(&self) -> BTreeSet<String> {
+        self.health
+            .backends
+            .values()
+            .filter(|h| h.state == BackendState::Unknown)
+            .map(|h| h.name.clone())
+            .collect()
     }
 
     /// Once every backend has concluded since start: one summary line.

@@ -289,14 +289,7 @@ impl<W: MapWriter + MapReader> Core<W> {
                 m.service = Some((svc, doc));
                 if first {
                     // Ready only once the service's backends have concluded.
-                    self.unsettled = Some(
-                        self.health
-                            .backends
-                            .values()
-                            .filter(|h| h.state == BackendState::Unknown)
-                            .map(|h| h.name.clone())
-                            .collect(),
-                    );
+                    self.unsettled = Some(self.unknown_backends());
                     // Only now that the service is known is it safe to remove what a previous
                     // agent left that the service does not have.
                     match self.desired() {
