@@ -93,6 +93,21 @@ fn load_and_attach(
 /// when nothing else is in them).
 pub fn detach(pin_dir: &Path, iface: &str) -> anyhow::Result<()> {
     attach::detach(pin_dir, iface)?;
+    // The kernel releases the link after its last reference is gone, possibly a little later on a
+    // busy machine: return once the interface no longer runs the program (or after 2 s, saying
+    // so), so what the operator checks next sees the detached state.
+    let t0 = std::time::Instant::now();
+    while host::xdp_prog(iface).ok().flatten().as_deref() == Some(prog_names::DECAP) {
+        if t0.elapsed() > std::time::Duration::from_secs(2) {
+            tracing::warn!(
+                iface,
+                "the link is unpinned but {} still runs on {iface}",
+                prog_names::DECAP
+            );
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     unpin_if_unused(pin_dir)
 }
 
