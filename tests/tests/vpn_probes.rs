@@ -361,6 +361,7 @@ fn wireguard_probe_against_wireguard_go() {
         public_key: gw_pub.clone(),
         private_key: None,
         private_key_file: Some(probe_key_file.to_str().expect("utf-8").into()),
+        inside: None,
         timing: timing(),
     };
 
@@ -411,6 +412,7 @@ fn wireguard_probe_against_wireguard_go() {
         public_key: gw_pub.clone(),
         private_key: Some(probe_key.trim().into()),
         private_key_file: None,
+        inside: None,
         timing: CheckTiming {
             interval_ms: 200,
             timeout_ms: 150,
@@ -429,6 +431,7 @@ fn wireguard_probe_against_wireguard_go() {
         public_key: gw_pub.clone(),
         private_key: Some(run("wg", &["genkey"]).trim().into()),
         private_key_file: None,
+        inside: None,
         timing: timing(),
     };
     let r = lab.probe(&stranger);

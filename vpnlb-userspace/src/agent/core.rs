@@ -307,6 +307,7 @@ impl<W: MapWriter + MapReader> Core<W> {
                         generation: 0,
                         ok: true,
                         latency: None,
+                        phases: Vec::new(),
                         detail: format!("lladdr {} at start", fmt_mac(&m)),
                         at: now,
                     };
@@ -639,6 +640,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             generation: u.generation,
             ok,
             latency: None,
+            phases: Vec::new(),
             detail,
             at: now,
         };
@@ -720,7 +722,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             .enumerate()
             .map(|(i, spec)| {
                 (
-                    spec.clone(),
+                    super::probe_env::bind(spec, &self.cfg, &b),
                     CheckTarget {
                         backend_id: id,
                         check_index: i,

@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod neigh;
 pub mod persist;
+pub mod probe_env;
 pub mod reconcile;
 pub mod state;
 pub mod status;
@@ -204,6 +205,7 @@ impl Shell {
                         generation: target.generation,
                         ok: false,
                         latency: None,
+                        phases: Vec::new(),
                         detail: format!("not started: {reason}"),
                         at: Instant::now(),
                     };

@@ -291,6 +291,7 @@ mod tests {
                 generation: 0,
                 ok: up.contains(n),
                 latency: None,
+                phases: Vec::new(),
                 detail: String::new(),
                 at: t,
             };
