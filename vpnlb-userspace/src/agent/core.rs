@@ -522,6 +522,8 @@ impl<W: MapWriter + MapReader> Core<W> {
                         vip: new.vip.clone(),
                         class: new.class.clone(),
                         pool: old.clone(),
+                        // (the event names the pools only)
+                        standby: false,
                     };
                     fx.push(Effect::Log(Log::Pool {
                         vip: new.vip.clone(),
