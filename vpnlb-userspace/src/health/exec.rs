@@ -7,8 +7,9 @@
 //! The program gets no stdin and no shell; its environment is the agent's plus `VPNLB_BACKEND`,
 //! `VPNLB_BACKEND_ADDRESS`, `VPNLB_VIP`, `VPNLB_VIP_NAME`, `VPNLB_VIP_PORT`, `VPNLB_VIP_PROTOCOL`,
 //! `VPNLB_VIPS` (set by the agent when it starts the check) and `VPNLB_TIMEOUT_MS`. It runs in a
-//! process group of its own, and that group is killed when the program exits or its time is up,
-//! so nothing it started (a VPN daemon in the background) outlives the probe.
+//! process group of its own. When its time is up the group gets SIGTERM (so a script can tear down
+//! its tunnel), and SIGKILL [`TERM_GRACE`] later; whatever it left running when it exits goes the
+//! same way, so nothing it started (a VPN daemon in the background) outlives the probe.
 
 use std::io;
 use std::process::Stdio;
@@ -24,6 +25,8 @@ use super::spec::{CheckSpec, CheckTarget};
 const KEEP_OUTPUT: usize = 4096;
 /// Longest detail taken from the program's output.
 const MAX_DETAIL: usize = 200;
+/// Between SIGTERM and SIGKILL of the program's process group.
+pub const TERM_GRACE: Duration = Duration::from_millis(500);
 /// How long the output readers get after the program's group is killed (its pipes are closed by
 /// then; this only bounds a reader that is still being scheduled).
 const DRAIN: Duration = Duration::from_millis(200);
@@ -99,12 +102,18 @@ impl ExecProbe {
         let err = tokio::spawn(read_kept(child.stderr.take()));
         let waited = tokio::time::timeout(timeout, child.wait()).await;
         let took = start.elapsed();
-        // Whatever the program left running in its group goes with it (or all of it, on timeout).
-        // The group's id stays taken while any member lives, so this never hits another group.
-        if let Some(pgid) = group {
-            // SAFETY: kill(2) with a negative pid signals the process group we created for the
-            // child (process_group(0) made it its own leader); no memory is involved.
-            unsafe { libc::kill(-(pgid as i32), libc::SIGKILL) };
+        // What the program left running in its group (or all of it, when its time is up) gets
+        // SIGTERM, then SIGKILL after TERM_GRACE. The group's id stays taken while any member
+        // lives, so this never signals another group.
+        if group_alive(group) {
+            signal_group(group, libc::SIGTERM);
+            let end = tokio::time::Instant::now() + TERM_GRACE;
+            while group_alive(group) && tokio::time::Instant::now() < end {
+                // The group leader is our child: reap it once it exits, or it stays a member.
+                let _ = child.try_wait();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            signal_group(group, libc::SIGKILL);
         }
         let status = match waited {
             Ok(Ok(st)) => st,
@@ -144,6 +153,21 @@ impl ExecProbe {
         let said = if stdout.is_empty() { stderr } else { stdout };
         Err(ExecError::Failed(format!("{how}{}", tail(&said))))
     }
+}
+
+/// Sends `sig` to the process group `group` (the child's pid: it leads its own group).
+fn signal_group(group: Option<u32>, sig: libc::c_int) {
+    if let Some(pgid) = group {
+        // SAFETY: kill(2) with a negative pid signals the process group we created for the
+        // child (process_group(0) made it its own leader); no memory is involved.
+        unsafe { libc::kill(-(pgid as i32), sig) };
+    }
+}
+
+/// Whether any process of the group is still there (zombies included until reaped).
+fn group_alive(group: Option<u32>) -> bool {
+    // SAFETY: signal 0 only checks that the group exists and may be signalled.
+    group.is_some_and(|pgid| unsafe { libc::kill(-(pgid as i32), 0) } == 0)
 }
 
 /// Reads a stream to its end, keeping the first [`KEEP_OUTPUT`] bytes.
@@ -274,6 +298,29 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(!alive(), "background process {pid} survived");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_program_over_its_time_gets_sigterm_first_to_clean_up() {
+        let dir = std::env::temp_dir().join(format!("vpnlb-exec-term-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mark = dir.join("cleaned");
+        let script = format!(
+            "trap 'echo cleaned > {}; exit 3' TERM; echo working; while :; do sleep 0.05; done",
+            mark.display()
+        );
+        let e = sh(&script)
+            .probe(Duration::from_millis(200))
+            .await
+            .expect_err("timeout");
+        assert_eq!(e.to_string(), "no result after 200ms (killed): working");
+        assert_eq!(
+            std::fs::read_to_string(&mark)
+                .expect("the TERM trap ran")
+                .trim(),
+            "cleaned"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

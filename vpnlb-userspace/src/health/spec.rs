@@ -493,12 +493,14 @@ impl CheckSpec {
     }
 
     /// The longest one probe may take: `timeout_ms`, plus `inside_timeout_ms` for a wireguard
-    /// check with `inside` (the echo through the tunnel follows the handshake).
+    /// check with `inside` (the echo through the tunnel follows the handshake), plus the grace
+    /// between SIGTERM and SIGKILL for an exec check.
     pub fn probe_budget(&self) -> Duration {
         let extra = match self {
             CheckSpec::Wireguard {
                 inside: Some(i), ..
             } => i.timeout_ms,
+            CheckSpec::Exec { .. } => super::exec::TERM_GRACE.as_millis() as u64,
             _ => 0,
         };
         Duration::from_millis(self.timing().timeout_ms.saturating_add(extra))
