@@ -225,6 +225,14 @@ enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Write the man pages, one per subcommand (vpnlb.1, vpnlb-run.1, vpnlb-inspect-vips.1, ...),
+    /// into DIR (what the Debian package installs).
+    #[command(hide = true)]
+    Manpages {
+        /// Output directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// Where `vpnlb decap` pins its maps and links (not the LB's `--pin-dir`).
@@ -652,6 +660,17 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Manpages { out } => {
+            let r = std::fs::create_dir_all(&out)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &out));
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(anyhow::anyhow!(
+                    "writing man pages to {}: {e}",
+                    out.display()
+                )),
+            }
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vpnlb", &mut std::io::stdout());
             ExitCode::SUCCESS
