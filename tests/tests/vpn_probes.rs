@@ -364,6 +364,7 @@ fn wireguard_probe_against_wireguard_go() {
         public_key: gw_pub.clone(),
         private_key: None,
         private_key_file: Some(probe_key_file.to_str().expect("utf-8").into()),
+        inside: None,
         timing: timing(),
     };
 
@@ -414,6 +415,7 @@ fn wireguard_probe_against_wireguard_go() {
         public_key: gw_pub.clone(),
         private_key: Some(probe_key.trim().into()),
         private_key_file: None,
+        inside: None,
         timing: CheckTiming {
             interval_ms: 200,
             timeout_ms: 150,
@@ -432,6 +434,7 @@ fn wireguard_probe_against_wireguard_go() {
         public_key: gw_pub.clone(),
         private_key: Some(run("wg", &["genkey"]).trim().into()),
         private_key_file: None,
+        inside: None,
         timing: timing(),
     };
     let r = lab.probe(&stranger);

@@ -228,6 +228,14 @@ enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Write the man pages, one per subcommand (vpnlb.1, vpnlb-run.1, vpnlb-inspect-vips.1, ...),
+    /// into DIR (what the Debian package installs).
+    #[command(hide = true)]
+    Manpages {
+        /// Output directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// A member's config file, for its `[cluster]` section (etcd endpoints, TLS, prefix).
@@ -368,6 +376,14 @@ struct GatewayCheckArgs {
     /// File holding that private key.
     #[arg(long)]
     wg_probe_private_key_file: Option<String>,
+    /// The `tunnel_address` of the load balancer's `wireguard` check with `inside`: checks that
+    /// the probe peer's AllowedIPs cover it, that replies to it are routed into the tunnel and
+    /// that this host forwards (needs the probe key).
+    #[arg(long, value_name = "ADDR")]
+    wg_probe_tunnel_address: Option<std::net::IpAddr>,
+    /// The check's `inside` host: checks that this host has a route to it outside the tunnel.
+    #[arg(long, value_name = "ADDR", requires = "wg_probe_tunnel_address")]
+    wg_inside: Option<std::net::IpAddr>,
     /// Payload of the generic UDP probe (default "vpnlb gateway-check").
     #[arg(long, conflicts_with = "udp_payload_hex")]
     udp_payload: Option<String>,
@@ -429,6 +445,31 @@ fn gateway_check(a: GatewayCheckArgs) -> anyhow::Result<bool> {
         ProbeArg::Wireguard => ProbeKind::Wireguard,
         ProbeArg::None => ProbeKind::None,
     };
+    let probe_tunnel = match a.wg_probe_tunnel_address {
+        Some(tunnel_address) => {
+            let private = match (&a.wg_probe_private_key, &a.wg_probe_private_key_file) {
+                (Some(k), _) => k.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("--wg-probe-private-key-file {f}: {e}"))?,
+                (None, None) => anyhow::bail!(
+                    "--wg-probe-tunnel-address needs --wg-probe-private-key or --wg-probe-private-key-file (the probe's key)"
+                ),
+            };
+            let public_key = vpnlb::health::wireguard::public_key_of(&private)
+                .map_err(|e| anyhow::anyhow!("the probe's private key: {e}"))?;
+            if a.wg_inside
+                .is_some_and(|i| i.is_ipv4() != tunnel_address.is_ipv4())
+            {
+                anyhow::bail!("--wg-inside and --wg-probe-tunnel-address must be of one family");
+            }
+            Some(gc::ProbeTunnel {
+                public_key,
+                tunnel_address,
+                inside: a.wg_inside,
+            })
+        }
+        None => None,
+    };
     let probe = match a.port {
         Some(port) => gc::probe_spec(
             kind,
@@ -456,6 +497,7 @@ fn gateway_check(a: GatewayCheckArgs) -> anyhow::Result<bool> {
         probe,
         client: a.client,
         timeout: std::time::Duration::from_millis(a.timeout_ms),
+        probe_tunnel,
     };
     let findings = gc::run(&opts)?;
     let (j, t) = gc::render(&opts, &findings);
@@ -670,6 +712,17 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
+            }
+        }
+        Cmd::Manpages { out } => {
+            let r = std::fs::create_dir_all(&out)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &out));
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(anyhow::anyhow!(
+                    "writing man pages to {}: {e}",
+                    out.display()
+                )),
             }
         }
         Cmd::Completions { shell } => {

@@ -29,6 +29,9 @@ enum Cmd {
     },
     /// Build the `vpnlb` binary in release mode with the eBPF object embedded.
     Build,
+    /// Build the Debian 12 package (target/debian/vpnlb_*.deb): /usr/sbin/vpnlb with the eBPF
+    /// object embedded, the systemd unit, /etc/vpnlb/vpnlb.toml, man pages, completions.
+    Package,
     /// Run every test: unit tests, then the root-only data-plane tests.
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -57,13 +60,14 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Chaos drills over the WireGuard testbed: gateway kill, link down, black hole, flap, agent
-    /// kill, reload; writes report.json, summary.md and a timeline plot per scenario.
+    /// Chaos drills over the WireGuard testbed: gateway kill, link down, black hole, flap, path to
+    /// the inside network broken, agent kill, reload; writes report.json, summary.md and a
+    /// timeline plot per scenario.
     Drill {
         /// Which scenario (checked here, before anything is built).
         #[arg(long, default_value = "all", value_parser = [
             "all", "gateway-kill", "gateway-link-down", "gateway-blackhole", "gateway-flap",
-            "agent-kill", "config-reload",
+            "gateway-inside-broken", "agent-kill", "config-reload",
         ])]
         scenario: String,
         /// Output directory (default target/drill).
@@ -195,10 +199,73 @@ fn clippy() -> Result<()> {
     run(&mut cmd)
 }
 
+/// The release binary with `obj` embedded.
+fn build_release(obj: &Path) -> Result<PathBuf> {
+    run(cargo_with_object(obj).env("VPNLB_EMBED_EBPF", obj).args([
+        "build",
+        "--release",
+        "-p",
+        "vpnlb-userspace",
+    ]))?;
+    Ok(target_dir().join("release/vpnlb"))
+}
+
+/// Builds the Debian package: the release binary with the object embedded, its man pages and
+/// completions under target/package/, then cargo-deb (assets and unit in
+/// vpnlb-userspace/Cargo.toml and vpnlb-userspace/debian/). Returns the .deb's path.
+fn package(obj: &Path) -> Result<PathBuf> {
+    toolchain::ensure_cargo_deb()?;
+    let bin = build_release(obj)?;
+    let out = target_dir().join("package");
+    let _ = std::fs::remove_dir_all(&out);
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    run(Command::new(&bin)
+        .arg("manpages")
+        .arg("--out")
+        .arg(out.join("man")))?;
+    for (shell, file) in [
+        ("bash", "vpnlb.bash"),
+        ("zsh", "_vpnlb"),
+        ("fish", "vpnlb.fish"),
+    ] {
+        let o = Command::new(&bin)
+            .args(["completions", shell])
+            .output()
+            .with_context(|| format!("vpnlb completions {shell}"))?;
+        if !o.status.success() {
+            bail!("vpnlb completions {shell} failed");
+        }
+        std::fs::write(completions.join(file), o.stdout)?;
+    }
+    let debs = target_dir().join("debian");
+    let _ = std::fs::remove_dir_all(&debs);
+    run(Command::new("cargo")
+        .current_dir(root_dir())
+        .args([
+            "deb",
+            "-p",
+            "vpnlb-userspace",
+            "--no-build",
+            "--strip",
+            "--output",
+        ])
+        .arg(&debs))?;
+    let deb = std::fs::read_dir(&debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("cargo deb wrote no .deb")?;
+    eprintln!("xtask: {}", deb.display());
+    Ok(deb)
+}
+
 fn test(args: &[String]) -> Result<()> {
     toolchain::require_root("cargo xtask test")?;
     toolchain::ensure_runtime_prereqs()?;
     let obj = build_ebpf(false)?;
+    // The package test installs it (tests/tests/package.rs).
+    let deb = package(&obj)?;
     eprintln!("xtask: unit tests (no root needed)");
     run(cargo_with_object(&obj)
         .args(["test", "--workspace", "--"])
@@ -210,6 +277,7 @@ fn test(args: &[String]) -> Result<()> {
     );
     // One at a time: these tests share the kernel (bpffs, netns names, per-CPU pinning).
     run(cargo_with_object(&obj)
+        .env("VPNLB_DEB", &deb)
         .args(["test", "--workspace", "--", "--ignored", "--test-threads=1"])
         .args(args))?;
     Ok(())
@@ -413,16 +481,14 @@ fn main() -> Result<()> {
         }
         Cmd::Build => {
             let obj = build_ebpf(false)?;
-            run(cargo_with_object(&obj).env("VPNLB_EMBED_EBPF", &obj).args([
-                "build",
-                "--release",
-                "-p",
-                "vpnlb-userspace",
-            ]))?;
-            eprintln!(
-                "xtask: {}",
-                root_dir().join("target/release/vpnlb").display()
-            );
+            let bin = build_release(&obj)?;
+            eprintln!("xtask: {}", bin.display());
+            Ok(())
+        }
+        Cmd::Package => {
+            let obj = build_ebpf(false)?;
+            let deb = package(&obj)?;
+            println!("{}", deb.display());
             Ok(())
         }
         Cmd::Test { args } => test(&args),

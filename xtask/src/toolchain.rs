@@ -98,7 +98,23 @@ const RUNTIME_PACKAGES: &[(&str, &str)] = &[
     ),
     ("openssl", "the throw-away CA of the etcd TLS test"),
     ("stress-ng", "a CPU hog for runs of the suite under load"),
+    (
+        "prometheus",
+        "promtool: checks and unit-tests the alert rules (docs/prometheus/vpnlb-rules.yml)",
+    ),
+    (
+        "man-db",
+        "man -l: the package test renders an installed man page",
+    ),
+    (
+        "systemd",
+        "systemd-analyze verify: the package test checks the installed unit offline",
+    ),
 ];
+
+/// cargo-deb, which builds the Debian package (`cargo xtask package`); this release builds on
+/// rustc 1.95 (rust-version 1.85).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -194,6 +210,35 @@ pub fn ensure_bpf_linker() -> Result<()> {
             "bpf-linker installed but {} --version does not report {BPF_LINKER_VERSION}",
             bin.display()
         );
+    }
+    Ok(())
+}
+
+fn cargo_deb_ok() -> bool {
+    Command::new(cargo_home_bin().join("cargo-deb"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION))
+        .unwrap_or(false)
+}
+
+/// Installs cargo-deb (builds the Debian package) unless it is already there.
+pub fn ensure_cargo_deb() -> Result<()> {
+    if cargo_deb_ok() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing cargo-deb {CARGO_DEB_VERSION} (builds the Debian package; takes about a minute)"
+    );
+    run(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
+    ]))?;
+    if !cargo_deb_ok() {
+        bail!("cargo-deb installed but does not report {CARGO_DEB_VERSION}");
     }
     Ok(())
 }

@@ -10,7 +10,9 @@
 //! probes' keys do not exist yet), then a reload adds one probe per protocol once the daemons run:
 //! the `wireguard` handshake probe (its own key, known to every gateway as a peer with a harmless
 //! /32), the stateless `ikev2` SA_INIT probe, and a `udp` check on 1194 that replays a recorded
-//! tls-crypt hard reset ([`Pki::hard_reset_probe`]). State changes go to an exec hook
+//! tls-crypt hard reset ([`Pki::hard_reset_probe`]), and the end-to-end probe: a `wireguard` check
+//! with `inside` that pings a host behind every gateway ([`INSIDE_HOST`]) through the tunnel. State
+//! changes go to an exec hook
 //! ([`hook_script`]) that appends each event (wall-clock time, reason, every check's last result)
 //! to a file and, unless disabled, fences the gateway that went down.
 //!
@@ -72,6 +74,15 @@ pub const WG_INTERVAL_MS: u64 = 250;
 pub const WG_TIMEOUT_MS: u64 = 200;
 /// AllowedIPs of the probe peer on the gateways: a /32 nobody uses (TEST-NET-1).
 const PROBE_ALLOWED: &str = "192.0.2.77/32";
+/// The host behind every gateway (namespace `vpnlb-drl-in`, reached through each gateway's `in0`
+/// with forwarding and a masquerade) and the end-to-end probe that pings it through a WireGuard
+/// tunnel (its own key, tunnel address [`INSIDE_TUNNEL`]).
+pub const INSIDE_HOST: &str = "10.96.0.1";
+const INSIDE_TUNNEL: &str = "192.0.2.78";
+/// The label of that check.
+pub const INSIDE_CHECK: &str = "wireguard:51820>10.96.0.1";
+/// Its timing: handshake and echo within 200 ms each, every 500 ms.
+const INSIDE_INTERVAL_MS: u64 = 500;
 
 /// The VPN protocols every gateway serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,6 +133,7 @@ pub fn gw_name(g: usize) -> String {
 struct Probes<'a> {
     wg_public: &'a str,
     wg_key: &'a Path,
+    inside_key: &'a Path,
     ovpn_reset: &'a [u8],
 }
 
@@ -140,9 +152,14 @@ fn config(topo: &Topology, weights: &[u32], probes: Option<&Probes>, hook: &Path
                 "[[backend.check]]\ntype = \"wireguard\"\npublic_key = \"{}\"\nprivate_key_file = \"{}\"\n\
                  interval_ms = {WG_INTERVAL_MS}\ntimeout_ms = {WG_TIMEOUT_MS}\nrise = 2\nfall = 2\n\n\
                  [[backend.check]]\ntype = \"ikev2\"\n{timing}\
-                 [[backend.check]]\ntype = \"udp\"\nport = {OVPN_PORT}\npayload_hex = \"{hex}\"\n{timing}",
+                 [[backend.check]]\ntype = \"udp\"\nport = {OVPN_PORT}\npayload_hex = \"{hex}\"\n{timing}\
+                 [[backend.check]]\ntype = \"wireguard\"\npublic_key = \"{}\"\nprivate_key_file = \"{}\"\n\
+                 inside = \"{INSIDE_HOST}\"\ntunnel_address = \"{INSIDE_TUNNEL}\"\ninside_timeout_ms = {WG_TIMEOUT_MS}\n\
+                 interval_ms = {INSIDE_INTERVAL_MS}\ntimeout_ms = {WG_TIMEOUT_MS}\nrise = 2\nfall = 2\n\n",
                 p.wg_public,
-                p.wg_key.display()
+                p.wg_key.display(),
+                p.wg_public,
+                p.inside_key.display()
             ));
         }
     }
@@ -212,7 +229,10 @@ pub struct DrillBed {
     pub events: PathBuf,
     hook: PathBuf,
     probe_key: PathBuf,
+    inside_key: PathBuf,
     ovpn_reset: Vec<u8>,
+    /// The host behind the gateways (see [`INSIDE_HOST`]).
+    pub inside: crate::netns::Netns,
     /// Backend id of gateway g in the maps.
     pub ids: Vec<u32>,
     /// Every client tunnel (protocol, index in its bed): WireGuard, then IPsec, then OpenVPN.
@@ -279,27 +299,35 @@ impl DrillBed {
             "\n[Peer]\nPublicKey = {}\nAllowedIPs = {PROBE_ALLOWED}\n",
             probe.public
         ));
+        // The end-to-end probe's key: another peer, its tunnel address routed into the tunnel.
+        let inside_probe = Keypair::generate();
+        let inside_key = bed.scratch.dir.join("wg-inside-probe.key");
+        std::fs::write(&inside_key, format!("{}\n", inside_probe.private)).context("probe key")?;
+        std::fs::set_permissions(&inside_key, std::fs::Permissions::from_mode(0o600))?;
+        wg.gw_conf.push_str(&format!(
+            "\n[Peer]\nPublicKey = {}\nAllowedIPs = {INSIDE_TUNNEL}/32\n",
+            inside_probe.public
+        ));
         std::fs::write(&gw_conf, &wg.gw_conf).context("gateway config for fencing")?;
         for d in &wg.gws {
-            let out = Command::new("wg")
-                .args([
-                    "set",
-                    &d.ifname,
-                    "peer",
-                    &probe.public,
-                    "allowed-ips",
-                    PROBE_ALLOWED,
-                ])
-                .output()
-                .context("wg set")?;
-            if !out.status.success() {
-                bail!(
-                    "wg set {} peer: {}",
-                    d.ifname,
-                    String::from_utf8_lossy(&out.stderr)
-                );
+            for (key, allowed) in [
+                (&probe.public, PROBE_ALLOWED.to_string()),
+                (&inside_probe.public, format!("{INSIDE_TUNNEL}/32")),
+            ] {
+                let out = Command::new("wg")
+                    .args(["set", &d.ifname, "peer", key, "allowed-ips", &allowed])
+                    .output()
+                    .context("wg set")?;
+                if !out.status.success() {
+                    bail!(
+                        "wg set {} peer: {}",
+                        d.ifname,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
             }
         }
+        let inside = inside_network(&bed.topo, &wg)?;
         let clients = Protocol::ALL
             .iter()
             .flat_map(|&pr| {
@@ -320,7 +348,9 @@ impl DrillBed {
             events,
             hook,
             probe_key,
+            inside_key,
             ovpn_reset,
+            inside,
             ids: Vec::new(),
             clients,
             owner: Vec::new(),
@@ -331,9 +361,14 @@ impl DrillBed {
             let st = d.bed.agent.status();
             (0..GATEWAYS)
                 .all(|g| {
-                    Protocol::ALL.iter().all(|pr| {
-                        check_of(&st, &gw_name(g), pr.check()).is_some_and(|c| c["up"] == true)
-                    })
+                    Protocol::ALL
+                        .iter()
+                        .map(|pr| pr.check())
+                        .chain([INSIDE_CHECK])
+                        .all(|label| {
+                            check_of(&st, &gw_name(g), label)
+                                .is_some_and(|c| c["up"] == true && c["last_ok"] == true)
+                        })
                 })
                 .then_some(())
         })?;
@@ -414,6 +449,7 @@ impl DrillBed {
         let probes = Probes {
             wg_public: &self.wg.server.public,
             wg_key: &self.probe_key,
+            inside_key: &self.inside_key,
             ovpn_reset: &self.ovpn_reset,
         };
         let body = config(&self.bed.topo, &self.weights, Some(&probes), &self.hook);
@@ -546,6 +582,44 @@ impl DrillBed {
             k.to_other == 0 && k.from_other == 0
         })
     }
+}
+
+/// The network behind the gateways: namespace `vpnlb-drl-in` holding [`INSIDE_HOST`], a link to
+/// each gateway (`in0` there, 10.96.g.1/24), forwarding and a masquerade on every gateway, and the
+/// end-to-end probe's tunnel address routed into each gateway's WireGuard interface.
+fn inside_network(topo: &Topology, wg: &WgBed) -> Result<crate::netns::Netns> {
+    let inside = crate::netns::Netns::new(&format!("{PREFIX}-in"));
+    inside.sh(&format!("ip addr add {INSIDE_HOST}/32 dev lo"));
+    for (g, gw) in topo.gws.iter().enumerate() {
+        let n = g + 1;
+        crate::netns::ip(&[
+            "-n",
+            gw.name(),
+            "link",
+            "add",
+            "in0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("ig{n}"),
+            "netns",
+            inside.name(),
+        ]);
+        inside.sh(&format!(
+            "ip addr add 10.96.{n}.2/24 dev ig{n} && ip link set ig{n} up"
+        ));
+        gw.sh(&format!(
+            "ip addr add 10.96.{n}.1/24 dev in0 && ip link set in0 up \
+             && ip route add {INSIDE_HOST}/32 via 10.96.{n}.2 && sysctl -qw net.ipv4.ip_forward=1 \
+             && ip route replace {INSIDE_TUNNEL}/32 dev {}",
+            wg.gws[g].ifname
+        ));
+        gw.sh(
+            "nft -f - <<'EOF'\ntable ip vpnlb_inside {\n  chain post {\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"in0\" masquerade\n  }\n}\nEOF",
+        );
+    }
+    Ok(inside)
 }
 
 /// The gateways of each client in a bed's placement.

@@ -14,7 +14,10 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use vpnlb_common::BACKEND_UP;
 
-use super::bed::{DrillBed, GATEWAYS, Protocol, WG_INTERVAL_MS, check_of, gw_name, ovpn_pid_file};
+use super::bed::{
+    DrillBed, GATEWAYS, INSIDE_CHECK, INSIDE_HOST, Protocol, WG_INTERVAL_MS, check_of, gw_name,
+    ovpn_pid_file,
+};
 use super::monitor::{Monitor, Sample, first_after};
 use super::report::{Event, Loss, ProbeCatch, ScenarioReport, TunnelRecovery, p50_max};
 use super::{Progress, pause, poll};
@@ -26,6 +29,7 @@ pub enum Scenario {
     GatewayLinkDown,
     GatewayBlackhole,
     GatewayFlap,
+    GatewayInsideBroken,
     AgentKill,
     ConfigReload,
 }
@@ -43,11 +47,12 @@ const OUTAGE: Duration = Duration::from_millis(1500);
 const OUTAGE_GAP: Duration = Duration::from_millis(2000);
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::GatewayKill,
         Scenario::GatewayLinkDown,
         Scenario::GatewayBlackhole,
         Scenario::GatewayFlap,
+        Scenario::GatewayInsideBroken,
         Scenario::AgentKill,
         Scenario::ConfigReload,
     ];
@@ -58,6 +63,7 @@ impl Scenario {
             Scenario::GatewayLinkDown => "gateway-link-down",
             Scenario::GatewayBlackhole => "gateway-blackhole",
             Scenario::GatewayFlap => "gateway-flap",
+            Scenario::GatewayInsideBroken => "gateway-inside-broken",
             Scenario::AgentKill => "agent-kill",
             Scenario::ConfigReload => "config-reload",
         }
@@ -78,6 +84,9 @@ impl Scenario {
             }
             Scenario::GatewayFlap => {
                 "the busiest gateway's link blips 3 x 150 ms, then goes down 2 x 1.5 s"
+            }
+            Scenario::GatewayInsideBroken => {
+                "the busiest gateway stops forwarding to the network behind it (its daemons and ICMP still answer)"
             }
             Scenario::AgentKill => "kill -9 of the agent, restart 2 s later",
             Scenario::ConfigReload => "reload under traffic with gw1's weight 1 -> 2",
@@ -301,6 +310,7 @@ fn drive(s: Scenario, p: &Progress, r: &mut ScenarioReport, out: &Path, fence: b
             }
         }
         Scenario::GatewayFlap => flap_expectations(r, &events, victim.context("victim")?, &inj),
+        Scenario::GatewayInsideBroken if victim.is_some() => inside_expectations(r),
         Scenario::AgentKill | Scenario::ConfigReload => {
             steady_expectations(s, r, &samples, &inj, &events, &mut timeline)
         }
@@ -423,6 +433,18 @@ fn inject(
             )
         }
         Scenario::GatewayFlap => flap(d, victim.context("victim")?, p)?,
+        Scenario::GatewayInsideBroken => {
+            let v = victim.context("victim")?;
+            let t = now_epoch();
+            d.bed.topo.gws[v].sh("sysctl -qw net.ipv4.ip_forward=0");
+            single(
+                t,
+                format!(
+                    "{}: forwarding off (net.ipv4.ip_forward=0): nothing reaches {INSIDE_HOST} through it",
+                    gw_name(v)
+                ),
+            )
+        }
         Scenario::AgentKill => agent_kill(d, r, p)?,
         Scenario::ConfigReload => config_reload(d, r, p)?,
     })
@@ -762,6 +784,37 @@ fn flap_expectations(r: &mut ScenarioReport, events: &[Value], v: usize, inj: &I
     r.notes.push(
         "detect/map write/LB recovery are measured from the first long outage; tunnel recovery of the flapping gateway's clients too (they stay on the healthy gateway they moved to when it comes back)".into(),
     );
+}
+
+/// A gateway whose path to the inside network is broken: only the end-to-end probe may catch it;
+/// every other check (icmp, the protocols' own probes) must still pass when it goes down.
+fn inside_expectations(r: &mut ScenarioReport) {
+    if r.caught_by.iter().any(|c| c == INSIDE_CHECK) {
+        r.notes.push(format!(
+            "caught by {INSIDE_CHECK} (a ping to {INSIDE_HOST} through a WireGuard tunnel) only; \
+             still passing: {}",
+            r.missed_by.join(", ")
+        ));
+    } else {
+        r.problems.push(format!(
+            "the end-to-end probe {INSIDE_CHECK} did not catch it (caught by {:?})",
+            r.caught_by
+        ));
+    }
+    let others: Vec<&String> = r.caught_by.iter().filter(|c| *c != INSIDE_CHECK).collect();
+    if !others.is_empty() {
+        r.problems.push(format!(
+            "checks that cannot see the inside network failed too: {others:?}"
+        ));
+    }
+    for pr in Protocol::ALL {
+        if !r.missed_by.iter().any(|c| c == pr.check()) {
+            r.problems.push(format!(
+                "{} should have kept passing (the daemon answers)",
+                pr.check()
+            ));
+        }
+    }
 }
 
 /// kill -9 of the agent: the data plane forwards from the pinned maps alone; the restarted agent

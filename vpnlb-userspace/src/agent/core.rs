@@ -373,6 +373,7 @@ impl<W: MapWriter + MapReader> Core<W> {
                         generation: 0,
                         ok: true,
                         latency: None,
+                        phases: Vec::new(),
                         detail: format!("lladdr {} at start", fmt_mac(&m)),
                         at: now,
                     };
@@ -606,6 +607,8 @@ impl<W: MapWriter + MapReader> Core<W> {
                         vip: new.vip.clone(),
                         class: new.class.clone(),
                         pool: old.clone(),
+                        // (the event names the pools only)
+                        standby: false,
                     };
                     fx.push(Effect::Log(Log::Pool {
                         vip: new.vip.clone(),
@@ -743,6 +746,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             generation: u.generation,
             ok,
             latency: None,
+            phases: Vec::new(),
             detail,
             at: now,
         };
@@ -832,7 +836,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             .enumerate()
             .map(|(i, spec)| {
                 (
-                    spec.clone(),
+                    super::probe_env::bind(spec, &self.cfg, &b),
                     CheckTarget {
                         backend_id: id,
                         check_index: i,

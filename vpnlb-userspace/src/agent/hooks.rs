@@ -432,11 +432,13 @@ mod tests {
             vip: "ovpn".into(),
             class: None,
             pool: Some("primary".into()),
+            standby: false,
         };
         let to = PoolChoice {
             vip: "ovpn".into(),
             class: None,
             pool: Some("standby".into()),
+            standby: true,
         };
         let HookEvent::Failover { summary, .. } =
             HookEvent::failover(&from, &to, "lb1", SystemTime::UNIX_EPOCH)

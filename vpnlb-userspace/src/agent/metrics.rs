@@ -208,7 +208,23 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
         let mut tr = Vec::new();
         let mut lat = Vec::new();
         let mut res = Vec::new();
+        let mut up = Vec::new();
+        let mut phase = Vec::new();
         for b in &view.backends {
+            for c in &b.checks {
+                if let Some(u) = c.up {
+                    up.push((
+                        l(&[("backend", &b.name), ("check", &c.label)]),
+                        i64::from(u),
+                    ));
+                }
+                for (name, ms) in &c.last_phases_ms {
+                    phase.push((
+                        l(&[("backend", &b.name), ("check", &c.label), ("phase", name)]),
+                        ms / 1e3,
+                    ));
+                }
+            }
             for s in STATES {
                 st.push((
                     l(&[("backend", &b.name), ("state", s.as_str())]),
@@ -257,6 +273,35 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
             "vpnlb_check_results",
             "Health check results",
             &res,
+        )?;
+        gauge(
+            &mut enc,
+            "vpnlb_check_up",
+            "1 while the check is up (after rise/fall), 0 while down; absent until it concludes",
+            &up,
+        )?;
+        gauge(
+            &mut enc,
+            "vpnlb_check_phase_latency_seconds",
+            "Round trip of each step of the last successful multi-step probe (wireguard with inside: handshake, inside)",
+            &phase,
+        )?;
+        let failover: Vec<(Labels, i64)> = view
+            .pools
+            .iter()
+            .map(|p| {
+                let class = p.class.clone().unwrap_or_default();
+                (
+                    l(&[("vip", &p.vip), ("class", &class)]),
+                    i64::from(p.standby),
+                )
+            })
+            .collect();
+        gauge(
+            &mut enc,
+            "vpnlb_pool_failover",
+            "1 while a VIP (or class) is served by a pool other than its first (pool failover)",
+            &failover,
         )?;
         let pools: Vec<(Labels, i64)> = view
             .pools
@@ -397,6 +442,31 @@ impl<R: MapReader + std::fmt::Debug + Send + 'static> Collector for DataplaneCol
     }
 }
 
+/// The agent itself: its version and when it started (a restart shows as a new start time).
+#[derive(Debug)]
+struct AgentInfo {
+    started: f64,
+}
+
+impl Collector for AgentInfo {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        gauge(
+            &mut enc,
+            "vpnlb_build_info",
+            "Always 1; the version of the running agent as a label",
+            &[(l(&[("version", env!("CARGO_PKG_VERSION"))]), 1i64)],
+        )?;
+        let m = enc.encode_descriptor(
+            "vpnlb_agent_start_time_seconds",
+            "When the agent started (seconds since the epoch)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.started).encode(m)?;
+        Ok(())
+    }
+}
+
 /// The registry plus the handles the event loop feeds.
 #[derive(Clone)]
 pub struct Metrics {
@@ -422,6 +492,12 @@ impl Metrics {
             "Time from a health/admin/config event to its map writes completing",
             map_write.clone(),
         );
+        registry.register_collector(Box::new(AgentInfo {
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        }));
         registry.register_collector(Box::new(DataplaneCollector {
             maps: Mutex::new(maps),
             view: view.clone(),
@@ -529,7 +605,11 @@ mod tests {
                 vip: "wg".into(),
                 class: None,
                 pool: Some("primary".into()),
+                standby: false,
             });
+            let b = &mut v.backends[0];
+            b.checks[0].up = Some(true);
+            b.checks[0].last_phases_ms = vec![("handshake".into(), 0.5), ("inside".into(), 1.5)];
         }
         m.map_write.observe(0.0002);
         let text = m.render();
@@ -544,6 +624,11 @@ mod tests {
             "vpnlb_active_pool{vip=\"wg\",class=\"\",pool=\"primary\"} 1",
             "vpnlb_hooks_total{result=\"failed\"} 1",
             "vpnlb_map_write_seconds_count 1",
+            "vpnlb_check_up{backend=\"gw2\",check=\"icmp\"} 1",
+            "vpnlb_check_phase_latency_seconds{backend=\"gw2\",check=\"icmp\",phase=\"inside\"} 0.0015",
+            "vpnlb_pool_failover{vip=\"wg\",class=\"\"} 0",
+            "vpnlb_build_info{version=\"",
+            "vpnlb_agent_start_time_seconds ",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

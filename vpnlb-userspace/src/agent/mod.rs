@@ -12,7 +12,9 @@ pub mod desired;
 pub mod hooks;
 pub mod metrics;
 pub mod neigh;
+pub mod notify;
 pub mod persist;
+pub mod probe_env;
 pub mod reconcile;
 pub mod state;
 pub mod status;
@@ -228,6 +230,7 @@ impl Shell {
                         generation: target.generation,
                         ok: false,
                         latency: None,
+                        phases: Vec::new(),
                         detail: format!("not started: {reason}"),
                         at: Instant::now(),
                     };
@@ -310,13 +313,16 @@ fn log(l: Log, t0: Instant) {
             down,
             other,
             after,
-        } => tracing::info!(
-            up,
-            down,
-            other,
-            ms = after.as_millis() as u64,
-            "every backend's checks concluded"
-        ),
+        } => {
+            tracing::info!(
+                up,
+                down,
+                other,
+                ms = after.as_millis() as u64,
+                "every backend's checks concluded"
+            );
+            notify::ready(&format!("{up} backends up, {down} down, {other} other"));
+        }
         Log::Pruned { vips, backends } => tracing::info!(
             vips,
             backends,
@@ -567,6 +573,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tracing::info!(pid = std::process::id(), "agent running");
+    let ready_anyway = notify::ready_at_the_latest();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reload = |by_signal: bool| {
@@ -586,6 +593,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         tokio::select! {
             _ = tick.tick() => {
                 step(&mut core, &mut shell, Event::Tick);
+                notify::watchdog();
             }
             Some(r) = results_rx.recv() => {
                 step(&mut core, &mut shell, Event::Check(r));
@@ -625,7 +633,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
                 let _ = c.reply.send(resp);
             }
             _ = hup.recv() => {
+                notify::reloading();
                 step(&mut core, &mut shell, reload(true));
+                notify::reloaded("running");
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -634,6 +644,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     tracing::info!(
         "exiting: vpnlb_ingress stays attached and the maps pinned; the data plane keeps forwarding"
     );
+    notify::stopping();
+    ready_anyway.abort();
     ctl.abort();
     neigh_watch.abort();
     // Closing the command channel ends the session, which revokes this member's lease: its

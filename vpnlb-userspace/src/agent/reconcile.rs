@@ -63,6 +63,8 @@ pub struct PoolChoice {
     pub class: Option<String>,
     /// None when no pool has a healthy member (new flows are dropped, counted).
     pub pool: Option<String>,
+    /// The serving pool is not the first of the order (a pool failover is in effect).
+    pub standby: bool,
 }
 
 /// The pool that serves `order` (pool names, in preference order): the first with a member that
@@ -96,10 +98,14 @@ pub fn vip_spec(
     // Stable: equal priorities keep file order.
     by_priority.sort_by_key(|p| std::cmp::Reverse(p.priority));
     let active = active_pool(&by_priority, health);
+    let standby = |a: Option<&DesiredPool>, order: &[&DesiredPool]| {
+        a.is_some_and(|a| order.first().is_some_and(|f| f.name != a.name))
+    };
     let mut choices = vec![PoolChoice {
         vip: v.name.clone(),
         class: None,
         pool: active.map(|p| p.name.clone()),
+        standby: standby(active, &by_priority),
     }];
     let mut spec = v.template.clone();
     // With no healthy pool, keep the top pool listed: its ring has no up member, so new flows are
@@ -119,6 +125,7 @@ pub fn vip_spec(
                 vip: v.name.clone(),
                 class: Some(c.name.clone()),
                 pool: a.map(|p| p.name.clone()),
+                standby: standby(a, &order),
             });
             ClassSpec {
                 dscp: c.dscp.clone(),
@@ -291,6 +298,7 @@ mod tests {
                 generation: 0,
                 ok: up.contains(n),
                 latency: None,
+                phases: Vec::new(),
                 detail: String::new(),
                 at: t,
             };
@@ -325,7 +333,9 @@ mod tests {
             PoolChoice {
                 vip: "ovpn".into(),
                 class: Some("bulk".into()),
-                pool: Some("standby".into())
+                pool: Some("standby".into()),
+                // The class's own order puts standby first.
+                standby: false,
             }
         );
         let m = dp.writer();

@@ -82,6 +82,10 @@ pub struct CheckState {
     pub last_ok: Option<bool>,
     pub last_detail: String,
     pub last_latency_ms: Option<f64>,
+    /// The round trip of each step of the last successful multi-step probe, by name
+    /// (`handshake`, `inside`), in ms; empty for other checks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub last_phases_ms: Vec<(String, f64)>,
     #[serde(skip)]
     pub last_at: Option<Instant>,
     pub results: u64,
@@ -99,6 +103,7 @@ impl CheckState {
             last_ok: None,
             last_detail: String::new(),
             last_latency_ms: None,
+            last_phases_ms: Vec::new(),
             last_at: None,
             results: 0,
             failures: 0,
@@ -281,6 +286,13 @@ impl BackendHealth {
         wall: SystemTime,
     ) -> Option<Transition> {
         let c = self.checks.get_mut(r.check_index)?;
+        if r.ok {
+            c.last_phases_ms = r
+                .phases
+                .iter()
+                .map(|(n, d)| (n.to_string(), d.as_secs_f64() * 1e3))
+                .collect();
+        }
         if !c.apply(r.ok, &r.detail, r.latency, r.at) {
             return None;
         }
@@ -391,6 +403,7 @@ mod tests {
             generation: 0,
             ok,
             latency: ok.then(|| Duration::from_millis(1)),
+            phases: Vec::new(),
             detail: if ok {
                 "echo reply".into()
             } else {

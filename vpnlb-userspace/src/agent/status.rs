@@ -55,6 +55,7 @@ pub fn render(core: &Input, now: Instant) -> serde_json::Value {
                     "last_ok": c.last_ok,
                     "last_detail": c.last_detail,
                     "last_latency_ms": c.last_latency_ms,
+                    "last_phases_ms": c.last_phases_ms.iter().map(|(n, ms)| (n.clone(), json!(ms))).collect::<serde_json::Map<String, serde_json::Value>>(),
                     "last_age_s": c.last_at.map(age),
                     "results": c.results,
                     "failures": c.failures,

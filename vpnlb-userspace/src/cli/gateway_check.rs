@@ -6,7 +6,9 @@
 //! - `decap`: `vpnlb_decap` attached (and the GUE port set) when the VIP is encapsulated;
 //! - `reply_source`: one probe to VIP:port through a throw-away namespace ([`reply`]) and the source
 //!   its reply leaves with;
-//! - `daemon`: per VPN daemon running here, whether it is set up to reply from the VIP.
+//! - `daemon`: per VPN daemon running here, whether it is set up to reply from the VIP;
+//! - `probe_allowed_ips`, `probe_route`, `forwarding`, `inside_route`: what the load balancer's
+//!   `wireguard` check with `inside` needs here ([`probe_tunnel`]).
 //!
 //! Any `fail` makes the command exit non-zero.
 
@@ -22,6 +24,9 @@ use crate::gateway::daemons::{self, Daemon, Kind};
 use crate::gateway::host::{self, Iface};
 use crate::gateway::{decap, reply};
 use crate::health::{CheckSpec, CheckTiming};
+
+pub mod probe_tunnel;
+pub use probe_tunnel::ProbeTunnel;
 
 /// How the load balancer sends the VIP's packets to this gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -73,6 +78,8 @@ pub struct Options {
     /// [`DEFAULT_CLIENT6`] by the VIP's family.
     pub client: Option<IpAddr>,
     pub timeout: Duration,
+    /// The `wireguard` check with `inside`: what the gateway must allow and route for it.
+    pub probe_tunnel: Option<ProbeTunnel>,
 }
 
 /// Default probe client: the benchmarking range (RFC 2544), routed nowhere.
@@ -140,6 +147,7 @@ pub fn probe_spec(
                 public_key,
                 private_key: wg_private_key,
                 private_key_file: wg_private_key_file,
+                inside: None,
                 timing,
             }
         }
@@ -689,6 +697,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Vec<Finding>> {
     check_sysctls(opts, &ifaces, &mut r);
     check_decap(opts, &ifaces, &mut r);
     check_reply(opts, &ifaces, &running, &mut r);
+    if let Some(pt) = &opts.probe_tunnel {
+        probe_tunnel::check(pt, &mut r);
+    }
     check_daemons(
         opts,
         &running,
@@ -826,6 +837,7 @@ mod tests {
             probe: None,
             client: None,
             timeout: Duration::from_secs(1),
+            probe_tunnel: None,
         };
         let (j, t) = render(&opts, &findings);
         assert_eq!(j["encap"], "gue");

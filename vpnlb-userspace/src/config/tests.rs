@@ -955,6 +955,7 @@ fn vpn_check_defaults_and_fields() {
             public_key: gw.clone(),
             private_key: Some(WG_PROBE_KEY.into()),
             private_key_file: None,
+            inside: None,
             timing: CheckTiming {
                 interval_ms: 5000,
                 ..CheckTiming::default()
@@ -976,6 +977,7 @@ fn vpn_check_defaults_and_fields() {
             public_key: gw.clone(),
             private_key: None,
             private_key_file: Some("/etc/vpnlb/probe.key".into()),
+            inside: None,
             timing: CheckTiming {
                 interval_ms: 2000,
                 timeout_ms: 1000,
@@ -1027,7 +1029,8 @@ fn vpn_check_errors() {
         )),
         &at("path"),
         "unknown field `path`: a check of type \"wireguard\" takes `type`, `port`, `public_key`, \
-         `private_key`, `private_key_file`, `interval_ms`, `timeout_ms`, `rise`, `fall`",
+         `private_key`, `private_key_file`, `inside`, `tunnel_address`, `inside_timeout_ms`, \
+         `interval_ms`, `timeout_ms`, `rise`, `fall`",
     );
     rejects(
         &with_check("type = \"ikev2\"\npublic_key = \"x\" #!"),

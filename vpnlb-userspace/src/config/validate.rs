@@ -552,8 +552,80 @@ impl Checker<'_, '_> {
                     }
                     (None, Some(_)) => {}
                 }
+                match c {
+                    CheckSpec::Wireguard {
+                        inside: Some(i), ..
+                    } => self.inside_probe(&at, i, t),
+                    _ => {
+                        for key in ["tunnel_address", "inside_timeout_ms"] {
+                            if self.doc.has(&k(key)) {
+                                self.err(
+                                    k(key),
+                                    "is only used with `inside` (the host to ping through the tunnel)",
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            CheckSpec::Exec { command, .. } => {
+                if command.is_empty() {
+                    self.err(k("command"), "needs at least the program to run");
+                } else if command[0].is_empty() {
+                    self.err(k("command").index(0), "the program path must not be empty");
+                }
             }
             _ => {}
+        }
+    }
+
+    /// The `inside` keys of a wireguard check: a unicast host, a tunnel address of its family,
+    /// and the echo's time within the interval.
+    fn inside_probe(
+        &mut self,
+        at: &FieldPath,
+        i: &crate::health::spec::InsideProbe,
+        t: &crate::health::CheckTiming,
+    ) {
+        let k = |key: &str| at.clone().key(key);
+        let odd = |a: IpAddr| {
+            a.is_unspecified() || a.is_multicast() || a == IpAddr::from([255, 255, 255, 255])
+        };
+        if odd(i.addr) {
+            self.err(k("inside"), format!("{} is not a unicast address", i.addr));
+        }
+        if odd(i.tunnel_address) {
+            self.err(
+                k("tunnel_address"),
+                format!("{} is not a unicast address", i.tunnel_address),
+            );
+        } else if i.tunnel_address.is_ipv4() != i.addr.is_ipv4() {
+            self.err(
+                k("tunnel_address"),
+                format!(
+                    "{} and inside {} are of different families: the echo goes from one to the other",
+                    i.tunnel_address, i.addr
+                ),
+            );
+        } else if i.tunnel_address == i.addr {
+            self.err(k("tunnel_address"), "must not be the inside host itself");
+        }
+        if i.timeout_ms == 0 {
+            self.err(k("inside_timeout_ms"), "must be at least 1");
+        } else if t.timeout_ms.saturating_add(i.timeout_ms) > t.interval_ms {
+            let key = if self.doc.has(&k("inside_timeout_ms")) {
+                "inside_timeout_ms"
+            } else {
+                "inside"
+            };
+            self.err(
+                k(key),
+                format!(
+                    "timeout_ms + inside_timeout_ms ({} + {} ms) is longer than interval_ms ({} ms): \
+                     a probe must end before the next one starts",
+                    t.timeout_ms, i.timeout_ms, t.interval_ms
+                ),
+            );
         }
     }
 

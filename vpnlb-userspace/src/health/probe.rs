@@ -14,6 +14,9 @@ use super::spec::CheckTarget;
 pub struct ProbeOk {
     pub latency: Duration,
     pub detail: String,
+    /// The round trips of a probe made of several exchanges, by name (a `wireguard` check with
+    /// `inside`: `handshake` and `inside`); empty for single-exchange probes.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 impl ProbeOk {
@@ -22,6 +25,7 @@ impl ProbeOk {
         ProbeOk {
             latency,
             detail: format!("{what} {}", fmt_ms(latency)),
+            phases: Vec::new(),
         }
     }
 }

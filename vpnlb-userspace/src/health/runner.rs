@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::probe::ProbeOk;
 use super::spec::{CheckResult, CheckSpec, CheckTarget, CheckTiming};
-use super::{http, icmp, ikev2, tcp, udp, wireguard};
+use super::{exec, http, icmp, ikev2, tcp, udp, wireguard};
 
 /// Errors that stop a check from being started (a failing probe is a result, not an error). The
 /// messages are complete on their own (no source chain to print).
@@ -39,6 +39,8 @@ pub enum ProbeError {
     Wireguard(#[from] wireguard::WireguardError),
     #[error(transparent)]
     Ikev2(#[from] ikev2::Ikev2Error),
+    #[error(transparent)]
+    Exec(#[from] exec::ExecError),
 }
 
 /// A check prepared once (sockets shared, hex decoded, TLS configured) and probed many times.
@@ -50,6 +52,7 @@ pub enum Probe {
     Udp(udp::UdpProbe),
     Wireguard(wireguard::WireguardProbe),
     Ikev2(ikev2::Ikev2Probe),
+    Exec(exec::ExecProbe),
 }
 
 impl Probe {
@@ -67,6 +70,7 @@ impl Probe {
                 Probe::Wireguard(wireguard::WireguardProbe::new(spec, target)?)
             }
             CheckSpec::Ikev2 { .. } => Probe::Ikev2(ikev2::Ikev2Probe::new(spec, target)?),
+            CheckSpec::Exec { .. } => Probe::Exec(exec::ExecProbe::new(spec, target)?),
             CheckSpec::Bfd { .. } => return Err(ProbeError::Bfd),
         })
     }
@@ -80,6 +84,7 @@ impl Probe {
             Probe::Udp(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
             Probe::Wireguard(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
             Probe::Ikev2(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
+            Probe::Exec(p) => p.probe(timeout).await.map_err(|e| e.to_string()),
         }
     }
 }
@@ -129,7 +134,8 @@ pub fn spawn(
     let rt = tokio::runtime::Handle::try_current().map_err(|_| ProbeError::NoRuntime)?;
     let probe = Probe::new(spec, &target)?;
     let offset = initial_offset(interval, &mut rand::rng());
-    let task = rt.spawn(run(probe, target, interval, timeout, offset, tx));
+    let budget = spec.probe_budget();
+    let task = rt.spawn(run(probe, target, interval, (timeout, budget), offset, tx));
     Ok(CheckHandle { task })
 }
 
@@ -153,18 +159,19 @@ async fn run(
     probe: Probe,
     target: CheckTarget,
     interval: Duration,
-    timeout: Duration,
+    (timeout, budget): (Duration, Duration),
     offset: Duration,
     tx: Sender<CheckResult>,
 ) {
     let mut start = tokio::time::Instant::now() + offset;
     loop {
         tokio::time::sleep_until(start).await;
-        // A backstop on top of the probe's own deadline: a probe never holds up the schedule.
+        // A backstop on top of the probe's own deadlines (`budget`: all its steps): a probe never
+        // holds up the schedule.
         let outcome =
-            tokio::time::timeout(timeout + Duration::from_millis(50), probe.probe(timeout))
+            tokio::time::timeout(budget + Duration::from_millis(50), probe.probe(timeout))
                 .await
-                .unwrap_or_else(|_| Err(format!("timeout after {}ms", timeout.as_millis())));
+                .unwrap_or_else(|_| Err(format!("timeout after {}ms", budget.as_millis())));
         if tx.send(to_result(&target, outcome)).await.is_err() {
             return;
         }
@@ -174,9 +181,9 @@ async fn run(
 }
 
 fn to_result(target: &CheckTarget, outcome: Result<ProbeOk, String>) -> CheckResult {
-    let (ok, latency, detail) = match outcome {
-        Ok(p) => (true, Some(p.latency), p.detail),
-        Err(detail) => (false, None, detail),
+    let (ok, latency, detail, phases) = match outcome {
+        Ok(p) => (true, Some(p.latency), p.detail, p.phases),
+        Err(detail) => (false, None, detail, Vec::new()),
     };
     CheckResult {
         backend_id: target.backend_id,
@@ -184,6 +191,7 @@ fn to_result(target: &CheckTarget, outcome: Result<ProbeOk, String>) -> CheckRes
         generation: target.generation,
         ok,
         latency,
+        phases,
         detail,
         at: Instant::now(),
     }
@@ -360,6 +368,7 @@ mod tests {
             public_key: "AAAA".into(),
             private_key: None,
             private_key_file: None,
+            inside: None,
             timing: CheckTiming::default(),
         };
         let err = probe_once(&wg, &target()).await.expect_err("bad key");

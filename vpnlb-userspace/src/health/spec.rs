@@ -153,6 +153,9 @@ pub enum CheckSpec {
         /// File holding the probe's private key (base64, as written by `wg genkey`).
         #[serde(default)]
         private_key_file: Option<String>,
+        /// After the handshake, an ICMP echo through the tunnel to a host behind the gateway.
+        #[serde(flatten, default)]
+        inside: Option<InsideProbe>,
         #[serde(flatten)]
         timing: CheckTiming,
     },
@@ -164,6 +167,37 @@ pub enum CheckSpec {
         #[serde(flatten)]
         timing: CheckTiming,
     },
+    /// An operator's program (keepalived's MISC_CHECK): exit status 0 = success, the first line
+    /// of its stdout is the detail; `timeout_ms` bounds it. `interval_ms` defaults to 10000 and
+    /// `timeout_ms` to 5000: a program (a real tunnel brought up and pinged through) is heavier
+    /// than a packet.
+    Exec {
+        /// argv: the program and its arguments (no shell).
+        command: Vec<String>,
+        /// Environment naming the backend, its address and its VIPs; filled by the agent when it
+        /// starts the check ([`CheckSpec::with_env`]), never read from the file.
+        #[serde(skip)]
+        env: Vec<(String, String)>,
+        #[serde(flatten)]
+        timing: CheckTiming,
+    },
+}
+
+/// The `inside` keys of a `wireguard` check: after the handshake the probe sends an ICMP echo
+/// from `tunnel_address` to `inside` through the tunnel and requires the decrypted reply, so a
+/// gateway whose forwarding, NAT or route to the inside network is broken fails the check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InsideProbe {
+    /// The host behind the gateway to ping (`inside`).
+    #[serde(rename = "inside")]
+    pub addr: IpAddr,
+    /// The probe's own address in the tunnel: the gateway's AllowedIPs for the probe key must
+    /// cover it, and its route back to it must lead into the tunnel.
+    pub tunnel_address: IpAddr,
+    /// How long the echo reply may take after the handshake (`inside_timeout_ms`; default: the
+    /// check's `timeout_ms`).
+    #[serde(rename = "inside_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 /// The `type` of a check table.
@@ -178,6 +212,7 @@ enum CheckKind {
     Bfd,
     Wireguard,
     Ikev2,
+    Exec,
 }
 
 /// A check table as written: every key any kind takes, each optional. Without `flatten` serde
@@ -206,6 +241,10 @@ struct RawCheck {
     public_key: Option<String>,
     private_key: Option<String>,
     private_key_file: Option<String>,
+    inside: Option<IpAddr>,
+    tunnel_address: Option<IpAddr>,
+    inside_timeout_ms: Option<u64>,
+    command: Option<Vec<String>>,
     interval_ms: Option<u64>,
     timeout_ms: Option<u64>,
     rise: Option<u32>,
@@ -251,9 +290,18 @@ impl TryFrom<RawCheck> for CheckSpec {
             ),
             CheckKind::Wireguard => (
                 "wireguard",
-                &["port", "public_key", "private_key", "private_key_file"],
+                &[
+                    "port",
+                    "public_key",
+                    "private_key",
+                    "private_key_file",
+                    "inside",
+                    "tunnel_address",
+                    "inside_timeout_ms",
+                ],
             ),
             CheckKind::Ikev2 => ("ikev2", &["port"]),
+            CheckKind::Exec => ("exec", &["command"]),
         };
         let present = [
             ("port", r.port.is_some()),
@@ -274,6 +322,10 @@ impl TryFrom<RawCheck> for CheckSpec {
             ("public_key", r.public_key.is_some()),
             ("private_key", r.private_key.is_some()),
             ("private_key_file", r.private_key_file.is_some()),
+            ("inside", r.inside.is_some()),
+            ("tunnel_address", r.tunnel_address.is_some()),
+            ("inside_timeout_ms", r.inside_timeout_ms.is_some()),
+            ("command", r.command.is_some()),
         ];
         if let Some((key, _)) = present.iter().find(|(k, set)| *set && !own.contains(k)) {
             let takes: Vec<String> = ["type"]
@@ -291,9 +343,13 @@ impl TryFrom<RawCheck> for CheckSpec {
         let timing = CheckTiming {
             interval_ms: r.interval_ms.unwrap_or(match r.kind {
                 CheckKind::Wireguard => default_wireguard_interval_ms(),
+                CheckKind::Exec => default_exec_interval_ms(),
                 _ => default_interval_ms(),
             }),
-            timeout_ms: r.timeout_ms.unwrap_or_else(default_timeout_ms),
+            timeout_ms: r.timeout_ms.unwrap_or(match r.kind {
+                CheckKind::Exec => default_exec_timeout_ms(),
+                _ => default_timeout_ms(),
+            }),
             rise: r.rise.unwrap_or_else(default_rise),
             fall: r.fall.unwrap_or_else(default_fall),
         };
@@ -343,10 +399,32 @@ impl TryFrom<RawCheck> for CheckSpec {
                     .ok_or_else(|| "missing field `public_key`".to_string())?,
                 private_key: r.private_key,
                 private_key_file: r.private_key_file,
+                inside: match (r.inside, r.tunnel_address) {
+                    (Some(addr), Some(tunnel_address)) => Some(InsideProbe {
+                        addr,
+                        tunnel_address,
+                        timeout_ms: r.inside_timeout_ms.unwrap_or(timing.timeout_ms),
+                    }),
+                    (Some(_), None) => {
+                        return Err("missing field `tunnel_address`: a wireguard check with \
+                                    `inside` needs the probe's own address in the tunnel"
+                            .into());
+                    }
+                    // `tunnel_address` or `inside_timeout_ms` alone: reported at its line by the
+                    // config's validation.
+                    (None, _) => None,
+                },
                 timing,
             },
             CheckKind::Ikev2 => CheckSpec::Ikev2 {
                 port: r.port.unwrap_or_else(default_ikev2_port),
+                timing,
+            },
+            CheckKind::Exec => CheckSpec::Exec {
+                command: r
+                    .command
+                    .ok_or_else(|| "missing field `command`".to_string())?,
+                env: Vec::new(),
                 timing,
             },
         })
@@ -376,6 +454,14 @@ pub fn default_wireguard_interval_ms() -> u64 {
 pub fn default_ikev2_port() -> u16 {
     500
 }
+/// An exec check runs a program: every 10 s by default.
+pub fn default_exec_interval_ms() -> u64 {
+    10_000
+}
+/// ...and gives it 5 s (bringing up a real tunnel takes a while).
+pub fn default_exec_timeout_ms() -> u64 {
+    5_000
+}
 
 impl CheckSpec {
     pub fn timing(&self) -> &CheckTiming {
@@ -387,8 +473,37 @@ impl CheckSpec {
             | CheckSpec::Udp { timing, .. }
             | CheckSpec::Bfd { timing, .. }
             | CheckSpec::Wireguard { timing, .. }
-            | CheckSpec::Ikev2 { timing, .. } => timing,
+            | CheckSpec::Ikev2 { timing, .. }
+            | CheckSpec::Exec { timing, .. } => timing,
         }
+    }
+
+    /// This check with `env` as the environment of its program (exec checks; others unchanged).
+    pub fn with_env(&self, vars: Vec<(String, String)>) -> CheckSpec {
+        match self {
+            CheckSpec::Exec {
+                command, timing, ..
+            } => CheckSpec::Exec {
+                command: command.clone(),
+                env: vars,
+                timing: timing.clone(),
+            },
+            other => other.clone(),
+        }
+    }
+
+    /// The longest one probe may take: `timeout_ms`, plus `inside_timeout_ms` for a wireguard
+    /// check with `inside` (the echo through the tunnel follows the handshake), plus the grace
+    /// between SIGTERM and SIGKILL for an exec check.
+    pub fn probe_budget(&self) -> Duration {
+        let extra = match self {
+            CheckSpec::Wireguard {
+                inside: Some(i), ..
+            } => i.timeout_ms,
+            CheckSpec::Exec { .. } => super::exec::TERM_GRACE.as_millis() as u64,
+            _ => 0,
+        };
+        Duration::from_millis(self.timing().timeout_ms.saturating_add(extra))
     }
 
     /// Short name for logs and metrics labels: `icmp`, `tcp:443`, `http:80/health`, `bfd`, ...
@@ -400,8 +515,19 @@ impl CheckSpec {
             CheckSpec::Https { port, path, .. } => format!("https:{port}{path}"),
             CheckSpec::Udp { port, .. } => format!("udp:{port}"),
             CheckSpec::Bfd { .. } => "bfd".into(),
-            CheckSpec::Wireguard { port, .. } => format!("wireguard:{port}"),
+            CheckSpec::Wireguard {
+                port, inside: None, ..
+            } => format!("wireguard:{port}"),
+            CheckSpec::Wireguard {
+                port,
+                inside: Some(i),
+                ..
+            } => format!("wireguard:{port}>{}", i.addr),
             CheckSpec::Ikev2 { port, .. } => format!("ikev2:{port}"),
+            CheckSpec::Exec { command, .. } => {
+                let prog = command.first().map(String::as_str).unwrap_or("");
+                format!("exec:{}", prog.rsplit('/').next().unwrap_or(prog))
+            }
         }
     }
 }
@@ -433,6 +559,9 @@ pub struct CheckResult {
     pub ok: bool,
     /// Round-trip time of a successful probe (BFD: none).
     pub latency: Option<Duration>,
+    /// The round trip of each exchange of a successful multi-step probe (`handshake`, `inside`);
+    /// usually empty.
+    pub phases: Vec<(&'static str, Duration)>,
     /// Short human detail: "echo reply", "timeout after 500ms", "status 503", "bfd Down (Control
     /// Detection Time Expired)", ...
     pub detail: String,

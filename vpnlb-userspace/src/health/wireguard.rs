@@ -8,23 +8,35 @@
 //! handshake (`wg show` lists the probe peer's latest handshake) and no half-done state is left.
 //! wireguard-go drops initiations from one peer key that come less than 20 ms apart, so probes are
 //! spaced (default interval 5 s) and every prober needs its own key.
+//!
+//! With `inside`, the probe then does what a user does: it sends an ICMP echo from its tunnel
+//! address to a host behind the gateway, encrypted in the new session, and requires the decrypted
+//! echo reply ([`super::tunnel_ping`]). That fails when the gateway's forwarding, NAT or route to
+//! the inside network is broken, which every other check misses. The echo is resent (new
+//! sequence number) a few times within `inside_timeout_ms`, since UDP may lose one; an ICMP error
+//! from the gateway or a router behind it fails the probe at once with its reason.
 
 use std::fmt;
 use std::io;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-use super::probe::{ProbeOk, io_detail, sock_addr, udp_socket};
-use super::spec::{CheckSpec, CheckTarget};
+use super::probe::{ProbeOk, fmt_ms, io_detail, sock_addr, udp_socket};
+use super::spec::{CheckSpec, CheckTarget, InsideProbe};
+use super::tunnel_ping::{Echo, NotOurs};
 
 /// WireGuard message types (first byte, little-endian u32).
 const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 const MSG_COOKIE_REPLY: u8 = 3;
 /// Largest datagram read (a handshake response is 92 bytes).
 const MAX_DATAGRAM: usize = 2048;
+/// The inside echo is sent this many times within `inside_timeout_ms` (evenly spaced) until one
+/// is answered.
+const INSIDE_SENDS: u32 = 4;
 
 /// A WireGuard probe's failure (its text is the result's detail) or a bad spec.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +57,25 @@ pub enum WireguardError {
     NoResponse { ms: u128 },
     #[error("invalid response: {0}")]
     Invalid(String),
+    #[error(
+        "handshake ok ({}), no echo reply from {addr} through the tunnel after {ms}ms",
+        fmt_ms(*handshake)
+    )]
+    NoInsideReply {
+        handshake: Duration,
+        addr: IpAddr,
+        ms: u128,
+    },
+    #[error(
+        "handshake ok ({}), {addr} through the tunnel: {detail} (from {from})",
+        fmt_ms(*handshake)
+    )]
+    InsideUnreachable {
+        handshake: Duration,
+        addr: IpAddr,
+        from: IpAddr,
+        detail: String,
+    },
     #[error("socket: {}", io_detail(.error))]
     Socket { error: io::Error },
     #[error("{}", io_detail(.error))]
@@ -93,6 +124,7 @@ pub struct WireguardProbe {
     port: u16,
     private: [u8; 32],
     peer: [u8; 32],
+    inside: Option<InsideProbe>,
 }
 
 impl fmt::Debug for WireguardProbe {
@@ -101,6 +133,7 @@ impl fmt::Debug for WireguardProbe {
         f.debug_struct("WireguardProbe")
             .field("target", &self.target)
             .field("port", &self.port)
+            .field("inside", &self.inside)
             .field(
                 "peer",
                 &base64::engine::general_purpose::STANDARD.encode(self.peer),
@@ -116,6 +149,7 @@ impl WireguardProbe {
             public_key,
             private_key,
             private_key_file,
+            inside,
             ..
         } = spec
         else {
@@ -133,19 +167,47 @@ impl WireguardProbe {
             port: *port,
             private,
             peer,
+            inside: inside.clone(),
         })
     }
 
     /// One handshake bounded by `timeout`; the detail of a success is `handshake response 0.4ms`.
+    /// With `inside`, then the echo through the tunnel, bounded by `inside_timeout_ms`: the
+    /// detail is `handshake 0.4ms, inside 10.96.0.1 echo reply 1.1ms`, the latency the sum of both
+    /// round trips, and each is reported as a phase (`handshake`, `inside`).
     pub async fn probe(&self, timeout: Duration) -> Result<ProbeOk, WireguardError> {
-        tokio::time::timeout(timeout, self.handshake())
+        let (hs, what, sock, mut tunn) = tokio::time::timeout(timeout, self.handshake())
             .await
             .map_err(|_| WireguardError::NoResponse {
-                ms: timeout.as_millis(),
-            })?
+            ms: timeout.as_millis(),
+        })??;
+        let Some(inside) = &self.inside else {
+            return Ok(ProbeOk::new(hs, what));
+        };
+        let limit = Duration::from_millis(inside.timeout_ms);
+        let rtt = tokio::time::timeout(limit, echo_inside(&sock, &mut tunn, inside, hs))
+            .await
+            .map_err(|_| WireguardError::NoInsideReply {
+                handshake: hs,
+                addr: inside.addr,
+                ms: limit.as_millis(),
+            })??;
+        Ok(ProbeOk {
+            latency: hs + rtt,
+            detail: format!(
+                "handshake {}, inside {} echo reply {}",
+                fmt_ms(hs),
+                inside.addr,
+                fmt_ms(rtt)
+            ),
+            phases: vec![("handshake", hs), ("inside", rtt)],
+        })
     }
 
-    async fn handshake(&self) -> Result<ProbeOk, WireguardError> {
+    /// The handshake: its round trip and detail, and the socket and session for what follows.
+    async fn handshake(
+        &self,
+    ) -> Result<(Duration, &'static str, tokio::net::UdpSocket, Tunn), WireguardError> {
         let addr = sock_addr(&self.target, self.port);
         let sock =
             udp_socket(&self.target, addr).map_err(|error| WireguardError::Socket { error })?;
@@ -182,7 +244,7 @@ impl WireguardProbe {
                     } else {
                         "handshake response"
                     };
-                    return Ok(ProbeOk::new(latency, what));
+                    return Ok((latency, what, sock, tunn));
                 }
                 // The gateway is under load and wants its cookie in mac2: resend once with it.
                 TunnResult::Done if msg_type == MSG_COOKIE_REPLY && !cookie => {
@@ -195,6 +257,85 @@ impl WireguardProbe {
                     return Err(WireguardError::Invalid(format!(
                         "unexpected message type {msg_type} ({n} bytes)"
                     )));
+                }
+            }
+        }
+    }
+}
+
+/// Pings `inside.addr` from `inside.tunnel_address` through the established session `tunn` until
+/// a decrypted echo reply comes back (the caller bounds the time); the echo is resent with the
+/// next sequence number every `inside_timeout_ms / INSIDE_SENDS`. Returns the round trip of the
+/// echo that was answered.
+async fn echo_inside(
+    sock: &tokio::net::UdpSocket,
+    tunn: &mut Tunn,
+    inside: &InsideProbe,
+    handshake: Duration,
+) -> Result<Duration, WireguardError> {
+    let io = |error| WireguardError::Io { error };
+    let base = Echo {
+        src: inside.tunnel_address,
+        dst: inside.addr,
+        ident: rand::random(),
+        seq: rand::random::<u16>() >> 1,
+        token: rand::random(),
+    };
+    let every =
+        (Duration::from_millis(inside.timeout_ms) / INSIDE_SENDS).max(Duration::from_millis(5));
+    let mut out = vec![0u8; MAX_DATAGRAM];
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    // (echo, when it was sent), oldest first.
+    let mut sent: Vec<(Echo, Instant)> = Vec::new();
+    let mut next_send = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_send) => {
+                let echo = Echo { seq: base.seq.wrapping_add(sent.len() as u16), ..base };
+                match tunn.encapsulate(&echo.request(), &mut out) {
+                    TunnResult::WriteToNetwork(p) => {
+                        sock.send(p).await.map_err(io)?;
+                    }
+                    TunnResult::Err(e) => {
+                        return Err(WireguardError::Invalid(format!("encapsulating the echo: {e:?}")));
+                    }
+                    _ => {}
+                }
+                sent.push((echo, Instant::now()));
+                next_send += every;
+            }
+            r = sock.recv(&mut buf) => {
+                let n = r.map_err(io)?;
+                let at = Instant::now();
+                let mut res = tunn.decapsulate(None, &buf[..n], &mut out);
+                loop {
+                    match res {
+                        TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
+                            for (echo, t) in &sent {
+                                match echo.check_reply(packet) {
+                                    Ok(()) => return Ok(at - *t),
+                                    Err(NotOurs::Error { from, detail }) => {
+                                        return Err(WireguardError::InsideUnreachable {
+                                            handshake,
+                                            addr: inside.addr,
+                                            from,
+                                            detail,
+                                        });
+                                    }
+                                    Err(_) => {}
+                                }
+                            }
+                            break;
+                        }
+                        // Something boringtun wants sent (a queued packet, a handshake answer):
+                        // send it and drain its queue.
+                        TunnResult::WriteToNetwork(p) => {
+                            sock.send(p).await.map_err(io)?;
+                            res = tunn.decapsulate(None, &[], &mut out);
+                        }
+                        // Keepalives, cookies, and packets of a stale session are not errors here.
+                        TunnResult::Done | TunnResult::Err(_) => break,
+                    }
                 }
             }
         }
@@ -224,6 +365,7 @@ mod tests {
             public_key: public_key.into(),
             private_key: private_key.map(Into::into),
             private_key_file: file.map(Into::into),
+            inside: None,
             timing: CheckTiming {
                 interval_ms: 5000,
                 timeout_ms: 300,
@@ -358,6 +500,7 @@ mod tests {
             public_key: gw_pub,
             private_key: Some(KEY_A.into()),
             private_key_file: None,
+            inside: None,
             timing: CheckTiming::default(),
         };
         let ok = WireguardProbe::new(&s, &target())
@@ -372,6 +515,112 @@ mod tests {
         );
         assert!(ok.latency > Duration::ZERO && ok.latency < Duration::from_millis(500));
         server.await.expect("responder");
+    }
+
+    /// What the loopback gateway's "inside network" does with the probe's echoes.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Inside {
+        Answer,
+        /// Drops the first echo (UDP lost it), answers the next.
+        AnswerSecond,
+        Drop,
+        Unreachable,
+    }
+
+    /// A loopback gateway made of a boringtun responder that completes the handshake and then
+    /// plays the network behind it for the probe's decrypted echoes; no daemon, no root.
+    async fn inside_against(inside: Inside) -> Result<ProbeOk, WireguardError> {
+        use crate::health::tunnel_ping::answer;
+        const GW: &str = "UOzlBB0dhzTOdwW4eWZQpL7zbRk7aoxaeNmnJhJ6lVE=";
+        let gw = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let port = gw.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            let mut responder = Tunn::new(
+                StaticSecret::from(parse_key(GW).expect("gw key")),
+                PublicKey::from(parse_key(&public_key_of(KEY_A).expect("pub")).expect("pub")),
+                None,
+                None,
+                7,
+                None,
+            );
+            let (mut buf, mut out) = ([0u8; 2048], [0u8; 2048]);
+            let mut echoes = 0;
+            loop {
+                let (n, from) = gw.recv_from(&mut buf).await.expect("recv");
+                let reply = match responder.decapsulate(Some(from.ip()), &buf[..n], &mut out) {
+                    TunnResult::WriteToNetwork(p) => {
+                        gw.send_to(p, from).await.expect("send");
+                        continue;
+                    }
+                    TunnResult::WriteToTunnelV4(packet, _) => {
+                        echoes += 1;
+                        match inside {
+                            Inside::Answer => answer::echo_reply(packet),
+                            Inside::AnswerSecond if echoes >= 2 => answer::echo_reply(packet),
+                            Inside::Unreachable => {
+                                answer::unreachable("10.96.1.1".parse().unwrap(), packet)
+                            }
+                            Inside::AnswerSecond | Inside::Drop => continue,
+                        }
+                    }
+                    _ => continue,
+                };
+                if let TunnResult::WriteToNetwork(p) = responder.encapsulate(&reply, &mut out) {
+                    gw.send_to(p, from).await.expect("send");
+                }
+            }
+        });
+        let s = CheckSpec::Wireguard {
+            port,
+            public_key: public_key_of(GW).expect("gw pub"),
+            private_key: Some(KEY_A.into()),
+            private_key_file: None,
+            inside: Some(InsideProbe {
+                addr: "10.96.0.1".parse().unwrap(),
+                tunnel_address: "192.0.2.77".parse().unwrap(),
+                timeout_ms: 400,
+            }),
+            timing: CheckTiming::default(),
+        };
+        let res = WireguardProbe::new(&s, &target())
+            .expect("probe")
+            .probe(Duration::from_millis(500))
+            .await;
+        server.abort();
+        res
+    }
+
+    #[tokio::test]
+    async fn inside_echo_through_the_tunnel() {
+        let ok = inside_against(Inside::Answer).await.expect("inside");
+        assert!(
+            ok.detail.starts_with("handshake ")
+                && ok.detail.contains(", inside 10.96.0.1 echo reply "),
+            "{}",
+            ok.detail
+        );
+        let names: Vec<&str> = ok.phases.iter().map(|p| p.0).collect();
+        assert_eq!(names, ["handshake", "inside"]);
+        assert_eq!(ok.latency, ok.phases[0].1 + ok.phases[1].1);
+        // A lost echo is sent again within inside_timeout_ms.
+        let ok = inside_against(Inside::AnswerSecond).await.expect("resent");
+        assert!(ok.detail.contains("echo reply"), "{}", ok.detail);
+        // The handshake works, nothing comes back from inside: a failure that says so.
+        let e = inside_against(Inside::Drop).await.expect_err("no reply");
+        let e = e.to_string();
+        assert!(
+            e.starts_with("handshake ok (")
+                && e.ends_with("), no echo reply from 10.96.0.1 through the tunnel after 400ms"),
+            "{e}"
+        );
+        let e = inside_against(Inside::Unreachable)
+            .await
+            .expect_err("unreachable");
+        assert!(
+            e.to_string()
+                .ends_with("10.96.0.1 through the tunnel: host unreachable (from 10.96.1.1)"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

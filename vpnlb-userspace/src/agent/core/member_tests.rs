@@ -168,6 +168,7 @@ impl Bed {
                 } else {
                     "timeout".into()
                 },
+                phases: Vec::new(),
                 at,
             }),
         )

@@ -188,6 +188,7 @@ impl Bed {
             generation,
             ok,
             latency: ok.then(|| Duration::from_micros(300)),
+            phases: Vec::new(),
             detail: if ok { "ok".into() } else { "timeout".into() },
             at: self.clock.at(ms).0,
         })
@@ -772,6 +773,7 @@ fn reload_restarts_only_changed_backends_and_carries_a_healthy_state_over() {
         generation: 2,
         ok: false,
         latency: None,
+        phases: Vec::new(),
         detail: "late".into(),
         at: b.clock.at(250).0,
     });

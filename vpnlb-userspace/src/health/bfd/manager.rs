@@ -430,6 +430,7 @@ impl Entry {
             generation: self.target.generation,
             ok,
             latency: None,
+            phases: Vec::new(),
             detail,
             at,
         });
