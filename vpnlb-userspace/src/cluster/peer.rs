@@ -28,8 +28,14 @@ pub const TAG: usize = 16;
 /// Shortest key accepted.
 pub const MIN_KEY: usize = 32;
 
+/// Sessions (or ids) per batch frame of a bulk copy: what fits in [`MAX_BODY`].
+pub const BATCH_SESSIONS: usize = (MAX_BODY - 2) / SESSION_LEN;
+pub const BATCH_IDS: usize = (MAX_BODY - 2) / ID_LEN;
+const SESSION_LEN: usize = 46;
+const ID_LEN: usize = 30;
+
 /// One message of the stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
     /// A session: the flow and its backend (and flow hash).
     Session {
@@ -39,6 +45,11 @@ pub enum Msg {
     },
     /// A learned session id and its backend.
     Id { key: IdKey, backend_id: u32 },
+    /// Many sessions in one frame (a bulk copy): (flow, backend id, hash), at most
+    /// [`BATCH_SESSIONS`].
+    Sessions(Vec<(FlowKey, u32, u32)>),
+    /// Many learned ids in one frame, at most [`BATCH_IDS`].
+    Ids(Vec<(IdKey, u32)>),
     /// A bulk copy of the sender's tables follows.
     SyncBegin,
     /// The bulk copy is complete (`sessions`, `ids` sent).
@@ -177,6 +188,54 @@ fn words(b: &[u8]) -> [u32; 4] {
     w
 }
 
+fn put_session(v: &mut Vec<u8>, key: &FlowKey, backend_id: u32, hash: u32) {
+    put_words(v, &key.src);
+    put_words(v, &key.dst);
+    v.extend_from_slice(&key.ports.to_le_bytes());
+    v.push(key.proto);
+    v.push(key.family);
+    v.extend_from_slice(&backend_id.to_le_bytes());
+    v.extend_from_slice(&hash.to_le_bytes());
+}
+
+/// A session entry (`SESSION_LEN` bytes).
+fn get_session(b: &[u8]) -> (FlowKey, u32, u32) {
+    (
+        FlowKey {
+            src: words(&b[0..16]),
+            dst: words(&b[16..32]),
+            ports: u32_at(b, 32),
+            proto: b[36],
+            family: b[37],
+            _pad: [0; 2],
+        },
+        u32_at(b, 38),
+        u32_at(b, 42),
+    )
+}
+
+fn put_id(v: &mut Vec<u8>, key: &IdKey, backend_id: u32) {
+    put_words(v, &key.addr);
+    v.extend_from_slice(&key.id.to_le_bytes());
+    v.push(key.kind);
+    v.push(key.family);
+    v.extend_from_slice(&backend_id.to_le_bytes());
+}
+
+/// An id entry (`ID_LEN` bytes).
+fn get_id(b: &[u8]) -> (IdKey, u32) {
+    (
+        IdKey {
+            addr: words(&b[0..16]),
+            id: u64_at(b, 16),
+            kind: b[24],
+            family: b[25],
+            _pad: [0; 6],
+        },
+        u32_at(b, 26),
+    )
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -194,6 +253,8 @@ impl Msg {
             Msg::SyncEnd { .. } => 4,
             Msg::Ping { .. } => 5,
             Msg::Ack { .. } => 6,
+            Msg::Sessions(_) => 7,
+            Msg::Ids(_) => 8,
         }
     }
 
@@ -204,21 +265,19 @@ impl Msg {
                 key,
                 backend_id,
                 hash,
-            } => {
-                put_words(&mut v, &key.src);
-                put_words(&mut v, &key.dst);
-                v.extend_from_slice(&key.ports.to_le_bytes());
-                v.push(key.proto);
-                v.push(key.family);
-                v.extend_from_slice(&backend_id.to_le_bytes());
-                v.extend_from_slice(&hash.to_le_bytes());
+            } => put_session(&mut v, key, *backend_id, *hash),
+            Msg::Id { key, backend_id } => put_id(&mut v, key, *backend_id),
+            Msg::Sessions(list) => {
+                v.extend_from_slice(&(list.len() as u16).to_le_bytes());
+                for (k, b, h) in list {
+                    put_session(&mut v, k, *b, *h);
+                }
             }
-            Msg::Id { key, backend_id } => {
-                put_words(&mut v, &key.addr);
-                v.extend_from_slice(&key.id.to_le_bytes());
-                v.push(key.kind);
-                v.push(key.family);
-                v.extend_from_slice(&backend_id.to_le_bytes());
+            Msg::Ids(list) => {
+                v.extend_from_slice(&(list.len() as u16).to_le_bytes());
+                for (k, b) in list {
+                    put_id(&mut v, k, *b);
+                }
             }
             Msg::SyncBegin => {}
             Msg::SyncEnd { sessions, ids } => {
@@ -232,6 +291,30 @@ impl Msg {
     }
 
     fn parse(kind: u8, b: &[u8]) -> Result<Msg, PeerError> {
+        // A batch: a u16 count, then that many fixed-size entries, exactly.
+        let batch = |len: usize, what: &'static str| -> Result<Vec<&[u8]>, PeerError> {
+            if b.len() < 2 {
+                return Err(PeerError::Truncated(what));
+            }
+            let n = u16::from_le_bytes([b[0], b[1]]) as usize;
+            if b.len() != 2 + n * len {
+                return Err(PeerError::Truncated(what));
+            }
+            Ok(b[2..].chunks(len).collect())
+        };
+        if kind == 7 {
+            return Ok(Msg::Sessions(
+                batch(SESSION_LEN, "sessions")?
+                    .into_iter()
+                    .map(get_session)
+                    .collect(),
+            ));
+        }
+        if kind == 8 {
+            return Ok(Msg::Ids(
+                batch(ID_LEN, "ids")?.into_iter().map(get_id).collect(),
+            ));
+        }
         let need = |n: usize, what: &'static str| {
             if b.len() == n {
                 Ok(())
@@ -241,32 +324,18 @@ impl Msg {
         };
         Ok(match kind {
             1 => {
-                need(46, "session")?;
+                need(SESSION_LEN, "session")?;
+                let (key, backend_id, hash) = get_session(b);
                 Msg::Session {
-                    key: FlowKey {
-                        src: words(&b[0..16]),
-                        dst: words(&b[16..32]),
-                        ports: u32_at(b, 32),
-                        proto: b[36],
-                        family: b[37],
-                        _pad: [0; 2],
-                    },
-                    backend_id: u32_at(b, 38),
-                    hash: u32_at(b, 42),
+                    key,
+                    backend_id,
+                    hash,
                 }
             }
             2 => {
-                need(30, "id")?;
-                Msg::Id {
-                    key: IdKey {
-                        addr: words(&b[0..16]),
-                        id: u64_at(b, 16),
-                        kind: b[24],
-                        family: b[25],
-                        _pad: [0; 6],
-                    },
-                    backend_id: u32_at(b, 26),
-                }
+                need(ID_LEN, "id")?;
+                let (key, backend_id) = get_id(b);
+                Msg::Id { key, backend_id }
             }
             3 => {
                 need(0, "sync begin")?;
@@ -411,6 +480,8 @@ mod tests {
             },
             Msg::Ping { t: 42 },
             Msg::Ack { seq: 1234 },
+            Msg::Sessions(vec![(FlowKey::default(), 1, 2); BATCH_SESSIONS]),
+            Msg::Ids(vec![(IdKey::default(), 3); 2]),
         ];
         let k = session_key(&[1; 32], &[2; 16], &[3; 16]);
         let (mut tx, mut rx) = (Framer::new(&k), Framer::new(&k));
@@ -429,12 +500,12 @@ mod tests {
             }
         }
         assert_eq!(
-            got.iter().map(|(m, _)| *m).collect::<Vec<_>>(),
+            got.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>(),
             msgs.to_vec()
         );
         assert_eq!(
             got.iter().map(|(_, s)| *s).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6]
+            [1, 2, 3, 4, 5, 6, 7, 8]
         );
     }
 
@@ -468,6 +539,14 @@ mod tests {
             Framer::new(&k).decode(&[0, 0, 0, 3, 1, 2, 3]),
             Err(PeerError::Truncated("frame"))
         );
+        // A batch whose count does not match its length (a valid tag over a lying body).
+        let mut out = Vec::new();
+        let mut tx = Framer::new(&k);
+        let mut lie = Vec::new();
+        tx.encode(&Msg::Ids(vec![(IdKey::default(), 1)]), &mut lie);
+        assert_eq!(Msg::parse(8, &[5, 0]), Err(PeerError::Truncated("ids")));
+        out.extend(lie);
+        assert!(Framer::new(&k).decode(&out).unwrap().is_some());
     }
 
     #[test]

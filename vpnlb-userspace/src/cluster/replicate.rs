@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use vpnlb_common::Session;
 
 use super::peer::{self, Framer, Msg, NONCE, PeerError};
-use crate::dataplane::maps::{AyaMaps, MapReader, MapWriter};
+use crate::dataplane::maps::{AyaMaps, MapReader};
 
 /// Why replication could not start.
 #[derive(Debug, thiserror::Error)]
@@ -264,26 +264,48 @@ fn spawn_writer(pin_dir: PathBuf, stats: Arc<Stats>) -> std::sync::mpsc::Sender<
                 }
                 let m = maps.as_mut().expect("opened");
                 let now = monotonic_coarse_ns();
+                let mut sessions = Vec::new();
+                let mut ids = Vec::new();
                 for msg in &batch {
-                    let r = match msg {
+                    match msg {
                         Msg::Session {
                             key,
                             backend_id,
                             hash,
-                        } => m.set_session(
-                            key,
-                            &Session {
+                        } => sessions.push((
+                            *key,
+                            Session {
                                 backend_id: *backend_id,
                                 hash: *hash,
                                 last_seen_ns: now,
                             },
-                        ),
-                        Msg::Id { key, backend_id } => m.set_session_id(key, *backend_id),
-                        _ => continue,
-                    };
+                        )),
+                        Msg::Id { key, backend_id } => ids.push((*key, *backend_id)),
+                        Msg::Sessions(list) => sessions.extend(list.iter().map(|(k, b, h)| {
+                            (
+                                *k,
+                                Session {
+                                    backend_id: *b,
+                                    hash: *h,
+                                    last_seen_ns: now,
+                                },
+                            )
+                        })),
+                        Msg::Ids(list) => ids.extend(list.iter().copied()),
+                        _ => {}
+                    }
+                }
+                // Batched writes: a bulk copy of a million sessions is a few hundred syscalls.
+                for (n, r) in [
+                    (sessions.len(), m.set_sessions(&sessions)),
+                    (ids.len(), m.set_session_ids(&ids)),
+                ] {
                     match r {
-                        Ok(()) => stats.written.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => stats.write_errors.fetch_add(1, Ordering::Relaxed),
+                        Ok(()) => stats.written.fetch_add(n as u64, Ordering::Relaxed),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "replication: writing a peer's entries failed");
+                            stats.write_errors.fetch_add(n as u64, Ordering::Relaxed)
+                        }
                     };
                 }
                 let _ = done.send(());
@@ -312,16 +334,17 @@ fn nonce() -> [u8; NONCE] {
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Reads what has arrived (up to 256 KiB at a time: a bulk copy arrives in big reads and is
+/// written in big batches).
 async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
-    let mut chunk = [0u8; 16384];
-    let n = tokio::time::timeout(IO_TIMEOUT, s.read(&mut chunk))
+    buf.reserve(256 << 10);
+    let n = tokio::time::timeout(IO_TIMEOUT, s.read_buf(buf))
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;
     if n == 0 {
         return Err("connection closed".into());
     }
-    buf.extend_from_slice(&chunk[..n]);
     Ok(())
 }
 
@@ -555,28 +578,20 @@ async fn send(
     .map_err(|e| e.to_string())??;
     let mut out = Vec::with_capacity(1 << 20);
     framer.encode(&Msg::SyncBegin, &mut out);
-    for (key, sess) in &sessions {
-        framer.encode(
-            &Msg::Session {
-                key: *key,
-                backend_id: sess.backend_id,
-                hash: sess.hash,
-            },
-            &mut out,
-        );
+    // Batch frames: one tag per ~88 sessions, not per session.
+    for part in sessions.chunks(peer::BATCH_SESSIONS) {
+        let list = part
+            .iter()
+            .map(|(k, s)| (*k, s.backend_id, s.hash))
+            .collect();
+        framer.encode(&Msg::Sessions(list), &mut out);
         if out.len() > (1 << 20) {
             wr.write_all(&out).await.map_err(|e| e.to_string())?;
             out.clear();
         }
     }
-    for (key, backend_id) in &ids {
-        framer.encode(
-            &Msg::Id {
-                key: *key,
-                backend_id: *backend_id,
-            },
-            &mut out,
-        );
+    for part in ids.chunks(peer::BATCH_IDS) {
+        framer.encode(&Msg::Ids(part.to_vec()), &mut out);
     }
     framer.encode(
         &Msg::SyncEnd {

@@ -55,6 +55,9 @@ pub struct AyaMaps {
     batch: std::cell::Cell<bool>,
 }
 
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call when a whole table is read.
+const DUMP_CHUNK: usize = 8192;
+
 impl std::fmt::Debug for AyaMaps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AyaMaps")
@@ -121,6 +124,61 @@ impl AyaMaps {
             source,
         })?;
         Ok(v.iter().copied().collect())
+    }
+
+    /// Writes sessions in batches (one syscall per up to 4096): the bulk copy a cluster member
+    /// receives from a peer. Falls back to one write per session when batches are unsupported.
+    pub fn set_sessions(&mut self, entries: &[(FlowKey, Session)]) -> Result<(), MapError> {
+        self.set_hash_batch(map_names::SESSIONS, entries, |m, k, v| m.set_session(k, v))
+    }
+
+    /// [`AyaMaps::set_sessions`] for learned session ids.
+    pub fn set_session_ids(&mut self, entries: &[(IdKey, u32)]) -> Result<(), MapError> {
+        self.set_hash_batch(map_names::SESSION_IDS, entries, |m, k, v| {
+            m.set_session_id(k, *v)
+        })
+    }
+
+    fn set_hash_batch<K: Copy, V: Copy>(
+        &mut self,
+        map: &'static str,
+        entries: &[(K, V)],
+        one: impl Fn(&mut Self, &K, &V) -> Result<(), MapError>,
+    ) -> Result<(), MapError> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        for part in entries.chunks(4096) {
+            if self.batch.get() {
+                let keys: Vec<K> = part.iter().map(|e| e.0).collect();
+                let values: Vec<V> = part.iter().map(|e| e.1).collect();
+                let r = {
+                    let fd = match map {
+                        map_names::SESSIONS => IterableMap::<FlowKey, Session>::map(&self.sessions)
+                            .fd()
+                            .as_fd(),
+                        _ => IterableMap::<IdKey, u32>::map(&self.session_ids)
+                            .fd()
+                            .as_fd(),
+                    };
+                    sys::update_hash_batch(fd, &keys, &values)
+                };
+                match r {
+                    Ok(()) => continue,
+                    Err((0, e)) if sys::batch_unsupported(&e) => self.batch.set(false),
+                    Err((_, source)) => {
+                        return Err(MapError::Sys {
+                            map,
+                            op: "batch update",
+                            source,
+                        });
+                    }
+                }
+            }
+            for (k, v) in part {
+                one(self, k, v)?;
+            }
+        }
+        Ok(())
     }
 
     /// Turns batch syscalls off (measurements and tests of the fallback path).
@@ -498,6 +556,24 @@ impl MapReader for AyaMaps {
     }
 
     fn sessions(&self) -> Result<Vec<(FlowKey, Session)>, MapError> {
+        if self.batch.get() {
+            use aya::maps::IterableMap;
+            use std::os::fd::AsFd;
+            let fd = IterableMap::<FlowKey, Session>::map(&self.sessions)
+                .fd()
+                .as_fd();
+            match sys::dump_hash(fd, DUMP_CHUNK) {
+                Ok(v) => return Ok(v),
+                Err(e) if sys::batch_unsupported(&e) => self.batch.set(false),
+                Err(source) => {
+                    return Err(MapError::Sys {
+                        map: map_names::SESSIONS,
+                        op: "batch lookup",
+                        source,
+                    });
+                }
+            }
+        }
         self.sessions
             .iter()
             .collect::<Result<Vec<_>, _>>()
@@ -573,6 +649,24 @@ impl MapReader for AyaMaps {
     }
 
     fn session_ids(&self) -> Result<Vec<(IdKey, u32)>, MapError> {
+        if self.batch.get() {
+            use aya::maps::IterableMap;
+            use std::os::fd::AsFd;
+            let fd = IterableMap::<IdKey, u32>::map(&self.session_ids)
+                .fd()
+                .as_fd();
+            match sys::dump_hash(fd, DUMP_CHUNK) {
+                Ok(v) => return Ok(v),
+                Err(e) if sys::batch_unsupported(&e) => self.batch.set(false),
+                Err(source) => {
+                    return Err(MapError::Sys {
+                        map: map_names::SESSION_IDS,
+                        op: "batch lookup",
+                        source,
+                    });
+                }
+            }
+        }
         self.session_ids
             .iter()
             .collect::<Result<Vec<_>, _>>()

@@ -1,5 +1,5 @@
-//! The few raw bpf(2) commands aya 0.14 does not expose: batch update/lookup on arrays and element
-//! delete on a DEVMAP (include/uapi/linux/bpf.h, `union bpf_attr`).
+//! The few raw bpf(2) commands aya 0.14 does not expose: batch update/lookup on arrays and hash
+//! maps, and element delete on a DEVMAP (include/uapi/linux/bpf.h, `union bpf_attr`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -143,6 +143,87 @@ pub(super) fn lookup_batch<V: Copy + Default>(
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     Ok(values)
+}
+
+/// Every (key, value) of a hash map (also LRU) by `BPF_MAP_LOOKUP_BATCH`, `chunk` entries per
+/// call: one syscall per chunk instead of two per entry. The cursor is the kernel's bucket index
+/// (a u32). A bucket with more entries than fit (ENOSPC) is retried with a bigger chunk. Entries
+/// inserted or deleted meanwhile may or may not be seen, as with any iteration of a live map.
+pub(super) fn dump_hash<K: Copy + Default, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    let mut chunk = chunk.max(16);
+    let mut out = Vec::new();
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk];
+    let mut cursor: u32 = 0;
+    let mut next: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &cursor as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(()) => {}
+            // The last bucket was read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            // A bucket does not fit: the same cursor again with room for it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                chunk *= 2;
+                keys = vec![K::default(); chunk];
+                values = vec![V::default(); chunk];
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        first = false;
+        cursor = next;
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys[i] -> values[i]` into a hash map (BPF_ANY). On failure
+/// returns how many were written first.
+pub(super) fn update_hash_batch<K, V>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0usize;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+        done += attr.count as usize;
+        match r {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => continue,
+            Err(e) => return Err((done, e)),
+        }
+        if attr.count == 0 {
+            return Err((done, io::Error::from_raw_os_error(libc::EIO)));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn delete_elem(fd: BorrowedFd<'_>, key: &u32) -> io::Result<()> {
