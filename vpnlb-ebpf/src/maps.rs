@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use vpnlb_common::{
     Backend, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SESSION_IDS, DEFAULT_MAX_SESSIONS, DSCP_VALUES,
-    FloodState, FlowKey, FragKey, GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS, MAX_ID_RANGES,
-    EVENTS_BYTES, MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, ReplEvent, Session,
+    EVENTS_BYTES, FloodState, FlowKey, FragKey, GlobalConfig, IdKey, IdRangeData, MAX_BACKENDS,
+    MAX_ID_RANGES, MAX_VIPS, NUM_COUNTERS, PktBytes, RING_SIZE_MAX, ReplEvent, Session,
     TX_PORTS_MAX, VipKey, VipMeta,
 };
 
