@@ -275,6 +275,13 @@ fn a_pushed_service_runs_on_every_member_with_identical_rings() {
         b.wait_state_all(g, "up");
     }
     b.assert_rings_equal("revision 1");
+    // Every member says it is ready (service applied, checks concluded, peers' sessions copied).
+    wait_for(WAIT, || {
+        let st = b.cluster_status(0);
+        let m = st["members"].as_array()?;
+        (m.len() == 3 && m.iter().all(|m| m["role"] == "ready" && m["ready"] == true)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("members not ready: {:#}", b.cluster_status(0)));
     // Pushing the same document again writes nothing.
     let f = b.scratch[0].dir.join("service.toml");
     let out = b.vpnlb(0, &["cluster", "push", "--config", f.to_str().unwrap()]);

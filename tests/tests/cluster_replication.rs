@@ -82,6 +82,23 @@ struct Bed {
 }
 
 impl Bed {
+    /// `vpnlb cluster status --json`, run on host A.
+    fn cluster_status(&self) -> serde_json::Value {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.topo.lb.name()))
+            .arg(env_path("VPNLB_BIN"))
+            .args(["cluster", "status", "--json", "--host-config"])
+            .arg(&self.lbs[0].config)
+            .output()
+            .expect("run vpnlb");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "cluster status: {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     fn up(prefix: &str, wg_prefix: &str, replicate: bool) -> Bed {
         let mut topo = Topology::up(prefix, GWS.len(), CLIENTS);
         topo.sinks.clear();
@@ -335,6 +352,22 @@ fn move_to_b(prefix: &str, wg_prefix: &str, replicate: bool) -> Outcome {
                 b.lbs[1].status()["cluster"]
             )
         });
+    }
+    if replicate {
+        // `vpnlb cluster status` shows both members ready and host A's replication lag.
+        let st = wait_for(WAIT, || {
+            let st = b.cluster_status();
+            let m = st["members"].as_array()?;
+            let ready = m.len() == 2 && m.iter().all(|m| m["role"] == "ready");
+            let lag = m
+                .iter()
+                .find(|m| m["member"] == "lba")?
+                .get("replication_lag_ms_p99")?
+                .as_f64()?;
+            (ready && lag >= 0.0).then_some(st)
+        })
+        .unwrap_or_else(|| panic!("cluster status: {:#}", b.cluster_status()));
+        println!("cluster status: {}", st["members"]);
     }
     let b_fwd0 = b.lbs[1].counter("fwd_l2dsr_tx");
     // The switch: every client segment now reaches the VIP through host B.

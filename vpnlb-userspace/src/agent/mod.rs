@@ -576,6 +576,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
     let ready_anyway = notify::ready_at_the_latest();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
     let reload = |by_signal: bool| {
         let cfg = config::load(&config_path);
         let ifaces = match &cfg {
@@ -593,6 +594,13 @@ pub async fn run(config_path: PathBuf) -> Result<(), AgentError> {
         tokio::select! {
             _ = tick.tick() => {
                 step(&mut core, &mut shell, Event::Tick);
+                ticks += 1;
+                // The lag is published in etcd for `vpnlb cluster status`: every 5 s at most.
+                if ticks % 5 == 0
+                    && let Some(lag) = shell.replicator.as_ref().and_then(|r| r.stats.lag_report())
+                {
+                    step(&mut core, &mut shell, Event::Replication(lag));
+                }
                 notify::watchdog();
             }
             Some(r) = results_rx.recv() => {

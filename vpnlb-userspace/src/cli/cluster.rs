@@ -156,6 +156,9 @@ pub fn status_json(c: &ClusterConfig, snap: &Snapshot) -> Value {
                 "peer": m.peer,
                 "pid": m.pid,
                 "ready": m.ready,
+                "role": m.role.as_str(),
+                "replication_lag_ms_p50": m.replication_lag_ms_p50,
+                "replication_lag_ms_p99": m.replication_lag_ms_p99,
                 "service_revision": m.service_revision,
                 "service_error": m.service_error,
                 "sees_down": down,
@@ -193,7 +196,15 @@ pub fn status_text(v: &Value) -> String {
             "DIFFER"
         },
     );
-    let mut t = Table::new(&["MEMBER", "PEER", "READY", "REVISION", "SEES DOWN", "RINGS"]);
+    let mut t = Table::new(&[
+        "MEMBER",
+        "PEER",
+        "ROLE",
+        "REVISION",
+        "SEES DOWN",
+        "RINGS",
+        "REPL LAG p50/p99",
+    ]);
     for m in v["members"].as_array().into_iter().flatten() {
         let rev = match m["service_error"].as_str() {
             Some(e) => format!("{} (refused: {e})", m["service_revision"]),
@@ -215,7 +226,7 @@ pub fn status_text(v: &Value) -> String {
         t.row(vec![
             m["member"].as_str().unwrap_or("?").to_string(),
             m["peer"].as_str().unwrap_or("").to_string(),
-            if m["ready"] == true { "yes" } else { "no" }.to_string(),
+            m["role"].as_str().unwrap_or("?").to_string(),
             rev,
             if down.is_empty() {
                 "-".into()
@@ -223,6 +234,13 @@ pub fn status_text(v: &Value) -> String {
                 down.join(",")
             },
             rings,
+            match (
+                m["replication_lag_ms_p50"].as_f64(),
+                m["replication_lag_ms_p99"].as_f64(),
+            ) {
+                (Some(a), Some(b)) => format!("{a} / {b} ms"),
+                _ => "-".into(),
+            },
         ]);
     }
     out.push_str(&t.render());
@@ -236,4 +254,85 @@ pub fn status_text(v: &Value) -> String {
         out.push_str(&format!("admin: {}\n", list.join(", ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Role;
+
+    const HOST: &str = r#"
+[[interface]]
+name = "eth0"
+
+[cluster]
+name = "edge"
+member = "lb1"
+etcd_endpoints = ["http://127.0.0.1:2379"]
+peer_listen = "10.0.0.1:7946"
+peer_key_file = "/etc/vpnlb/peer.key"
+"#;
+
+    fn member(name: &str, role: Role, ring: &str, lag: Option<(f64, f64)>) -> MemberState {
+        MemberState {
+            member: name.into(),
+            service_revision: 5,
+            rings: BTreeMap::from([("wg".to_string(), ring.to_string())]),
+            ready: role == Role::Ready,
+            role,
+            replication_lag_ms_p50: lag.map(|l| l.0),
+            replication_lag_ms_p99: lag.map(|l| l.1),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_shows_each_members_role_lag_and_the_ring_that_differs() {
+        let c = config::parse(HOST, "host.toml").unwrap().cluster.unwrap();
+        let snap = Snapshot {
+            revision: 9,
+            service: Some(crate::cluster::Service {
+                revision: 5,
+                text: String::new(),
+                ids: None,
+            }),
+            members: BTreeMap::from([
+                (
+                    "lb1".into(),
+                    member("lb1", Role::Ready, "aa", Some((0.6, 0.9))),
+                ),
+                ("lb2".into(), member("lb2", Role::Ready, "aa", None)),
+                ("lb3".into(), member("lb3", Role::Syncing, "bb", None)),
+            ]),
+            ..Default::default()
+        };
+        let v = status_json(&c, &snap);
+        assert_eq!(v["rings_agree"], false);
+        let m = &v["members"];
+        assert_eq!(m[0]["role"], "ready");
+        assert_eq!(m[0]["replication_lag_ms_p99"], 0.9);
+        assert_eq!(m[1]["replication_lag_ms_p50"], Value::Null);
+        assert_eq!(m[2]["role"], "syncing");
+        assert_eq!(m[2]["ready"], false);
+        assert_eq!(m[2]["rings_differ"], json!(["wg"]));
+        let text = status_text(&v);
+        let line = |n: &str| text.lines().find(|l| l.starts_with(n)).unwrap().to_string();
+        assert!(line("lb1").contains("ready") && line("lb1").contains("0.6 / 0.9 ms"));
+        assert!(line("lb3").contains("syncing") && line("lb3").contains("DIFFER: wg"));
+        assert!(text.contains("rings DIFFER"), "{text}");
+    }
+
+    #[test]
+    fn a_member_state_of_a_later_version_is_read_with_its_new_fields_ignored() {
+        let later = r#"{"member":"lb2","peer":"10.0.0.2:7946","pid":1,"started":0,
+            "service_revision":5,"health":{},"agreed":"x","rings":{},"ready":true,
+            "role":"ready","announcing":["203.0.113.10"]}"#;
+        let m: MemberState = serde_json::from_str(later).unwrap();
+        assert_eq!((m.member.as_str(), m.role), ("lb2", Role::Ready));
+        // And one of an earlier version (no role, no lag): defaults.
+        let earlier = r#"{"member":"lb3","peer":"10.0.0.3:7946","pid":1,"started":0,
+            "service_revision":5,"health":{},"agreed":"x","rings":{},"ready":false}"#;
+        let m: MemberState = serde_json::from_str(earlier).unwrap();
+        assert_eq!((m.role, m.replication_lag_ms_p99), (Role::Waiting, None));
+    }
 }

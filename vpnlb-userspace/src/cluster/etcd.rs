@@ -37,7 +37,7 @@ pub enum EtcdError {
 }
 
 /// Everything of the cluster at one revision.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub revision: i64,
     pub service: Option<Service>,
@@ -49,7 +49,7 @@ pub struct Snapshot {
 }
 
 /// What the session reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Update {
     /// Connected (again): the whole state.
     Snapshot(Snapshot),
@@ -74,7 +74,7 @@ pub enum Update {
 }
 
 /// What the session does for the agent.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     /// Put this member's state under its lease (again after every reconnection).
     Publish(MemberState),

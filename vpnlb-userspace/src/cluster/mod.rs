@@ -62,8 +62,9 @@ impl Keys {
 }
 
 /// What a member publishes about itself (under its lease, so it disappears with the member).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Fields a later version adds are ignored (members of two versions run side by side during an
+/// upgrade); missing ones take their defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemberState {
     pub member: String,
     /// Where its peers reach its session stream.
@@ -85,6 +86,40 @@ pub struct MemberState {
     pub rings: BTreeMap<String, String>,
     /// Ready to carry traffic (maps written, first checks concluded, bulk sync done).
     pub ready: bool,
+    /// What it is doing (`ready` is [`Role::Ready`]).
+    #[serde(default)]
+    pub role: Role,
+    /// Its recent replication lag to its peers (ms, p50 and p99), once it has sent anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_lag_ms_p50: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_lag_ms_p99: Option<f64>,
+}
+
+/// A member's role in the cluster. Part 2 (VIP takeover, BGP) announces only from `Ready`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// No service applied yet: it touches no map.
+    #[default]
+    Waiting,
+    /// Runs the service; its first checks have not all concluded.
+    Checking,
+    /// Waits for the bulk copy of a ready peer's sessions.
+    Syncing,
+    /// Carries traffic.
+    Ready,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Waiting => "waiting",
+            Role::Checking => "checking",
+            Role::Syncing => "syncing",
+            Role::Ready => "ready",
+        }
+    }
 }
 
 /// What `vpnlb cluster push` writes, read back by the members.

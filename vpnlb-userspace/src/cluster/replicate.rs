@@ -66,12 +66,15 @@ pub struct Settings {
 }
 
 /// What replication tells the agent.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Report {
     /// `peer`'s bulk copy has been written here.
     Synced { peer: String },
     /// A connection was refused (wrong key, not a peer, bad frames).
     Refused { from: String, error: String },
+    /// The recent replication lag (ms, p50 and p99, to 0.1 ms), published in etcd for
+    /// `vpnlb cluster status`.
+    Lag { p50_ms: f64, p99_ms: f64 },
 }
 
 /// Counters, per peer and in total.
@@ -128,6 +131,15 @@ impl Stats {
         v.sort_by(f64::total_cmp);
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
         Some((at(0.5), at(0.99)))
+    }
+
+    /// [`Report::Lag`] of the recent lags, rounded to 0.1 ms (so that noise does not republish).
+    pub fn lag_report(&self) -> Option<Report> {
+        let round = |ms: f64| (ms * 10.0).round() / 10.0;
+        self.lag_percentiles().map(|(p50, p99)| Report::Lag {
+            p50_ms: round(p50),
+            p99_ms: round(p99),
+        })
     }
 
     /// For `vpnlb status`.

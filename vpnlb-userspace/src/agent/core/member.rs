@@ -18,7 +18,7 @@ use crate::agent::{AgentError, chain};
 use crate::cluster::etcd::{Command, Snapshot, Update};
 use crate::cluster::quorum::{self, Seen};
 use crate::cluster::replicate::Report;
-use crate::cluster::{MemberState, Service, ring_hash};
+use crate::cluster::{MemberState, Role, Service, ring_hash};
 use crate::config::{self, ClusterConfig, Config, IdMap, OnEtcdLoss, ServiceDoc};
 use crate::dataplane::maps::{MapReader, MapWriter};
 
@@ -53,6 +53,8 @@ pub struct Member {
     pub synced: BTreeSet<String>,
     /// The peers last handed to replication.
     pub replicating_to: BTreeMap<String, std::net::SocketAddr>,
+    /// Replication's recent lag (ms, p50 and p99), as last reported.
+    pub lag_ms: Option<(f64, f64)>,
 }
 
 fn admin_of(v: &str) -> Admin {
@@ -107,6 +109,7 @@ impl Member {
             started_unix,
             synced: BTreeSet::new(),
             replicating_to: BTreeMap::new(),
+            lag_ms: None,
         }
     }
 
@@ -459,13 +462,21 @@ impl<W: MapWriter + MapReader> Core<W> {
         let m = self.member.as_ref()?;
         // Ready once it runs the service, its checks have concluded, and (replicating) it holds
         // the sessions of every peer that is itself ready.
-        let ready = m.serving()
-            && self.unsettled.is_none()
-            && (!m.cfg.replicate
-                || m.peers
-                    .iter()
-                    .filter(|(_, p)| p.ready)
-                    .all(|(n, _)| m.synced.contains(n)));
+        let role = if !m.serving() {
+            Role::Waiting
+        } else if self.unsettled.is_some() {
+            Role::Checking
+        } else if m.cfg.replicate
+            && !m
+                .peers
+                .iter()
+                .filter(|(_, p)| p.ready)
+                .all(|(n, _)| m.synced.contains(n))
+        {
+            Role::Syncing
+        } else {
+            Role::Ready
+        };
         Some(MemberState {
             member: m.name.clone(),
             peer: m.cfg.advertised().to_string(),
@@ -484,7 +495,10 @@ impl<W: MapWriter + MapReader> Core<W> {
                 .collect(),
             agreed: self.agreed_digest(),
             rings: m.rings.clone(),
-            ready,
+            ready: role == Role::Ready,
+            role,
+            replication_lag_ms_p50: m.lag_ms.map(|l| l.0),
+            replication_lag_ms_p99: m.lag_ms.map(|l| l.1),
         })
     }
 
@@ -574,6 +588,7 @@ impl<W: MapWriter + MapReader> Core<W> {
             }
             // Logged where it happened; the counter is in the metrics.
             Report::Refused { .. } => {}
+            Report::Lag { p50_ms, p99_ms } => m.lag_ms = Some((p50_ms, p99_ms)),
         }
     }
 

@@ -619,3 +619,53 @@ fn a_restart_without_etcd_runs_the_cached_service_and_adopts_the_pins() {
     let _: Backend = b.maps().backend(b.id("gw1")).unwrap();
     let _ = addr_words;
 }
+
+#[test]
+fn the_published_role_goes_waiting_checking_syncing_ready_and_carries_the_lag() {
+    use crate::cluster::Role;
+    use crate::cluster::replicate::Report;
+    let mut b = start_with(MemMaps::new(), None);
+    let lb2 = MemberState {
+        ready: true,
+        role: Role::Ready,
+        ..peer("lb2", &[("gw1", Seen::Up), ("gw2", Seen::Up)])
+    };
+    b.etcd(
+        0,
+        Update::Snapshot(Snapshot {
+            revision: 10,
+            members: BTreeMap::from([("lb2".to_string(), lb2)]),
+            ..Default::default()
+        }),
+    );
+    let last = |b: &Bed| {
+        let m = b.core.member.as_ref().and_then(|m| m.published.as_ref());
+        m.map(|m| (m.role, m.ready))
+    };
+    assert_eq!(last(&b), Some((Role::Waiting, false)));
+    let role = |fx: &[Effect]| Bed::published(fx).map(|m| (m.role, m.ready));
+    let fx = b.etcd(100, Update::Service(service(5, SERVICE)));
+    assert_eq!(role(&fx), Some((Role::Checking, false)));
+    b.check(200, "gw1", true);
+    let fx = b.check(200, "gw2", true);
+    // A ready peer's sessions are not here yet.
+    assert_eq!(role(&fx), Some((Role::Syncing, false)));
+    let fx = b.handle(
+        350,
+        Event::Replication(Report::Synced { peer: "lb2".into() }),
+    );
+    assert_eq!(role(&fx), Some((Role::Ready, true)));
+    // The lag the shell reports is published once, then only when it changes.
+    let lag = Report::Lag {
+        p50_ms: 0.6,
+        p99_ms: 0.9,
+    };
+    let fx = b.handle(400, Event::Replication(lag.clone()));
+    let m = Bed::published(&fx).expect("published with the lag");
+    assert_eq!(
+        (m.replication_lag_ms_p50, m.replication_lag_ms_p99),
+        (Some(0.6), Some(0.9))
+    );
+    let fx = b.handle(500, Event::Replication(lag));
+    assert!(Bed::published(&fx).is_none(), "nothing changed: no write");
+}
